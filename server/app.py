@@ -1,0 +1,60 @@
+"""The FastAPI application: services built once in the lifespan and hung on ``app.state``.
+
+Owns: wiring (routers, error handlers, middleware) and the engines' start and stop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server import __version__
+from server.errors import install_error_handlers
+from server.metrics import GatewayMetrics, RequestMetricsMiddleware
+from server.registry import ModelEntry, Registry
+from server.routes import health, openai
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
+    metrics = GatewayMetrics()
+    registry = Registry()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            registry.start(entries, settings)
+        except BaseException:
+            registry.shutdown()
+            raise
+        metrics.watch_engines(
+            lambda: [
+                (
+                    m.name,
+                    m.engine.stats.running,
+                    m.engine.stats.waiting,
+                    m.engine.num_unfinished(),
+                )
+                for m in registry.all()
+            ]
+        )
+        try:
+            yield
+        finally:
+            # Engines own processes; stop them here rather than at interpreter exit.
+            registry.shutdown()
+
+    app = FastAPI(title="aligngate", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = registry
+    app.state.metrics = metrics
+    install_error_handlers(app)
+    app.include_router(openai.router)
+    app.include_router(health.router)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    return app

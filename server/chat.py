@@ -1,0 +1,157 @@
+"""``/v1/chat/completions``: messages in, a chat completion (or its SSE chunks) out.
+
+Owns: the chat response shapes built from engine results.
+Does not know: how prompts are rendered (``render``) or how the engine runs (``engine``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncGenerator
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from server.engine.types import TokenLogprob
+from server.errors import InvalidRequest
+from server.generation import (
+    ClientDisconnected,
+    collect,
+    engine_steps,
+    ensure_healthy,
+    merged,
+    new_id,
+    resolve_max_tokens,
+    sse,
+    tracker_for,
+    unless_disconnected,
+    usage,
+)
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    TopLogprobOut,
+    Usage,
+)
+from server.registry import Registry
+from server.render import Message, RenderError
+
+ENDPOINT = "/v1/chat/completions"
+
+
+def chat_logprobs(items: list[TokenLogprob] | None) -> ChatLogprobs | None:
+    if items is None:
+        return None
+    return ChatLogprobs(
+        content=[
+            ChatTokenLogprob(
+                token=lp.token,
+                logprob=lp.logprob,
+                bytes=list(lp.token.encode()),
+                top_logprobs=[
+                    TopLogprobOut(token=t.token, logprob=t.logprob, bytes=list(t.token.encode()))
+                    for t in lp.top
+                ],
+            )
+            for lp in items
+        ]
+    )
+
+
+def _messages(body: ChatCompletionRequest) -> list[Message]:
+    # OpenAI's "developer" role is the newer name of "system".
+    return [
+        Message(role="system" if m.role == "developer" else m.role, content=m.text())
+        for m in body.messages
+    ]
+
+
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, registry: Registry
+) -> Response:
+    model = registry.get(body.model)
+    ensure_healthy(model)
+    try:
+        prompt = model.renderer.render_chat(_messages(body))
+    except RenderError as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from exc
+    max_tokens = resolve_max_tokens(
+        body.requested_max_tokens(), len(prompt.token_ids), model.max_model_len,
+        prompt_param="messages",
+    )
+    spec = body.sampling_spec(max_tokens=max_tokens, logprobs=body.engine_logprobs())
+    request_id = new_id("chatcmpl")
+    tracker = tracker_for(request, model, ENDPOINT)
+    tracker.prompt_tokens = len(prompt.token_ids)
+    steps = merged([engine_steps(model, request_id, prompt.token_ids, spec)])
+    created = int(time.time())
+
+    if body.stream:
+        include_usage = body.include_usage()
+
+        async def chunks() -> AsyncGenerator[ChatCompletionChunk]:
+            def chunk(
+                choices: list[ChatChunkChoice], totals: Usage | None = None
+            ) -> ChatCompletionChunk:
+                return ChatCompletionChunk(
+                    id=request_id, created=created, model=model.name, choices=choices,
+                    usage=totals,
+                )
+
+            yield chunk(
+                [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                 for i in range(body.n)]
+            )
+            async with contextlib.aclosing(steps):
+                async for _, deltas in steps:
+                    tracker.saw(deltas)
+                    choices = [
+                        ChatChunkChoice(
+                            index=d.index,
+                            delta=ChatDelta(content=d.text),
+                            logprobs=chat_logprobs(d.logprobs),
+                            finish_reason=d.finish_reason,
+                        )
+                        for d in deltas
+                        if d.text or d.finish_reason or d.logprobs
+                    ]
+                    if choices:
+                        yield chunk(choices)
+            if include_usage:
+                yield chunk([], usage(tracker.prompt_tokens, tracker.completion_tokens))
+
+        return StreamingResponse(sse(chunks(), tracker), media_type="text/event-stream")
+
+    try:
+        results = await unless_disconnected(request, collect(steps, tracker, body.n, 1))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        tracker.close()
+    completion_tokens = sum(len(r.token_ids) for r in results)
+    return Response(
+        ChatCompletion(
+            id=request_id,
+            created=created,
+            model=model.name,
+            choices=[
+                ChatChoice(
+                    index=r.index,
+                    message=AssistantMessage(content=r.text),
+                    logprobs=chat_logprobs(r.logprobs),
+                    finish_reason=r.finish_reason,
+                )
+                for r in results
+            ],
+            usage=usage(len(prompt.token_ids), completion_tokens),
+        ).model_dump_json(),
+        media_type="application/json",
+    )

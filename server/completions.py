@@ -1,0 +1,164 @@
+"""``/v1/completions``: raw prompts in (text or token ids, one or many), text out.
+
+Owns: the text-completion response shapes built from engine results.
+Does not know: how prompts are tokenized (``render``) or how the engine runs (``engine``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncGenerator
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from server.engine.types import TokenLogprob
+from server.errors import InvalidRequest
+from server.generation import (
+    ClientDisconnected,
+    collect,
+    engine_steps,
+    ensure_healthy,
+    merged,
+    new_id,
+    resolve_max_tokens,
+    sse,
+    tracker_for,
+    unless_disconnected,
+    usage,
+)
+from server.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from server.registry import Registry, ServedModel
+from server.render import RenderedPrompt, RenderError
+
+ENDPOINT = "/v1/completions"
+MAX_PROMPTS = 64
+
+
+def completion_logprobs(items: list[TokenLogprob] | None, offset: int) -> CompletionLogprobs | None:
+    if items is None:
+        return None
+    out = CompletionLogprobs()
+    for lp in items:
+        out.tokens.append(lp.token)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append({t.token: t.logprob for t in lp.top})
+        out.text_offset.append(offset)
+        offset += len(lp.token)
+    return out
+
+
+def _prompts(body: CompletionRequest, model: ServedModel) -> list[RenderedPrompt]:
+    raw = body.prompt
+    items: list[str | list[int]]
+    if isinstance(raw, str):
+        items = [raw]
+    elif all(isinstance(p, int) for p in raw):
+        items = [raw]  # type: ignore[list-item]  # one prompt given as token ids
+    else:
+        items = list(raw)  # type: ignore[arg-type]
+    if len(items) > MAX_PROMPTS:
+        raise InvalidRequest(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    try:
+        return [
+            model.renderer.render_text(p) if isinstance(p, str) else model.renderer.render_ids(p)
+            for p in items
+        ]
+    except RenderError as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from exc
+
+
+async def create_completion(
+    body: CompletionRequest, request: Request, registry: Registry
+) -> Response:
+    model = registry.get(body.model)
+    ensure_healthy(model)
+    prompts = _prompts(body, model)
+    longest = max(len(p.token_ids) for p in prompts)
+    max_tokens = resolve_max_tokens(
+        body.max_tokens, longest, model.max_model_len, prompt_param="prompt"
+    )
+    spec = body.sampling_spec(max_tokens=max_tokens, logprobs=body.logprobs)
+    request_id = new_id("cmpl")
+    tracker = tracker_for(request, model, ENDPOINT)
+    tracker.prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    steps = merged(
+        [
+            engine_steps(model, f"{request_id}-{i}", p.token_ids, spec)
+            for i, p in enumerate(prompts)
+        ]
+    )
+    created = int(time.time())
+    n = body.n
+
+    def echo_text(prompt_index: int) -> str:
+        return prompts[prompt_index].text if body.echo else ""
+
+    if body.stream:
+        include_usage = body.include_usage()
+
+        async def chunks() -> AsyncGenerator[Completion]:
+            started: set[int] = set()
+            offsets: dict[int, int] = {}
+            async with contextlib.aclosing(steps):
+                async for prompt_index, deltas in steps:
+                    tracker.saw(deltas)
+                    choices = []
+                    for d in deltas:
+                        index = prompt_index * n + d.index
+                        text = d.text
+                        if index not in started:
+                            started.add(index)
+                            text = echo_text(prompt_index) + text
+                        if not (text or d.finish_reason or d.logprobs):
+                            continue
+                        offset = offsets.get(index, 0)
+                        choices.append(
+                            CompletionChoice(
+                                index=index,
+                                text=text,
+                                logprobs=completion_logprobs(d.logprobs, offset),
+                                finish_reason=d.finish_reason,
+                            )
+                        )
+                        offsets[index] = offset + len(text)
+                    if choices:
+                        yield Completion(
+                            id=request_id, created=created, model=model.name, choices=choices
+                        )
+            if include_usage:
+                yield Completion(
+                    id=request_id, created=created, model=model.name, choices=[],
+                    usage=usage(tracker.prompt_tokens, tracker.completion_tokens),
+                )
+
+        return StreamingResponse(sse(chunks(), tracker), media_type="text/event-stream")
+
+    try:
+        results = await unless_disconnected(request, collect(steps, tracker, n, len(prompts)))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    finally:
+        tracker.close()
+    choices = []
+    for r in results:
+        prefix = echo_text(r.index // n)
+        choices.append(
+            CompletionChoice(
+                index=r.index,
+                text=prefix + r.text,
+                logprobs=completion_logprobs(r.logprobs, len(prefix)),
+                finish_reason=r.finish_reason,
+            )
+        )
+    return Response(
+        Completion(
+            id=request_id,
+            created=created,
+            model=model.name,
+            choices=choices,
+            usage=usage(tracker.prompt_tokens, sum(len(r.token_ids) for r in results)),
+        ).model_dump_json(),
+        media_type="application/json",
+    )

@@ -1,0 +1,14 @@
+"""The inference engine: the only package that imports vLLM.
+
+Knows token ids and sampling parameters; knows nothing of templates or HTTP.
+"""
+
+from server.engine.types import (
+    ChoiceDelta,
+    EngineStats,
+    SamplingSpec,
+    TokenLogprob,
+    TopLogprob,
+)
+
+__all__ = ["ChoiceDelta", "EngineStats", "SamplingSpec", "TokenLogprob", "TopLogprob"]

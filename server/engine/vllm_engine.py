@@ -1,0 +1,214 @@
+"""One vLLM ``AsyncLLM`` per served model: start, generate token deltas, abort, stop.
+
+Owns: every vLLM import, engine arguments and CPU defaults, the translation from
+``SamplingSpec`` to ``SamplingParams`` and from ``RequestOutput`` to ``ChoiceDelta``.
+Does not know: templates, tokenizers, HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.engine.types import ChoiceDelta, EngineStats, SamplingSpec, TokenLogprob, TopLogprob
+
+log = logging.getLogger(__name__)
+
+# vLLM clamps -inf log-probabilities the same way, so JSON stays valid.
+_LOGPROB_FLOOR = -9999.0
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def apply_cpu_defaults(kv_cache_gib: int) -> None:
+    """Environment vLLM reads on CPU; set before the first engine starts.
+
+    The uniprocess executor (VLLM_ENABLE_V1_MULTIPROCESSING=0) keeps the model worker inside
+    the engine-core process: ~5 s start instead of ~25 s and faster single-stream decode on
+    2 cores (DESIGN.md §5). An explicit value in the environment wins.
+    """
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    model_path: str
+    max_model_len: int | None = None
+    dtype: str = "auto"
+    seed: int = 0
+    # Any further vllm.AsyncEngineArgs field, passed through verbatim from the models file.
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class EngineArgumentError(ValueError):
+    """An engine argument in the models file that vLLM does not have."""
+
+
+def _engine_args(options: EngineOptions, on_cpu: bool) -> Any:
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    unknown = sorted(set(options.extra) - known)
+    if unknown:
+        raise EngineArgumentError(f"unknown vLLM engine argument(s): {', '.join(unknown)}")
+    kwargs: dict[str, Any] = {
+        "model": options.model_path,
+        "dtype": options.dtype,
+        "seed": options.seed,
+        "disable_log_stats": True,  # our own stat logger below still receives stats
+        # Compilation costs ~90 s of start-up on CPU and gains nothing at this size.
+        "enforce_eager": on_cpu,
+    }
+    if options.max_model_len is not None:
+        kwargs["max_model_len"] = options.max_model_len
+    kwargs.update(options.extra)
+    return AsyncEngineArgs(**kwargs)
+
+
+def _stat_logger_factory(stats: EngineStats) -> Any:
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _SchedulerStatsSink(StatLoggerBase):
+        """Keeps the scheduler's latest running/waiting counts for /metrics."""
+
+        def __init__(self, vllm_config: Any, engine_index: int = 0):
+            pass
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):  # type: ignore[no-untyped-def]
+            if scheduler_stats is not None:
+                stats.running = scheduler_stats.num_running_reqs
+                stats.waiting = scheduler_stats.num_waiting_reqs
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _SchedulerStatsSink
+
+
+def _to_sampling_params(spec: SamplingSpec) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=spec.n,
+        max_tokens=spec.max_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k,
+        min_p=spec.min_p,
+        seed=spec.seed,
+        stop=list(spec.stop) or None,
+        stop_token_ids=list(spec.stop_token_ids) or None,
+        presence_penalty=spec.presence_penalty,
+        frequency_penalty=spec.frequency_penalty,
+        repetition_penalty=spec.repetition_penalty,
+        min_tokens=spec.min_tokens,
+        ignore_eos=spec.ignore_eos,
+        logprobs=spec.logprobs,
+        skip_special_tokens=spec.skip_special_tokens,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else _LOGPROB_FLOOR
+
+
+def _logprobs(completion: Any, k: int) -> list[TokenLogprob] | None:
+    if completion.logprobs is None:
+        return None
+    out: list[TokenLogprob] = []
+    for token_id, position in zip(completion.token_ids, completion.logprobs, strict=False):
+        sampled = position[token_id]
+        ranked = sorted(position.values(), key=lambda lp: lp.rank)[:k]
+        out.append(
+            TokenLogprob(
+                token=sampled.decoded_token or "",
+                logprob=_finite(sampled.logprob),
+                top=tuple(
+                    TopLogprob(token=lp.decoded_token or "", logprob=_finite(lp.logprob))
+                    for lp in ranked
+                ),
+            )
+        )
+    return out
+
+
+class VllmEngine:
+    """A running vLLM engine for one model."""
+
+    def __init__(self, name: str, llm: Any, stats: EngineStats):
+        self.name = name
+        self._llm = llm
+        self.stats = stats
+
+    @classmethod
+    def start(cls, name: str, options: EngineOptions) -> VllmEngine:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        on_cpu = not has_cuda()
+        args = _engine_args(options, on_cpu)
+        stats = EngineStats()
+        llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(stats)])
+        return cls(name, llm, stats)
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self._llm.model_config.max_model_len)
+
+    @property
+    def healthy(self) -> bool:
+        return not self._llm.errored and not self._llm.is_stopped
+
+    def num_unfinished(self) -> int:
+        return int(self._llm.get_num_unfinished_requests())
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        """Yield, per engine step, the deltas of the choices that moved.
+
+        Closing the iterator early (client gone) aborts the request in the engine.
+        """
+        params = _to_sampling_params(spec)
+        k = spec.logprobs or 0
+        finished = False
+        stream = self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
+        try:
+            async for out in stream:
+                yield [
+                    ChoiceDelta(
+                        index=c.index,
+                        text=c.text,
+                        token_ids=list(c.token_ids),
+                        logprobs=_logprobs(c, k) if spec.logprobs is not None else None,
+                        finish_reason=c.finish_reason,
+                        stop_reason=c.stop_reason,
+                    )
+                    for c in out.outputs
+                ]
+                finished = out.finished
+        finally:
+            await stream.aclose()
+            if not finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await self._llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        await self._llm.check_health()
+
+    def shutdown(self) -> None:
+        self._llm.shutdown()

@@ -1,0 +1,135 @@
+"""The one table from exceptions to HTTP status codes and the OpenAI error object.
+
+Owns: the gateway's exception types and how each leaves over HTTP
+(``{"error": {"message", "type", "param", "code"}}``). No other module knows status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class GatewayError(Exception):
+    """An error a client should see, with its OpenAI error type and HTTP status."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+
+class InvalidRequest(GatewayError):
+    pass
+
+
+class ContextLengthExceeded(GatewayError):
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(GatewayError):
+    status_code = 404
+    code = "model_not_found"
+
+    def __init__(self, model: str):
+        super().__init__(f"The model `{model}` does not exist.", param="model")
+
+
+class EngineUnavailable(GatewayError):
+    status_code = 503
+    error_type = "server_error"
+    code = "engine_unavailable"
+
+
+class EngineFailure(GatewayError):
+    status_code = 500
+    error_type = "server_error"
+    code = "engine_error"
+
+
+def error_body(
+    message: str, error_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _status_type(status: int) -> str:
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    return "invalid_request_error"
+
+
+def _validation_param(loc: tuple[Any, ...]) -> str | None:
+    # FastAPI prefixes the location with "body"/"query"; clients want the field path.
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    errors = exc.errors()
+    if not errors:
+        return "Invalid request.", None
+    first = errors[0]
+    param = _validation_param(tuple(first.get("loc", ())))
+    msg = str(first.get("msg", "invalid value"))
+    if first.get("type") == "json_invalid":
+        return "The request body is not valid JSON.", None
+    if first.get("type") == "extra_forbidden":
+        msg = "Unrecognized request argument supplied"
+    text = f"{param}: {msg}" if param else msg
+    if len(errors) > 1:
+        text += f" (and {len(errors) - 1} more error(s))"
+    return text, param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = _validation_message(exc)
+        return JSONResponse(
+            error_body(message, "invalid_request_error", param), status_code=400
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(
+            error_body(str(exc.detail), _status_type(exc.status_code)),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("Unhandled error", exc_info=exc)
+        return JSONResponse(
+            error_body("Internal server error.", "server_error", code="internal_error"),
+            status_code=500,
+        )

@@ -1,0 +1,247 @@
+"""Running one generation against a served model, whole or streamed.
+
+Owns: context-length checks, collecting engine deltas into finished choices, aborting in
+the engine when the client goes away, SSE framing, and the per-request metrics.
+Does not know: the OpenAI response shapes (``chat`` and ``completions`` build those).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from fastapi import Request
+from pydantic import BaseModel
+
+from server.engine.types import ChoiceDelta, SamplingSpec, TokenLogprob
+from server.errors import (
+    ContextLengthExceeded,
+    EngineFailure,
+    EngineUnavailable,
+    GatewayError,
+    error_body,
+)
+from server.metrics import GatewayMetrics
+from server.protocol import Usage
+from server.registry import ServedModel
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def resolve_max_tokens(
+    requested: int | None, prompt_len: int, max_model_len: int, *, prompt_param: str
+) -> int:
+    """The max_tokens to run with, or a 400 before anything is allocated in the engine."""
+    if prompt_len >= max_model_len:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {max_model_len} tokens, and the prompt "
+            f"has {prompt_len} tokens, which leaves no room for a completion.",
+            param=prompt_param,
+        )
+    if requested is None:
+        return max_model_len - prompt_len
+    if prompt_len + requested > max_model_len:
+        raise ContextLengthExceeded(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, "
+            f"{requested} for the completion). Please reduce the prompt or max_tokens.",
+            param="max_tokens",
+        )
+    return requested
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+@dataclass
+class ChoiceResult:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+
+    def add(self, delta: ChoiceDelta) -> None:
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+
+
+@dataclass
+class Tracker:
+    """Per-request bookkeeping for metrics: first token, token counts, in-flight gauge."""
+
+    model: str
+    endpoint: str
+    metrics: GatewayMetrics
+    received_at: float
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    first_token_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.metrics.in_flight.labels(self.model).inc()
+
+    def saw(self, deltas: list[ChoiceDelta]) -> None:
+        produced = sum(len(d.token_ids) for d in deltas)
+        if produced and self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+            self.metrics.ttft.labels(self.model, self.endpoint).observe(
+                self.first_token_at - self.received_at
+            )
+        self.completion_tokens += produced
+
+    def close(self) -> None:
+        self.metrics.in_flight.labels(self.model).dec()
+        self.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+        self.metrics.completion_tokens.labels(self.model).inc(self.completion_tokens)
+
+
+def tracker_for(request: Request, model: ServedModel, endpoint: str) -> Tracker:
+    request.state.model = model.name
+    metrics: GatewayMetrics = request.app.state.metrics
+    received_at = getattr(request.state, "received_at", time.perf_counter())
+    return Tracker(model.name, endpoint, metrics, received_at)
+
+
+def ensure_healthy(model: ServedModel) -> None:
+    if not model.engine.healthy:
+        raise EngineUnavailable(f"The engine of model `{model.name}` is not running.")
+
+
+async def engine_steps(
+    model: ServedModel, request_id: str, prompt_ids: list[int], spec: SamplingSpec
+) -> AsyncIterator[list[ChoiceDelta]]:
+    """The engine's deltas, with engine failures turned into gateway errors."""
+    ensure_healthy(model)
+    try:
+        async for deltas in model.engine.generate(request_id, prompt_ids, spec):
+            yield deltas
+    except GatewayError:
+        raise
+    except (asyncio.CancelledError, GeneratorExit):
+        raise
+    except Exception as exc:
+        if not model.engine.healthy:
+            raise EngineUnavailable(f"The engine of model `{model.name}` stopped.") from exc
+        log.exception("Generation %s failed", request_id)
+        raise EngineFailure("The engine failed to generate a response.") from exc
+
+
+async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Items of several async iterators as they come, tagged with the iterator's index."""
+    if len(streams) == 1:
+        async with contextlib.aclosing(streams[0]) as only:  # type: ignore[type-var]
+            async for item in only:
+                yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            await queue.put((i, exc))
+            return
+        await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def collect(
+    steps: AsyncIterator[tuple[int, list[ChoiceDelta]]], tracker: Tracker, n: int, prompts: int
+) -> list[ChoiceResult]:
+    """Drain all engine steps into finished choices, indexed prompt * n + choice."""
+    results = [ChoiceResult(index=i) for i in range(prompts * n)]
+    async for prompt_index, deltas in steps:
+        tracker.saw(deltas)
+        for delta in deltas:
+            results[prompt_index * n + delta.index].add(delta)
+    return results
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run ``work``; if the client disconnects first, cancel it (the engine aborts) and
+    raise ClientDisconnected."""
+    work_task = asyncio.ensure_future(work)
+    watch_task = asyncio.create_task(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watch_task
+    if not work_task.done():
+        work_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work_task
+        raise ClientDisconnected()
+    return work_task.result()
+
+
+async def sse(events: AsyncGenerator[BaseModel], tracker: Tracker) -> AsyncIterator[bytes]:
+    """Frame events as server-sent events ending in ``data: [DONE]``; an error after the
+    stream started becomes an SSE error event (the status line is already sent)."""
+    try:
+        async for event in events:
+            yield b"data: " + event.model_dump_json().encode() + b"\n\n"
+    except GatewayError as exc:
+        yield b"data: " + json.dumps(exc.to_dict()).encode() + b"\n\n"
+    except Exception:
+        log.exception("Stream failed")
+        body = error_body("Internal server error.", "server_error", code="internal_error")
+        yield b"data: " + json.dumps(body).encode() + b"\n\n"
+    finally:
+        # Closing the event source closes the engine stream, which aborts an unfinished
+        # request (the client is gone when we get here early).
+        await events.aclose()
+        tracker.close()
+    yield b"data: [DONE]\n\n"

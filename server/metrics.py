@@ -1,0 +1,122 @@
+"""Prometheus metrics of the gateway (one registry per app, so tests can run several).
+
+Owns: metric names, labels and the ASGI middleware that counts requests by status.
+Does not know: engines' internals (it reads them through callbacks).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6)
+
+# Endpoints are labelled by route template; anything unmatched shares one label so a
+# scanner cannot blow up label cardinality.
+UNMATCHED = "unmatched"
+NO_MODEL = "-"
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "aligngate_requests", "HTTP requests by model, endpoint and status.",
+            ["model", "endpoint", "status"], registry=r,
+        )
+        self.latency = Histogram(
+            "aligngate_request_latency_seconds",
+            "Time from request received to last byte sent.",
+            ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "aligngate_time_to_first_token_seconds",
+            "Time from request received to the first generated token.",
+            ["model", "endpoint"], buckets=_TTFT_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "aligngate_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
+        )
+        self.completion_tokens = Counter(
+            "aligngate_completion_tokens", "Completion tokens generated.", ["model"], registry=r
+        )
+        self.in_flight = Gauge(
+            "aligngate_in_flight_requests",
+            "Generation requests the gateway is serving now.", ["model"], registry=r,
+        )
+
+    def watch_engines(self, read: Callable[[], list[tuple[str, int, int, int]]]) -> None:
+        """Expose per-model engine gauges read at scrape time: (model, running, waiting,
+        unfinished) where unfinished counts requests the engine still tracks."""
+        self.registry.register(_EngineCollector(read))
+
+
+class _EngineCollector(Collector):
+    def __init__(self, read: Callable[[], list[tuple[str, int, int, int]]]):
+        self._read = read
+
+    def collect(self) -> Any:
+        from prometheus_client.core import GaugeMetricFamily
+
+        running = GaugeMetricFamily(
+            "aligngate_engine_running_requests", "Requests the engine scheduler is running.",
+            labels=["model"],
+        )
+        waiting = GaugeMetricFamily(
+            "aligngate_engine_waiting_requests", "Requests waiting in the engine scheduler.",
+            labels=["model"],
+        )
+        unfinished = GaugeMetricFamily(
+            "aligngate_engine_unfinished_requests",
+            "Requests the engine has accepted and not yet finished or aborted.",
+            labels=["model"],
+        )
+        for model, run, wait, unfin in self._read():
+            running.add_metric([model], run)
+            waiting.add_metric([model], wait)
+            unfinished.add_metric([model], unfin)
+        yield from (running, waiting, unfinished)
+
+
+class RequestMetricsMiddleware:
+    """Counts every HTTP request by status and times it to its last byte (streams too).
+
+    The route handler names the model by setting ``request.state.model``.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        scope.setdefault("state", {})["received_at"] = started
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or UNMATCHED
+            model = scope.get("state", {}).get("model", NO_MODEL)
+            self.metrics.requests.labels(model, endpoint, str(status)).inc()
+            if endpoint.startswith("/v1/") and model != NO_MODEL:
+                self.metrics.latency.labels(model, endpoint).observe(
+                    time.perf_counter() - started
+                )

@@ -1,0 +1,1 @@
+"""HTTP routers: dispatch only; the work happens in the serving modules."""

@@ -1,0 +1,22 @@
+"""Typed FastAPI dependencies: the services built once in the lifespan, off ``app.state``."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from server.metrics import GatewayMetrics
+from server.registry import Registry
+
+
+def get_registry(request: Request) -> Registry:
+    return request.app.state.registry
+
+
+def get_metrics(request: Request) -> GatewayMetrics:
+    return request.app.state.metrics
+
+
+RegistryDep = Annotated[Registry, Depends(get_registry)]
+MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]

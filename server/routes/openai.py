@@ -1,0 +1,55 @@
+"""The OpenAI-compatible routes: chat completions, completions, models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from server.chat import create_chat_completion
+from server.completions import create_completion
+from server.protocol import (
+    ERROR_RESPONSES,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+from server.registry import ServedModel
+from server.routes.deps import RegistryDep
+
+router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
+
+
+@router.post("/chat/completions", response_model=ChatCompletion)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, registry: RegistryDep
+) -> Response:
+    return await create_chat_completion(body, request, registry)
+
+
+@router.post("/completions", response_model=Completion)
+async def completions(body: CompletionRequest, request: Request, registry: RegistryDep) -> Response:
+    return await create_completion(body, request, registry)
+
+
+def _card(m: ServedModel) -> ModelCard:
+    return ModelCard(
+        id=m.name,
+        created=m.created,
+        root=m.path,
+        max_model_len=m.max_model_len,
+        family=m.renderer.family,
+        template=m.renderer.template_name,
+    )
+
+
+@router.get("/models")
+async def list_models(registry: RegistryDep) -> ModelList:
+    return ModelList(data=[_card(m) for m in registry.all()])
+
+
+@router.get("/models/{model_id:path}")
+async def retrieve_model(model_id: str, registry: RegistryDep) -> ModelCard:
+    return _card(registry.get(model_id))

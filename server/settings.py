@@ -1,0 +1,32 @@
+"""Process-wide settings, read once from the environment (prefix ``ALIGNGATE_``).
+
+Owns: where aligngate keeps its data, where it listens, default engine sizing.
+Does not know: which models are served (that is the models file, see ``registry``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path.home() / ".cache" / "aligngate"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALIGNGATE_", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="Data directory.")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    config: Path | None = Field(default=None, description="Models file (YAML).")
+    # KV cache per engine on CPU, in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
+    cpu_kv_cache_gib: int = Field(default=2, ge=1, le=64)
+    log_level: str = "info"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.home / "models"
