@@ -7,9 +7,13 @@ everything runs under ``main()`` (the console script is the ``__main__`` guard).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import uvicorn
 
 from server.settings import Settings
 
@@ -24,8 +28,6 @@ def _cmd_default_model(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    import uvicorn
-
     from server.app import build_app
     from server.registry import ModelsFileError, default_entries, load_models_file
 
@@ -36,14 +38,27 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         log.error("%s", exc)
         return 2
     app = build_app(settings, entries)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host or settings.host,
         port=args.port if args.port is not None else settings.port,
         log_level=settings.log_level,
         timeout_graceful_shutdown=30,
     )
-    return 0
+    server = _GracefulServer(config)
+    server.run()
+    return 0 if server.started else 1
+
+
+class _GracefulServer(uvicorn.Server):
+    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process dies
+    by the signal; a completed graceful stop should exit 0."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
 
 
 def build_parser() -> argparse.ArgumentParser:

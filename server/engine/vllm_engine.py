@@ -7,6 +7,7 @@ Does not know: templates, tokenizers, HTTP.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -145,6 +146,24 @@ def _logprobs(completion: Any, k: int) -> list[TokenLogprob] | None:
     return out
 
 
+@functools.cache
+def _async_llm_class() -> type:
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    class _AsyncLLM(AsyncLLM):
+        """AsyncLLM whose finalizer does nothing once we shut it down ourselves: at
+        interpreter exit vLLM's ``__del__`` calls shutdown again after its module globals
+        are gone and prints ``TypeError: 'NoneType' object is not callable``."""
+
+        aligngate_closed = False
+
+        def __del__(self) -> None:
+            if not self.aligngate_closed:
+                super().__del__()
+
+    return _AsyncLLM
+
+
 class VllmEngine:
     """A running vLLM engine for one model."""
 
@@ -155,12 +174,12 @@ class VllmEngine:
 
     @classmethod
     def start(cls, name: str, options: EngineOptions) -> VllmEngine:
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         on_cpu = not has_cuda()
         args = _engine_args(options, on_cpu)
         stats = EngineStats()
-        llm = AsyncLLM.from_engine_args(args, stat_loggers=[_stat_logger_factory(stats)])
+        llm = _async_llm_class().from_engine_args(
+            args, stat_loggers=[_stat_logger_factory(stats)]
+        )
         return cls(name, llm, stats)
 
     @property
@@ -212,3 +231,4 @@ class VllmEngine:
 
     def shutdown(self) -> None:
         self._llm.shutdown()
+        self._llm.aligngate_closed = True

@@ -1,0 +1,112 @@
+"""One real gateway per test session: `aligngate serve` on the embedded default model,
+real vLLM on the CPU, reached over loopback HTTP like any client would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+# Inside the repo (git-ignored): a rerun reuses the converted model; CI starts clean.
+TEST_HOME = REPO / ".cache" / "test-home"
+START_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Gateway:
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    model: str = DEFAULT_MODEL_NAME
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def start_gateway(args: list[str], log_path: Path, env: dict[str, str]) -> Gateway:
+    port = free_port()
+    log_file = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+         *args],
+        stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+    )
+    gateway = Gateway(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log_tail()}")
+        try:
+            if httpx.get(f"{gateway.url}/health", timeout=2).status_code == 200:
+                return gateway
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    stop_gateway(gateway)
+    raise RuntimeError(
+        f"gateway did not become healthy in {START_TIMEOUT_S}s:\n{gateway.log_tail()}"
+    )
+
+
+def stop_gateway(gateway: Gateway, timeout: float = 60) -> int:
+    if gateway.process.poll() is None:
+        gateway.process.send_signal(signal.SIGTERM)
+        try:
+            gateway.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            gateway.process.kill()
+            gateway.process.wait()
+    return gateway.process.returncode
+
+
+@pytest.fixture(scope="session")
+def test_env() -> dict[str, str]:
+    TEST_HOME.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["ALIGNGATE_HOME"] = str(TEST_HOME)
+    env.setdefault("ALIGNGATE_CPU_KV_CACHE_GIB", "1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    return ensure_default_model(TEST_HOME / "models")
+
+
+@pytest.fixture(scope="session")
+def gateway(
+    default_model_path: Path, test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    log_path = tmp_path_factory.mktemp("gateway") / "serve.log"
+    gw = start_gateway([], log_path, test_env)
+    yield gw
+    code = stop_gateway(gw)
+    log = gw.log_path.read_text(errors="replace")
+    assert code == 0, f"gateway exited with {code} on SIGTERM:\n{gw.log_tail()}"
+    assert "Traceback" not in log, f"gateway logged a traceback:\n{gw.log_tail(120)}"
+
+
+@pytest.fixture(scope="session")
+def tokenizer(default_model_path: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(default_model_path))

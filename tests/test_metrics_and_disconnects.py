@@ -1,0 +1,118 @@
+"""/health, /metrics, and clients that go away: nothing is left running in the engine."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway
+
+LONG = [{"role": "user", "content": "Write a very long essay about the history of Europe."}]
+
+
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    text = httpx.get(f"{gateway.url}/metrics", timeout=10).text
+    total = 0.0
+    found = False
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        match = re.match(r"^([a-zA-Z_:][\w:]*)(\{[^}]*\})?\s+(\S+)$", line)
+        if not match or match.group(1) != name:
+            continue
+        label_text = match.group(2) or ""
+        if all(f'{k}="{v}"' in label_text for k, v in labels.items()):
+            total += float(match.group(3))
+            found = True
+    return total if found else 0.0
+
+
+def wait_until_idle(gateway: Gateway, timeout: float = 10) -> float:
+    deadline = time.monotonic() + timeout
+    while True:
+        left = metric(gateway, "aligngate_engine_unfinished_requests", model=gateway.model)
+        left += metric(gateway, "aligngate_in_flight_requests", model=gateway.model)
+        if left == 0 or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
+
+
+def test_health_is_200_with_every_engine_up(gateway: Gateway) -> None:
+    response = httpx.get(f"{gateway.url}/health", timeout=10)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "models": {gateway.model: "ok"}}
+
+
+def test_metrics_move_after_a_request(gateway: Gateway) -> None:
+    labels = {"model": gateway.model, "endpoint": "/v1/chat/completions", "status": "200"}
+    before = metric(gateway, "aligngate_requests_total", **labels)
+    tokens_before = metric(gateway, "aligngate_completion_tokens_total", model=gateway.model)
+    ttft_before = metric(
+        gateway, "aligngate_time_to_first_token_seconds_count", model=gateway.model
+    )
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": gateway.model, "messages": LONG, "max_tokens": 5},
+        timeout=60,
+    )
+    assert response.status_code == 200
+    assert metric(gateway, "aligngate_requests_total", **labels) == before + 1
+    assert (
+        metric(gateway, "aligngate_completion_tokens_total", model=gateway.model)
+        == tokens_before + 5
+    )
+    assert (
+        metric(gateway, "aligngate_time_to_first_token_seconds_count", model=gateway.model)
+        == ttft_before + 1
+    )
+    assert metric(gateway, "aligngate_request_latency_seconds_count", model=gateway.model) >= 1
+    assert metric(gateway, "aligngate_prompt_tokens_total", model=gateway.model) > 0
+
+
+def test_errors_are_counted_by_status(gateway: Gateway) -> None:
+    labels = {"endpoint": "/v1/chat/completions", "status": "400"}
+    before = metric(gateway, "aligngate_requests_total", **labels)
+    httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": gateway.model, "messages": []},
+        timeout=10,
+    )
+    assert metric(gateway, "aligngate_requests_total", **labels) == before + 1
+
+
+@pytest.mark.slow
+def test_stream_disconnect_aborts_in_the_engine(gateway: Gateway) -> None:
+    body = {
+        "model": gateway.model, "messages": LONG, "stream": True,
+        "max_tokens": 2000, "min_tokens": 1500,
+    }
+    with httpx.stream(
+        "POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60
+    ) as response:
+        lines = response.iter_lines()
+        received = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data: ") for line in received)
+        busy = metric(gateway, "aligngate_engine_unfinished_requests", model=gateway.model)
+        assert busy >= 1
+    # Closing the response closed the connection mid-stream.
+    assert wait_until_idle(gateway) == 0
+
+
+@pytest.mark.slow
+def test_non_streaming_disconnect_aborts_in_the_engine(gateway: Gateway) -> None:
+    body = {"model": gateway.model, "messages": LONG, "max_tokens": 2000, "min_tokens": 1500}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=1.0)
+    assert wait_until_idle(gateway) == 0
+    # And the engine still answers promptly.
+    started = time.monotonic()
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": gateway.model, "messages": LONG, "max_tokens": 4},
+        timeout=30,
+    )
+    assert response.status_code == 200
+    assert time.monotonic() - started < 5
