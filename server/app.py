@@ -15,7 +15,7 @@ from server import __version__
 from server.errors import install_error_handlers
 from server.metrics import GatewayMetrics, RequestMetricsMiddleware
 from server.registry import ModelEntry, Registry
-from server.routes import health, openai
+from server.routes import health, openai, render
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
     app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(openai.router)
+    app.include_router(render.router)
     app.include_router(health.router)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -24,6 +24,7 @@ from server.generation import (
     new_id,
     resolve_max_tokens,
     sse,
+    template_headers,
     tracker_for,
     unless_disconnected,
     usage,
@@ -37,6 +38,7 @@ from server.protocol import (
     ChatCompletionRequest,
     ChatDelta,
     ChatLogprobs,
+    ChatMessage,
     ChatTokenLogprob,
     TopLogprobOut,
     Usage,
@@ -66,11 +68,11 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> ChatLogprobs | None:
     )
 
 
-def _messages(body: ChatCompletionRequest) -> list[Message]:
+def to_messages(messages: list[ChatMessage]) -> list[Message]:
     # OpenAI's "developer" role is the newer name of "system".
     return [
         Message(role="system" if m.role == "developer" else m.role, content=m.text())
-        for m in body.messages
+        for m in messages
     ]
 
 
@@ -80,14 +82,18 @@ async def create_chat_completion(
     model = registry.get(body.model)
     ensure_healthy(model)
     try:
-        prompt = model.renderer.render_chat(_messages(body))
+        prompt = model.renderer.render_chat(to_messages(body.messages), quantile=body.quantile)
     except RenderError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from exc
+    family = model.renderer.spec
     max_tokens = resolve_max_tokens(
-        body.requested_max_tokens(), len(prompt.token_ids), model.max_model_len,
+        body.requested_max_tokens(),
+        len(prompt.token_ids),
+        model.max_model_len,
         prompt_param="messages",
+        default=family.sampling.max_tokens,
     )
-    spec = body.sampling_spec(max_tokens=max_tokens, logprobs=body.engine_logprobs())
+    spec = body.sampling_spec(max_tokens=max_tokens, logprobs=body.engine_logprobs(), family=family)
     request_id = new_id("chatcmpl")
     tracker = tracker_for(request, model, ENDPOINT)
     tracker.prompt_tokens = len(prompt.token_ids)
@@ -102,13 +108,18 @@ async def create_chat_completion(
                 choices: list[ChatChunkChoice], totals: Usage | None = None
             ) -> ChatCompletionChunk:
                 return ChatCompletionChunk(
-                    id=request_id, created=created, model=model.name, choices=choices,
+                    id=request_id,
+                    created=created,
+                    model=model.name,
+                    choices=choices,
                     usage=totals,
                 )
 
             yield chunk(
-                [ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-                 for i in range(body.n)]
+                [
+                    ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
+                    for i in range(body.n)
+                ]
             )
             async with contextlib.aclosing(steps):
                 async for _, deltas in steps:
@@ -128,7 +139,11 @@ async def create_chat_completion(
             if include_usage:
                 yield chunk([], usage(tracker.prompt_tokens, tracker.completion_tokens))
 
-        return StreamingResponse(sse(chunks(), tracker), media_type="text/event-stream")
+        return StreamingResponse(
+            sse(chunks(), tracker),
+            media_type="text/event-stream",
+            headers=template_headers(model),
+        )
 
     try:
         results = await unless_disconnected(request, collect(steps, tracker, body.n, 1))
@@ -154,4 +169,5 @@ async def create_chat_completion(
             usage=usage(len(prompt.token_ids), completion_tokens),
         ).model_dump_json(),
         media_type="application/json",
+        headers=template_headers(model),
     )

@@ -1,4 +1,4 @@
-"""The ``aligngate`` command line: serve, default-model.
+"""The ``aligngate`` command line: serve, render, default-model.
 
 Owns: argument parsing and logging set-up. Starting vLLM spawns processes, which is why
 everything runs under ``main()`` (the console script is the ``__main__`` guard).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -29,11 +30,10 @@ def _cmd_default_model(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from server.app import build_app
-    from server.registry import ModelsFileError, default_entries, load_models_file
+    from server.registry import ModelsFileError
 
-    config: Path | None = args.config or settings.config
     try:
-        entries = load_models_file(config) if config else default_entries()
+        entries = _load_entries(args.config, settings)
     except ModelsFileError as exc:
         log.error("%s", exc)
         return 2
@@ -61,6 +61,58 @@ class _GracefulServer(uvicorn.Server):
             self._captured_signals.clear()
 
 
+def _load_entries(config: Path | None, settings: Settings):  # type: ignore[no-untyped-def]
+    from server.registry import default_entries, load_models_file
+
+    config = config or settings.config
+    return load_models_file(config) if config else default_entries()
+
+
+def _cmd_render(args: argparse.Namespace, settings: Settings) -> int:
+    from pydantic import TypeAdapter, ValidationError
+
+    from server.chat import to_messages
+    from server.protocol import ChatMessage
+    from server.registry import ModelsFileError, build_renderer, resolve_path
+    from server.render import RenderError
+
+    try:
+        entries = _load_entries(args.config, settings)
+        entry = next((e for e in entries if e.name == args.model), None)
+        if entry is None:
+            names = ", ".join(e.name for e in entries)
+            log.error("no model %r in the models file (it has: %s)", args.model, names)
+            return 2
+        renderer = build_renderer(entry, resolve_path(entry, settings))
+    except ModelsFileError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        raw = json.loads(args.messages.read_text())
+        if isinstance(raw, dict):
+            raw = raw.get("messages")
+        messages = TypeAdapter(list[ChatMessage]).validate_python(raw)
+        prompt = renderer.render_chat(to_messages(messages), quantile=args.quantile)
+    except (OSError, json.JSONDecodeError, ValidationError, RenderError) as exc:
+        log.error("cannot render %s: %s", args.messages, exc)
+        return 2
+    if args.ids:
+        print(json.dumps(prompt.token_ids))
+    else:
+        sys.stdout.write(prompt.text)
+        if not prompt.text.endswith("\n"):
+            sys.stdout.write("\n")
+    sys.stdout.flush()
+    log.info(
+        "family=%s template=%s fingerprint=%s tokens=%d",
+        renderer.family,
+        renderer.template_name,
+        renderer.fingerprint,
+        len(prompt.token_ids),
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aligngate", description="Serving gateway for aligned checkpoints."
@@ -72,6 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
     serve.set_defaults(func=_cmd_serve)
+
+    render = sub.add_parser(
+        "render", help="print the exact prompt (or token ids) a model would receive"
+    )
+    render.add_argument("--config", type=Path, help="models file; default: embedded model")
+    render.add_argument("--model", required=True, help="served model name")
+    render.add_argument(
+        "--messages",
+        type=Path,
+        required=True,
+        help='JSON file: a list of {role, content} (or {"messages": [...]})',
+    )
+    render.add_argument("--ids", action="store_true", help="print token ids instead of text")
+    render.add_argument("--quantile", type=int, help="Quark: reward quantile (0 = best)")
+    render.set_defaults(func=_cmd_render)
 
     default = sub.add_parser(
         "default-model", help="convert the embedded SmolLM2 model once; print its folder"

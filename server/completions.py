@@ -24,6 +24,7 @@ from server.generation import (
     new_id,
     resolve_max_tokens,
     sse,
+    template_headers,
     tracker_for,
     unless_disconnected,
     usage,
@@ -62,7 +63,9 @@ def _prompts(body: CompletionRequest, model: ServedModel) -> list[RenderedPrompt
         raise InvalidRequest(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
     try:
         return [
-            model.renderer.render_text(p) if isinstance(p, str) else model.renderer.render_ids(p)
+            model.renderer.render_text(p, quantile=body.quantile)
+            if isinstance(p, str)
+            else model.renderer.render_ids(p)
             for p in items
         ]
     except RenderError as exc:
@@ -76,18 +79,20 @@ async def create_completion(
     ensure_healthy(model)
     prompts = _prompts(body, model)
     longest = max(len(p.token_ids) for p in prompts)
+    family = model.renderer.spec
     max_tokens = resolve_max_tokens(
-        body.max_tokens, longest, model.max_model_len, prompt_param="prompt"
+        body.max_tokens,
+        longest,
+        model.max_model_len,
+        prompt_param="prompt",
+        default=family.sampling.max_tokens,
     )
-    spec = body.sampling_spec(max_tokens=max_tokens, logprobs=body.logprobs)
+    spec = body.sampling_spec(max_tokens=max_tokens, logprobs=body.logprobs, family=family)
     request_id = new_id("cmpl")
     tracker = tracker_for(request, model, ENDPOINT)
     tracker.prompt_tokens = sum(len(p.token_ids) for p in prompts)
     steps = merged(
-        [
-            engine_steps(model, f"{request_id}-{i}", p.token_ids, spec)
-            for i, p in enumerate(prompts)
-        ]
+        [engine_steps(model, f"{request_id}-{i}", p.token_ids, spec) for i, p in enumerate(prompts)]
     )
     created = int(time.time())
     n = body.n
@@ -129,11 +134,18 @@ async def create_completion(
                         )
             if include_usage:
                 yield Completion(
-                    id=request_id, created=created, model=model.name, choices=[],
+                    id=request_id,
+                    created=created,
+                    model=model.name,
+                    choices=[],
                     usage=usage(tracker.prompt_tokens, tracker.completion_tokens),
                 )
 
-        return StreamingResponse(sse(chunks(), tracker), media_type="text/event-stream")
+        return StreamingResponse(
+            sse(chunks(), tracker),
+            media_type="text/event-stream",
+            headers=template_headers(model),
+        )
 
     try:
         results = await unless_disconnected(request, collect(steps, tracker, n, len(prompts)))
@@ -161,4 +173,5 @@ async def create_completion(
             usage=usage(tracker.prompt_tokens, sum(len(r.token_ids) for r in results)),
         ).model_dump_json(),
         media_type="application/json",
+        headers=template_headers(model),
     )

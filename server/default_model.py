@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -61,24 +62,67 @@ def ensure_default_model(models_dir: Path) -> Path:
     """Return the bf16 safetensors folder of the embedded model, converting it if needed."""
     source = gguf_path()
     target = models_dir / _cache_key(source)
+    return _build_once(
+        target,
+        lambda out: _convert(source, out),
+        {"source": str(source), "package_version": _package_version()},
+    )
+
+
+def ensure_quark_variant(models_dir: Path) -> Path:
+    """The embedded model with the 5 Quark quantile tokens added to a copy of its tokenizer
+    (as special tokens, as ALT's training code adds them) and its embeddings, so the Quark
+    format can be shown on a real model. Its outputs are not Quark-trained."""
+    base = ensure_default_model(models_dir)
+    target = models_dir / f"{base.name}-quark"
+    return _build_once(target, lambda out: _add_quantile_tokens(base, out), {"base": str(base)})
+
+
+BUILTIN_MODELS = {
+    DEFAULT_MODEL_NAME: ensure_default_model,
+    f"{DEFAULT_MODEL_NAME}-quark": ensure_quark_variant,
+}
+
+
+def builtin_model(name: str, models_dir: Path) -> Path:
+    """A model made from the embedded GGUF, by name (``builtin:NAME`` in a models file)."""
+    if name not in BUILTIN_MODELS:
+        raise KeyError(f"unknown builtin model {name!r}; known: {', '.join(BUILTIN_MODELS)}")
+    return BUILTIN_MODELS[name](models_dir)
+
+
+def _build_once(target: Path, build: Callable[[Path], None], facts: dict[str, str]) -> Path:
+    """Build ``target`` in a temporary folder and rename it into place when complete; a
+    folder without the completion marker is a crashed build and is rebuilt."""
     if (target / MARKER).is_file():
         return target
-    models_dir.mkdir(parents=True, exist_ok=True)
-    log.info("Converting %s to a bf16 safetensors folder (once)...", source.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=models_dir))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    log.info("Building %s (once)...", target.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        _convert(source, tmp)
-        (tmp / MARKER).write_text(
-            json.dumps({"source": str(source), "package_version": _package_version()})
-        )
+        build(tmp)
+        (tmp / MARKER).write_text(json.dumps(facts))
+        tmp.chmod(0o755)
         if target.exists():  # an incomplete leftover (no marker): replace it
             shutil.rmtree(target)
         os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("Default model ready at %s", target)
+    log.info("Ready: %s", target)
     return target
+
+
+def _add_quantile_tokens(base: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens([f"_QUANTILE_TOKEN_{k}_" for k in range(5)], special_tokens=True)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
 
 
 def _package_version() -> str:

@@ -41,10 +41,25 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+TEMPLATE_HEADER = "x-aligngate-template"
+
+
+def template_headers(model: ServedModel) -> dict[str, str]:
+    """Every response names the template fingerprint the prompt was rendered with."""
+    return {TEMPLATE_HEADER: model.renderer.fingerprint}
+
+
 def resolve_max_tokens(
-    requested: int | None, prompt_len: int, max_model_len: int, *, prompt_param: str
+    requested: int | None,
+    prompt_len: int,
+    max_model_len: int,
+    *,
+    prompt_param: str,
+    default: int | None = None,
 ) -> int:
-    """The max_tokens to run with, or a 400 before anything is allocated in the engine."""
+    """The max_tokens to run with, or a 400 before anything is allocated in the engine.
+
+    Left out, it is the family's default (if any) capped by the room left in the context."""
     if prompt_len >= max_model_len:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {max_model_len} tokens, and the prompt "
@@ -52,7 +67,8 @@ def resolve_max_tokens(
             param=prompt_param,
         )
     if requested is None:
-        return max_model_len - prompt_len
+        room = max_model_len - prompt_len
+        return min(default, room) if default is not None else room
     if prompt_len + requested > max_model_len:
         raise ContextLengthExceeded(
             f"This model's maximum context length is {max_model_len} tokens. However, you "

@@ -28,18 +28,24 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "aligngate_requests", "HTTP requests by model, endpoint and status.",
-            ["model", "endpoint", "status"], registry=r,
+            "aligngate_requests",
+            "HTTP requests by model, endpoint and status.",
+            ["model", "endpoint", "status"],
+            registry=r,
         )
         self.latency = Histogram(
             "aligngate_request_latency_seconds",
             "Time from request received to last byte sent.",
-            ["model", "endpoint"], buckets=_LATENCY_BUCKETS, registry=r,
+            ["model", "endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.ttft = Histogram(
             "aligngate_time_to_first_token_seconds",
             "Time from request received to the first generated token.",
-            ["model", "endpoint"], buckets=_TTFT_BUCKETS, registry=r,
+            ["model", "endpoint"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
         )
         self.prompt_tokens = Counter(
             "aligngate_prompt_tokens", "Prompt tokens processed.", ["model"], registry=r
@@ -49,7 +55,9 @@ class GatewayMetrics:
         )
         self.in_flight = Gauge(
             "aligngate_in_flight_requests",
-            "Generation requests the gateway is serving now.", ["model"], registry=r,
+            "Generation requests the gateway is serving now.",
+            ["model"],
+            registry=r,
         )
 
     def watch_engines(self, read: Callable[[], list[tuple[str, int, int, int]]]) -> None:
@@ -66,11 +74,13 @@ class _EngineCollector(Collector):
         from prometheus_client.core import GaugeMetricFamily
 
         running = GaugeMetricFamily(
-            "aligngate_engine_running_requests", "Requests the engine scheduler is running.",
+            "aligngate_engine_running_requests",
+            "Requests the engine scheduler is running.",
             labels=["model"],
         )
         waiting = GaugeMetricFamily(
-            "aligngate_engine_waiting_requests", "Requests waiting in the engine scheduler.",
+            "aligngate_engine_waiting_requests",
+            "Requests waiting in the engine scheduler.",
             labels=["model"],
         )
         unfinished = GaugeMetricFamily(
@@ -117,6 +127,4 @@ class RequestMetricsMiddleware:
             model = scope.get("state", {}).get("model", NO_MODEL)
             self.metrics.requests.labels(model, endpoint, str(status)).inc()
             if endpoint.startswith("/v1/") and model != NO_MODEL:
-                self.metrics.latency.labels(model, endpoint).observe(
-                    time.perf_counter() - started
-                )
+                self.metrics.latency.labels(model, endpoint).observe(time.perf_counter() - started)

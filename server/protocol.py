@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from server.engine.types import SamplingSpec
+from server.families import FamilySpec
 
 # Public caps; vLLM's own default for n is 16,384.
 MAX_N = 16
@@ -67,6 +68,8 @@ class _SamplingFields(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
+    # Quark models: which reward quantile to condition on (0 = best); others refuse it.
+    quantile: int | None = Field(default=None, ge=0, le=255)
 
     @field_validator("stop")
     @classmethod
@@ -87,16 +90,20 @@ class _SamplingFields(_Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling_spec(
-        self, *, max_tokens: int, logprobs: int | None, extra_stop: tuple[str, ...] = ()
+        self, *, max_tokens: int, logprobs: int | None, family: FamilySpec
     ) -> SamplingSpec:
+        """Engine settings: the request's fields, else the family's defaults, else OpenAI's."""
+        defaults = family.sampling
+        temperature = self.temperature if self.temperature is not None else defaults.temperature
+        top_p = self.top_p if self.top_p is not None else defaults.top_p
         return SamplingSpec(
             max_tokens=max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
             top_k=self.top_k if self.top_k and self.top_k > 0 else 0,
             min_p=self.min_p or 0.0,
             n=self.n,
-            stop=self.stop_list() + extra_stop,
+            stop=self.stop_list() + tuple(s for s in family.stop if s not in self.stop_list()),
             seed=self.seed,
             presence_penalty=self.presence_penalty,
             frequency_penalty=self.frequency_penalty,
@@ -245,11 +252,32 @@ class ModelCard(BaseModel):
     max_model_len: int
     family: str
     template: str
+    template_fingerprint: str
 
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class RenderRequest(_Strict):
+    """``messages`` (as for chat) or ``prompt`` (as for completions), not both."""
+
+    model: str
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    prompt: str | None = None
+    quantile: int | None = Field(default=None, ge=0, le=255)
+
+
+class RenderResponse(BaseModel):
+    model: str
+    family: str
+    template: str
+    template_fingerprint: str
+    text: str
+    token_ids: list[int]
+    tokens: list[str]
+    stop: list[str]
 
 
 class ErrorDetail(BaseModel):

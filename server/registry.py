@@ -16,10 +16,10 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+from server.default_model import DEFAULT_MODEL_NAME, builtin_model
 from server.engine.vllm_engine import EngineOptions, VllmEngine, apply_cpu_defaults
 from server.errors import ModelNotFound
-from server.render import ChatTemplateRenderer
+from server.render import FamilyDetectionError, Renderer
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,13 @@ class ModelEntry(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
     path: str
-    # The prompt-format family. Only the checkpoint's own chat template for now; the
-    # families issue adds cut / kto / dpo / quark, each with its own template file.
-    family: Literal["chat"] | None = None
+    # The prompt format (templates/families.yaml); detected from the checkpoint if omitted.
+    family: Literal["cut", "kto", "dpo", "quark", "chat"] | None = None
+    # A Jinja file replacing the family's template (a file in templates/ or a path).
+    template: str | None = None
+    # Quark: reward-quantile prefixes, best first (default: the 5 _QUANTILE_TOKEN_k_).
+    quantile_tokens: list[str] | None = Field(default=None, min_length=1)
+    default_quantile: int | None = Field(default=None, ge=0)
     max_model_len: int | None = Field(default=None, ge=16)
     dtype: str = "auto"
     seed: int = 0
@@ -73,6 +77,7 @@ class ModelsFile(BaseModel):
 
 
 def load_models_file(path: Path) -> list[ModelEntry]:
+    """Parse a models file; relative paths (checkpoints, templates) resolve against its folder."""
     try:
         raw = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as exc:
@@ -84,9 +89,12 @@ def load_models_file(path: Path) -> list[ModelEntry]:
     base = path.resolve().parent
     entries = []
     for entry in parsed.models:
-        if entry.path != BUILTIN_DEFAULT and not Path(entry.path).is_absolute():
-            entry = entry.model_copy(update={"path": str(base / entry.path)})
-        entries.append(entry)
+        update: dict[str, str] = {}
+        if not entry.path.startswith("builtin:") and not Path(entry.path).is_absolute():
+            update["path"] = str(base / entry.path)
+        if entry.template and (base / entry.template).is_file():
+            update["template"] = str(base / entry.template)
+        entries.append(entry.model_copy(update=update) if update else entry)
     return entries
 
 
@@ -95,18 +103,35 @@ def default_entries() -> list[ModelEntry]:
 
 
 def resolve_path(entry: ModelEntry, settings: Settings) -> str:
-    if entry.path == BUILTIN_DEFAULT:
-        return str(ensure_default_model(settings.models_dir))
+    if entry.path.startswith("builtin:"):
+        try:
+            return str(builtin_model(entry.path.removeprefix("builtin:"), settings.models_dir))
+        except KeyError as exc:
+            raise ModelsFileError(f"model {entry.name!r}: {exc.args[0]}") from exc
     if not Path(entry.path).is_dir():
         raise ModelsFileError(f"model {entry.name!r}: {entry.path} is not a folder")
     return entry.path
+
+
+def build_renderer(entry: ModelEntry, path: str) -> Renderer:
+    try:
+        return Renderer.load(
+            path,
+            family_name=entry.family,
+            template=entry.template,
+            trust_remote_code=entry.trust_remote_code,
+            quantile_tokens=entry.quantile_tokens,
+            default_quantile=entry.default_quantile,
+        )
+    except (FamilyDetectionError, FileNotFoundError) as exc:
+        raise ModelsFileError(f"model {entry.name!r}: {exc}") from exc
 
 
 @dataclass
 class ServedModel:
     entry: ModelEntry
     path: str
-    renderer: ChatTemplateRenderer
+    renderer: Renderer
     engine: VllmEngine
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -142,7 +167,7 @@ class Registry:
         for entry in entries:
             path = resolve_path(entry, settings)
             started = time.perf_counter()
-            renderer = ChatTemplateRenderer.load(path, trust_remote_code=entry.trust_remote_code)
+            renderer = build_renderer(entry, path)
             options = EngineOptions(
                 model_path=path,
                 max_model_len=entry.max_model_len,

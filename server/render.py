@@ -1,28 +1,44 @@
-"""Messages → the exact prompt text and token ids the engine receives.
+"""Messages → the exact prompt text and token ids the engine receives, per family.
 
-Owns: the model's tokenizer and prompt format. One renderer serves HTTP requests, batch
-generation and training-data export, so the prompt a model is trained on is the one it is
-served with.
+Owns: the model's tokenizer, its family's template and conversation rules, BOS handling,
+the template fingerprint, and keeping user text from ever becoming a control token. One
+renderer serves HTTP requests, batch generation and training-data export, so the prompt a
+model is trained on is the one it is served with.
 Does not know: HTTP, engines, sampling.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import re
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from server.families import FamilySpec, family, resolve_template_file
+
 log = logging.getLogger(__name__)
+
+DEFAULT_QUANTILE_TOKENS = tuple(f"_QUANTILE_TOKEN_{k}_" for k in range(5))
+CHECKPOINT_TEMPLATE_NAME = "checkpoint-chat-template"
 
 
 class RenderError(ValueError):
-    """A conversation this model's format cannot express."""
+    """A conversation this model's format cannot express (a client error)."""
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
         self.param = param
+
+
+class FamilyDetectionError(ValueError):
+    """A models-file entry without ``family`` whose checkpoint does not tell."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,56 +49,288 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class RenderedPrompt:
+    """``text`` is the template's output; ``token_ids`` also carry the family's BOS."""
+
     text: str
     token_ids: list[int]
 
 
-class ChatTemplateRenderer:
-    """The checkpoint's own chat template (``tokenizer.apply_chat_template``)."""
+def detect_family(
+    tokenizer: Any, quantile_tokens: tuple[str, ...] = DEFAULT_QUANTILE_TOKENS
+) -> str:
+    vocab = tokenizer.get_vocab()
+    if all(token in vocab for token in quantile_tokens):
+        return "quark"
+    if getattr(tokenizer, "chat_template", None):
+        return "chat"
+    raise FamilyDetectionError(
+        "cannot tell this checkpoint's prompt format: its tokenizer has neither the Quark "
+        "quantile tokens nor a chat template. Set `family` (cut | kto | dpo | quark | chat) "
+        "in its models-file entry."
+    )
 
-    family = "chat"
 
-    def __init__(self, tokenizer: Any):
+def _jinja_env() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.TemplateError(message)
+
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+class Renderer:
+    """One model's prompt format: family rules + template + tokenizer."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        spec: FamilySpec,
+        *,
+        template_source: str,
+        template_name: str,
+        extra_sources: dict[str, str] | None = None,
+        quantile_tokens: tuple[str, ...] = (),
+        default_quantile: int = 0,
+    ):
         self.tokenizer = tokenizer
-        template = getattr(tokenizer, "chat_template", None)
-        self.has_chat_template = isinstance(template, str) and bool(template)
-        self.template_name = "checkpoint-chat-template" if self.has_chat_template else "none"
-        self.template_hash = (
-            hashlib.sha256(template.encode()).hexdigest()[:12] if self.has_chat_template else ""
+        self.spec = spec
+        self.family = spec.name
+        self.template_name = template_name
+        self.template_source = template_source
+        self.quantile_tokens = quantile_tokens
+        self.default_quantile = default_quantile
+        self.stop = tuple(spec.stop)
+        self._env = _jinja_env()
+        self._template = (
+            None if spec.uses_checkpoint_template else self._env.from_string(template_source)
         )
+        self._extra = {
+            name: self._env.from_string(source) for name, source in (extra_sources or {}).items()
+        }
+        # Every added or special token counts as a control token: user text must never
+        # tokenize to one.
+        added = {t.content: i for i, t in tokenizer.added_tokens_decoder.items()}
+        for token in tokenizer.all_special_tokens:
+            added.setdefault(token, tokenizer.convert_tokens_to_ids(token))
+        self.control_ids = frozenset(added.values())
+        self._special = frozenset(tokenizer.all_special_tokens) | {
+            t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+        }
+        self._control_strings = tuple(sorted(added, key=len, reverse=True))
+        self._nonspecial_added = re.compile(
+            "|".join(re.escape(s) for s in self._control_strings if s not in self._special)
+            or r"(?!)"
+        )
+        self.fingerprint = self._fingerprint(extra_sources or {})
+
+    # ---- construction -------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, *, trust_remote_code: bool = False) -> ChatTemplateRenderer:
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        family_name: str | None = None,
+        template: str | None = None,
+        trust_remote_code: bool = False,
+        quantile_tokens: list[str] | None = None,
+        default_quantile: int | None = None,
+        base_dir: Path | None = None,
+    ) -> Renderer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-        return cls(tokenizer)
+        tokens = tuple(quantile_tokens) if quantile_tokens else None
+        if family_name is None:
+            family_name = detect_family(tokenizer, tokens or DEFAULT_QUANTILE_TOKENS)
+            log.info("%s: no family configured; detected %r from the checkpoint", path, family_name)
+        spec = family(family_name)
+        if tokens is None:
+            tokens = tuple(spec.quantile_tokens)
+        if spec.quantile_tokens and not tokens:
+            raise FamilyDetectionError(f"family {family_name!r} needs quantile_tokens")
+        quantile = spec.default_quantile if default_quantile is None else default_quantile
+        if tokens and not 0 <= quantile < len(tokens):
+            raise FamilyDetectionError(
+                f"default_quantile {quantile} is outside 0..{len(tokens) - 1}"
+            )
+        if template is not None:
+            source_path = resolve_template_file(template, base_dir)
+            source, name = source_path.read_text(), source_path.name
+        elif spec.uses_checkpoint_template:
+            source = getattr(tokenizer, "chat_template", None) or ""
+            if not isinstance(source, str) or not source:
+                raise FamilyDetectionError(
+                    f"family {family_name!r} uses the checkpoint's chat template, but "
+                    f"{path} has none; set `template` to a Jinja file"
+                )
+            name = CHECKPOINT_TEMPLATE_NAME
+        else:
+            source_path = resolve_template_file(spec.template)
+            source, name = source_path.read_text(), source_path.name
+        extra = {
+            key: resolve_template_file(file).read_text()
+            for key, file in spec.extra_templates.items()
+        }
+        missing = [t for t in tokens if t.startswith("_") and t not in tokenizer.get_vocab()]
+        if missing:
+            raise FamilyDetectionError(
+                f"quantile token(s) {', '.join(missing)} are not in {path}'s vocabulary"
+            )
+        return cls(
+            tokenizer,
+            spec,
+            template_source=source,
+            template_name=name,
+            extra_sources=extra,
+            quantile_tokens=tokens,
+            default_quantile=quantile,
+        )
 
-    @property
-    def eos_token_id(self) -> int | None:
-        return self.tokenizer.eos_token_id
+    def _fingerprint(self, extra_sources: dict[str, str]) -> str:
+        tok = self.tokenizer
+        facts = {
+            "family": self.family,
+            "template": self.template_source,
+            "extra": extra_sources,
+            "stop": list(self.stop),
+            "bos_rule": self.spec.bos,
+            "bos": [tok.bos_token, tok.bos_token_id],
+            "eos": [tok.eos_token, tok.eos_token_id],
+            "system": self.spec.system,
+            "strip": self.spec.strip_content,
+            "quantile_tokens": [[t, tok.convert_tokens_to_ids(t)] for t in self.quantile_tokens],
+        }
+        blob = json.dumps(facts, sort_keys=True, ensure_ascii=False).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
 
-    def render_chat(self, messages: list[Message]) -> RenderedPrompt:
-        if not self.has_chat_template:
+    # ---- conversation rules -------------------------------------------------------------
+
+    def _conversation(self, messages: list[Message]) -> tuple[str | None, list[Message]]:
+        """Split off the system message and check the family's turn rules."""
+        system: str | None = None
+        turns = list(messages)
+        if turns and turns[0].role == "system":
+            system = turns.pop(0).content
+            if not self.spec.system_message:
+                raise RenderError(
+                    f"The {self.family} format has no system message.", param="messages"
+                )
+        if any(m.role == "system" for m in turns):
+            raise RenderError("A system message may only come first.", param="messages")
+        if not turns or turns[-1].role != "user":
+            raise RenderError("The last message must be from the user.", param="messages")
+        if not self.spec.multi_turn and len(turns) != 1:
             raise RenderError(
-                "This model has no chat template; use /v1/completions or set its `family` "
-                "in the models file.",
+                f"The {self.family} format takes exactly one user message "
+                f"(got {len(turns)} turns).",
                 param="messages",
             )
-        if messages[-1].role == "assistant":
-            raise RenderError("The last message must not be from the assistant.", "messages")
-        text = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-        # The template already placed any BOS it wants; adding special tokens would double it.
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return RenderedPrompt(text=text, token_ids=list(ids))
+        if not self.spec.uses_checkpoint_template:
+            for i, m in enumerate(turns):
+                expected = "user" if i % 2 == 0 else "assistant"
+                if m.role != expected:
+                    raise RenderError(
+                        f"The {self.family} format needs turns alternating user/assistant, "
+                        f"starting with the user (message {i} is {m.role}).",
+                        param="messages",
+                    )
+        if system is None:
+            system = self.spec.system
+        if self.spec.strip_content:
+            turns = [Message(m.role, m.content.strip()) for m in turns]
+            system = system.strip() if system is not None else None
+        return system, turns
 
-    def render_text(self, prompt: str) -> RenderedPrompt:
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        return RenderedPrompt(text=prompt, token_ids=list(ids))
+    def _quantile_token(self, quantile: int | None) -> str:
+        if not self.quantile_tokens:
+            if quantile is not None:
+                raise RenderError(
+                    f"`quantile` applies to Quark models only; this one is {self.family}.",
+                    param="quantile",
+                )
+            return ""
+        k = self.default_quantile if quantile is None else quantile
+        if not 0 <= k < len(self.quantile_tokens):
+            raise RenderError(
+                f"quantile must be in 0..{len(self.quantile_tokens) - 1}", param="quantile"
+            )
+        return self.quantile_tokens[k]
+
+    # ---- rendering ----------------------------------------------------------------------
+
+    def _render_source(
+        self,
+        template: jinja2.Template | None,
+        system: str | None,
+        turns: list[Message],
+        variables: dict[str, Any],
+    ) -> str:
+        tok = self.tokenizer
+        if template is None:  # the checkpoint's own chat template
+            conversation = [{"role": "system", "content": system}] if system is not None else []
+            conversation += [{"role": m.role, "content": m.content} for m in turns]
+            return tok.apply_chat_template(
+                conversation,
+                tokenize=False,
+                add_generation_prompt=True,
+                chat_template=self.template_source,
+            )
+        return template.render(
+            messages=[{"role": m.role, "content": m.content} for m in turns],
+            system_message=system,
+            bos_token=tok.bos_token or "",
+            eos_token=tok.eos_token or "",
+            add_generation_prompt=True,
+            **variables,
+        )
+
+    def _render(
+        self, template: jinja2.Template | None, messages: list[Message], variables: dict[str, Any]
+    ) -> RenderedPrompt:
+        system, turns = self._conversation(messages)
+        try:
+            text = self._render_source(template, system, turns, variables)
+            contents = ([system] if system is not None else []) + [m.content for m in turns]
+            contents += [
+                v
+                for v in variables.values()
+                if isinstance(v, str) and v not in self.quantile_tokens
+            ]
+            if any(self._has_control_text(c) for c in contents):
+                ids = self._tokenize_guarded(template, system, turns, variables, text)
+            else:
+                # Common case: the whole text in one pass, exactly as a trainer would.
+                ids = self._encode(text)
+        except jinja2.TemplateError as exc:
+            raise RenderError(
+                f"The model's template refused the conversation: {exc}", param="messages"
+            ) from exc
+        return RenderedPrompt(text=text, token_ids=self._with_bos(ids))
+
+    def render_chat(
+        self, messages: list[Message], *, quantile: int | None = None
+    ) -> RenderedPrompt:
+        token = self._quantile_token(quantile)
+        return self._render(self._template, messages, {"quantile_token": token} if token else {})
+
+    def render_extra(self, name: str, messages: list[Message], **variables: str) -> RenderedPrompt:
+        """A family's other format, e.g. CUT's judgment prompt (``judge``)."""
+        if name not in self._extra:
+            raise RenderError(f"The {self.family} family has no {name!r} template.")
+        return self._render(self._extra[name], messages, dict(variables))
+
+    def render_text(self, prompt: str, *, quantile: int | None = None) -> RenderedPrompt:
+        """A completions prompt: raw text, except that Quark still gets its quantile prefix."""
+        if self.quantile_tokens:
+            return self.render_chat([Message("user", prompt)], quantile=quantile)
+        self._quantile_token(quantile)  # refuses `quantile` on other families
+        if self.spec.bos == "template":
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            return RenderedPrompt(text=prompt, token_ids=list(ids))
+        return RenderedPrompt(text=prompt, token_ids=self._with_bos(self._encode(prompt)))
 
     def render_ids(self, token_ids: list[int]) -> RenderedPrompt:
         vocab = len(self.tokenizer)
@@ -91,5 +339,92 @@ class ChatTemplateRenderer:
             raise RenderError(f"token id {bad} is outside the vocabulary (size {vocab}).", "prompt")
         return RenderedPrompt(text=self.tokenizer.decode(token_ids), token_ids=list(token_ids))
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    # ---- tokenization -------------------------------------------------------------------
+
+    def _encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        bos = self.tokenizer.bos_token_id
+        if self.spec.bos == "add" and bos is not None and ids[:1] != [bos]:
+            return [bos, *ids]
+        return ids
+
+    def _has_control_text(self, text: str) -> bool:
+        return any(s in text for s in self._control_strings)
+
+    def _plain(self, text: str) -> list[int]:
+        """Tokenize user text so that no part of it becomes a control token."""
+        ids: list[int] = []
+        pos = 0
+        for match in self._nonspecial_added.finditer(text):
+            ids += self._split_special(text[pos : match.start()])
+            # An added (non-special) token's text, cut after its first character so the
+            # tokenizer cannot match it whole.
+            ids += self._split_special(match.group()[:1]) + self._plain(match.group()[1:])
+            pos = match.end()
+        return ids + self._split_special(text[pos:])
+
+    def _split_special(self, text: str) -> list[int]:
+        if not text:
+            return []
+        return list(
+            self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        )
+
+    def _tokenize_guarded(
+        self,
+        template: jinja2.Template | None,
+        system: str | None,
+        turns: list[Message],
+        variables: dict[str, Any],
+        text: str,
+    ) -> list[int]:
+        """Template text with control tokens parsed, user text as plain text.
+
+        Renders once more with unguessable placeholders in place of the user's text to find
+        which stretches of ``text`` the template wrote and which the user did."""
+        nonce = secrets.token_hex(8)
+        marks: dict[str, str] = {}
+
+        def mark(value: str) -> str:
+            key = f"\x00{nonce}:{len(marks)}\x00"
+            marks[key] = value
+            return key
+
+        marked_system = mark(system) if system is not None else None
+        marked_turns = [Message(m.role, mark(m.content)) for m in turns]
+        marked_vars = {
+            k: (mark(v) if isinstance(v, str) and v not in self.quantile_tokens else v)
+            for k, v in variables.items()
+        }
+        skeleton = self._render_source(template, marked_system, marked_turns, marked_vars)
+        parts = re.split(f"(\x00{nonce}:\\d+\x00)", skeleton)
+        ids: list[int] = []
+        pos = 0
+        for i, part in enumerate(parts):
+            if part in marks:
+                value = marks[part]
+                following = parts[i + 1] if i + 1 < len(parts) else ""
+                # The template may have trimmed the text; take the form that fits.
+                for form in (value, value.strip(), value.lstrip(), value.rstrip()):
+                    end = pos + len(form)
+                    if text.startswith(form, pos) and text.startswith(following, end):
+                        ids += self._plain(form)
+                        pos = end
+                        break
+                else:
+                    raise RenderError(
+                        "The message text contains reserved token text that this model's "
+                        "template transforms; it cannot be rendered safely.",
+                        param="messages",
+                    )
+            else:
+                if not text.startswith(part, pos):
+                    raise RenderError("The template is not deterministic.", param="messages")
+                ids += self._encode(part)
+                pos += len(part)
+        return ids
+
+    def count_control_ids(self, ids: list[int]) -> int:
+        return sum(1 for t in ids if t in self.control_ids)

@@ -46,9 +46,21 @@ def start_gateway(args: list[str], log_path: Path, env: dict[str, str]) -> Gatew
     port = free_port()
     log_file = log_path.open("wb")
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         *args],
-        stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            *args,
+        ],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPO,
     )
     gateway = Gateway(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
     deadline = time.monotonic() + START_TIMEOUT_S

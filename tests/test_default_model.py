@@ -37,7 +37,12 @@ def test_cli_prints_the_folder(default_model_path: Path) -> None:
     env = dict(os.environ, ALIGNGATE_HOME=str(TEST_HOME))
     out = subprocess.run(
         [sys.executable, "-m", "server.cli", "default-model"],
-        capture_output=True, text=True, env=env, cwd=REPO, check=True, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        check=True,
+        timeout=300,
     )
     assert out.stdout.strip().splitlines()[-1] == str(default_model_path)
 

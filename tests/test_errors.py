@@ -94,7 +94,8 @@ def test_prompt_over_the_context_is_400(gateway: Gateway) -> None:
     assert error["code"] == "context_length_exceeded"
     error = assert_openai_error(
         post(gateway, "/v1/completions", {"model": gateway.model, "prompt": long_text}),
-        400, "prompt",
+        400,
+        "prompt",
     )
     assert error["code"] == "context_length_exceeded"
 
@@ -108,8 +109,10 @@ def test_prompt_plus_max_tokens_over_the_context_is_400(gateway: Gateway) -> Non
 
 def test_invalid_json_and_wrong_types_are_400(gateway: Gateway) -> None:
     response = httpx.post(
-        f"{gateway.url}/v1/chat/completions", content=b"{not json",
-        headers={"content-type": "application/json"}, timeout=30,
+        f"{gateway.url}/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+        timeout=30,
     )
     assert_openai_error(response, 400, None)
     body = {"model": gateway.model, "messages": "hello"}

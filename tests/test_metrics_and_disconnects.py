@@ -86,8 +86,11 @@ def test_errors_are_counted_by_status(gateway: Gateway) -> None:
 @pytest.mark.slow
 def test_stream_disconnect_aborts_in_the_engine(gateway: Gateway) -> None:
     body = {
-        "model": gateway.model, "messages": LONG, "stream": True,
-        "max_tokens": 2000, "min_tokens": 1500,
+        "model": gateway.model,
+        "messages": LONG,
+        "stream": True,
+        "max_tokens": 2000,
+        "min_tokens": 1500,
     }
     with httpx.stream(
         "POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60

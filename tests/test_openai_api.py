@@ -114,8 +114,12 @@ def test_length_finish_and_usage_match_the_tokenizer(
 
 def test_chat_logprobs_are_finite(client: openai.OpenAI, gateway: Gateway) -> None:
     reply = client.chat.completions.create(
-        model=gateway.model, messages=FRANCE, temperature=0, max_tokens=8,
-        logprobs=True, top_logprobs=3,
+        model=gateway.model,
+        messages=FRANCE,
+        temperature=0,
+        max_tokens=8,
+        logprobs=True,
+        top_logprobs=3,
     )
     content = reply.choices[0].logprobs.content
     assert len(content) == reply.usage.completion_tokens
@@ -132,7 +136,9 @@ def test_completions_take_several_prompts_and_token_ids(
     reply = client.completions.create(
         model=gateway.model,
         prompt=["The capital of France is", "1, 2, 3, 4,"],
-        max_tokens=6, temperature=0, logprobs=2,
+        max_tokens=6,
+        temperature=0,
+        logprobs=2,
     )
     assert reply.object == "text_completion"
     assert [c.index for c in reply.choices] == [0, 1]
@@ -155,7 +161,10 @@ def test_completions_stream(client: openai.OpenAI, gateway: Gateway) -> None:
     streamed = "".join(
         c.choices[0].text
         for c in client.completions.create(
-            model=gateway.model, prompt="Once upon a time", max_tokens=10, temperature=0,
+            model=gateway.model,
+            prompt="Once upon a time",
+            max_tokens=10,
+            temperature=0,
             stream=True,
         )
         if c.choices

@@ -177,9 +177,7 @@ class VllmEngine:
         on_cpu = not has_cuda()
         args = _engine_args(options, on_cpu)
         stats = EngineStats()
-        llm = _async_llm_class().from_engine_args(
-            args, stat_loggers=[_stat_logger_factory(stats)]
-        )
+        llm = _async_llm_class().from_engine_args(args, stat_loggers=[_stat_logger_factory(stats)])
         return cls(name, llm, stats)
 
     @property

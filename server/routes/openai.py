@@ -42,6 +42,7 @@ def _card(m: ServedModel) -> ModelCard:
         max_model_len=m.max_model_len,
         family=m.renderer.family,
         template=m.renderer.template_name,
+        template_fingerprint=m.renderer.fingerprint,
     )
 
 

@@ -1,0 +1,42 @@
+"""``POST /v1/render``: the exact prompt text and token ids a model would receive."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from server.chat import to_messages
+from server.errors import InvalidRequest
+from server.generation import template_headers
+from server.protocol import ERROR_RESPONSES, RenderRequest, RenderResponse
+from server.render import RenderError
+from server.routes.deps import RegistryDep
+
+router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
+
+
+@router.post("/render", response_model=RenderResponse)
+async def render(body: RenderRequest, request: Request, registry: RegistryDep) -> JSONResponse:
+    model = registry.get(body.model)
+    request.state.model = model.name
+    if (body.messages is None) == (body.prompt is None):
+        raise InvalidRequest("Send either `messages` or `prompt`.", param="messages")
+    renderer = model.renderer
+    try:
+        if body.messages is not None:
+            prompt = renderer.render_chat(to_messages(body.messages), quantile=body.quantile)
+        else:
+            prompt = renderer.render_text(body.prompt or "", quantile=body.quantile)
+    except RenderError as exc:
+        raise InvalidRequest(str(exc), param=exc.param) from exc
+    result = RenderResponse(
+        model=model.name,
+        family=renderer.family,
+        template=renderer.template_name,
+        template_fingerprint=renderer.fingerprint,
+        text=prompt.text,
+        token_ids=prompt.token_ids,
+        tokens=renderer.tokenizer.convert_ids_to_tokens(prompt.token_ids),
+        stop=list(renderer.stop),
+    )
+    return JSONResponse(result.model_dump(), headers=template_headers(model))
