@@ -28,7 +28,7 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            registry.start(entries, settings)
+            await registry.start(entries, settings)
         except BaseException:
             registry.shutdown()
             raise

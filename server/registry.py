@@ -7,6 +7,7 @@ Does not know: HTTP routes or response shapes.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -162,12 +163,17 @@ class Registry:
     def all(self) -> list[ServedModel]:
         return list(self._models.values())
 
-    def start(self, entries: list[ModelEntry], settings: Settings) -> None:
+    async def start(self, entries: list[ModelEntry], settings: Settings) -> None:
+        """Build every renderer, then start the engines side by side: each spends most of
+        its start-up in its own engine-core process, so they overlap well."""
         apply_cpu_defaults(settings.cpu_kv_cache_gib)
+        prepared = []
         for entry in entries:
             path = resolve_path(entry, settings)
+            prepared.append((entry, path, build_renderer(entry, path)))
+
+        def start_engine(entry: ModelEntry, path: str) -> VllmEngine:
             started = time.perf_counter()
-            renderer = build_renderer(entry, path)
             options = EngineOptions(
                 model_path=path,
                 max_model_len=entry.max_model_len,
@@ -176,8 +182,19 @@ class Registry:
                 extra={"trust_remote_code": entry.trust_remote_code, **entry.engine_args},
             )
             engine = VllmEngine.start(entry.name, options)
-            self.register(ServedModel(entry=entry, path=path, renderer=renderer, engine=engine))
-            log.info("Serving %s from %s (%.1f s)", entry.name, path, time.perf_counter() - started)
+            log.info("Engine for %s up in %.1f s", entry.name, time.perf_counter() - started)
+            return engine
+
+        results = await asyncio.gather(
+            *(asyncio.to_thread(start_engine, entry, path) for entry, path, _ in prepared),
+            return_exceptions=True,
+        )
+        for (entry, path, renderer), result in zip(prepared, results, strict=True):
+            if isinstance(result, VllmEngine):
+                self.register(ServedModel(entry=entry, path=path, renderer=renderer, engine=result))
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
 
     def shutdown(self) -> None:
         for model in self._models.values():

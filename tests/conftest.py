@@ -122,3 +122,15 @@ def tokenizer(default_model_path: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(default_model_path))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(default_model_path: Path) -> Path:
+    """Tiny random checkpoints of each family's architecture (built once per home)."""
+    from tests.tiny_checkpoints import build
+
+    root = TEST_HOME / "tiny"
+    root.mkdir(parents=True, exist_ok=True)
+    for kind in ("llama", "mistral", "gptj", "chat"):
+        build(default_model_path, root / kind, kind)
+    return root

@@ -1,0 +1,211 @@
+"""All four families served by one gateway through vLLM, on tiny random checkpoints of the
+real architectures (Llama/CUT, Mistral/KTO, GPT-J/Quark, chat-template/DPO)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from server.render import Message, Renderer
+from tests.conftest import REPO, TEST_HOME, Gateway, start_gateway, stop_gateway
+from tests.test_render import CAKE, TLDR, TULU_CAKE
+
+MODELS = {
+    "tiny-cut": ("llama", "cut", "alpaca.jinja"),
+    "tiny-kto": ("mistral", "kto", "tulu.jinja"),
+    "tiny-quark": ("gptj", "quark", "quark.jinja"),
+    "tiny-dpo": ("chat", "dpo", "checkpoint-chat-template"),
+}
+
+
+@pytest.fixture(scope="module")
+def models_file(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("families") / "models.yaml"
+    lines = ["models:"]
+    for name, (folder, family, _) in MODELS.items():
+        # Quark's family is left for the gateway to detect from the quantile tokens.
+        family_line = "" if family == "quark" else f", family: {family}"
+        lines.append(
+            f"  - {{name: {name}, path: {tiny_dir / folder}{family_line}, max_model_len: 1024}}"
+        )
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def families_gateway(
+    models_file: Path, test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    log_path = tmp_path_factory.mktemp("families-gateway") / "serve.log"
+    gw = start_gateway(["--config", str(models_file)], log_path, test_env)
+    yield gw
+    assert stop_gateway(gw) == 0, gw.log_tail()
+
+
+@pytest.fixture(scope="module")
+def client(families_gateway: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{families_gateway.url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_dir: Path) -> dict[str, Renderer]:
+    return {
+        name: Renderer.load(tiny_dir / folder, family_name=family)
+        for name, (folder, family, _) in MODELS.items()
+    }
+
+
+def conversation(name: str) -> list[dict[str, str]]:
+    if name == "tiny-quark":
+        return [{"role": "user", "content": TLDR}]
+    return [{"role": m.role, "content": m.content} for m in CAKE]
+
+
+def test_models_show_family_template_and_fingerprint(
+    client: openai.OpenAI, local: dict[str, Renderer]
+) -> None:
+    cards = {m.id: m.model_dump() for m in client.models.list().data}
+    assert set(cards) == set(MODELS)
+    for name, (_, family, template) in MODELS.items():
+        assert cards[name]["family"] == family
+        assert cards[name]["template"] == template
+        assert cards[name]["template_fingerprint"] == local[name].fingerprint
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_each_family_chats_through_vllm(
+    client: openai.OpenAI, local: dict[str, Renderer], name: str
+) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model=name, messages=conversation(name), max_tokens=8, temperature=0
+    )
+    reply = raw.parse()
+    assert raw.headers["x-aligngate-template"] == local[name].fingerprint
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens >= 1
+    messages = [Message(m["role"], m["content"]) for m in conversation(name)]
+    # The engine was given exactly the renderer's ids.
+    assert reply.usage.prompt_tokens == len(local[name].render_chat(messages).token_ids)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_render_endpoint_returns_the_exact_prompt(
+    families_gateway: Gateway, local: dict[str, Renderer], name: str
+) -> None:
+    response = httpx.post(
+        f"{families_gateway.url}/v1/render",
+        json={"model": name, "messages": conversation(name)},
+        timeout=30,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = local[name].render_chat(
+        [Message(m["role"], m["content"]) for m in conversation(name)]
+    )
+    assert body["text"] == expected.text
+    assert body["token_ids"] == expected.token_ids
+    assert body["template_fingerprint"] == local[name].fingerprint
+    if name == "tiny-kto":
+        assert body["text"] == TULU_CAKE
+        assert body["stop"] == ["<|user|>"]
+    if name == "tiny-quark":
+        assert body["tokens"][0] == "_QUANTILE_TOKEN_0_"
+
+
+def test_quark_multi_turn_is_400(families_gateway: Gateway) -> None:
+    response = httpx.post(
+        f"{families_gateway.url}/v1/chat/completions",
+        json={"model": "tiny-quark", "messages": conversation("tiny-cut")},
+        timeout=30,
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "messages"
+    assert "exactly one user message" in error["message"]
+
+
+def test_quantile_picks_the_reward_level(client: openai.OpenAI) -> None:
+    def first_logprob(quantile: int) -> tuple[float, int]:
+        reply = client.completions.create(
+            model="tiny-quark",
+            prompt=TLDR,
+            max_tokens=1,
+            temperature=0,
+            logprobs=1,
+            extra_body={"quantile": quantile},
+        )
+        return reply.choices[0].logprobs.token_logprobs[0], reply.usage.prompt_tokens
+
+    best, best_len = first_logprob(0)
+    worst, worst_len = first_logprob(4)
+    assert best_len == worst_len  # one quantile token either way
+    assert best != worst  # a different token id reached the engine
+
+
+def test_quantile_on_another_family_is_400(families_gateway: Gateway) -> None:
+    response = httpx.post(
+        f"{families_gateway.url}/v1/chat/completions",
+        json={"model": "tiny-kto", "messages": conversation("tiny-kto"), "quantile": 0},
+        timeout=30,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "quantile"
+
+
+def test_cli_render_prints_the_exact_format(
+    models_file: Path, tmp_path: Path, local: dict[str, Renderer]
+) -> None:
+    messages = tmp_path / "cake.json"
+    messages.write_text(json.dumps(conversation("tiny-kto")))
+    env = dict(os.environ, ALIGNGATE_HOME=str(TEST_HOME))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "render",
+            "--config",
+            str(models_file),
+            "--model",
+            "tiny-kto",
+            "--messages",
+            str(messages),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == TULU_CAKE
+    ids = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "render",
+            "--config",
+            str(models_file),
+            "--model",
+            "tiny-kto",
+            "--messages",
+            str(messages),
+            "--ids",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert ids.returncode == 0, ids.stderr
+    assert json.loads(ids.stdout) == local["tiny-kto"].render_chat(CAKE).token_ids
