@@ -15,8 +15,9 @@ from server import __version__
 from server.errors import install_error_handlers
 from server.metrics import GatewayMetrics, RequestMetricsMiddleware
 from server.registry import ModelEntry, Registry
-from server.routes import health, openai, render
+from server.routes import feedback, health, openai, render
 from server.settings import Settings
+from server.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +28,17 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = Store.open(
+            settings.store_url(),
+            on_commit=metrics.store_committed,
+            on_error=metrics.store_errors.inc,
+        )
+        app.state.store = store
         try:
             await registry.start(entries, settings)
         except BaseException:
             registry.shutdown()
+            store.close()
             raise
         metrics.watch_engines(
             lambda: [
@@ -48,6 +56,7 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
         finally:
             # Engines own processes; stop them here rather than at interpreter exit.
             registry.shutdown()
+            store.close()  # commits every queued record first
 
     app = FastAPI(title="aligngate", version=__version__, lifespan=lifespan)
     app.state.settings = settings
@@ -56,6 +65,7 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(render.router)
+    app.include_router(feedback.router)
     app.include_router(health.router)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

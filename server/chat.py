@@ -16,13 +16,16 @@ from fastapi.responses import Response, StreamingResponse
 from server.engine.types import TokenLogprob
 from server.errors import InvalidRequest
 from server.generation import (
+    ChoiceResult,
     ClientDisconnected,
     collect,
     engine_steps,
     ensure_healthy,
     merged,
     new_id,
+    record_completion,
     resolve_max_tokens,
+    should_store,
     sse,
     template_headers,
     tracker_for,
@@ -99,6 +102,22 @@ async def create_chat_completion(
     tracker.prompt_tokens = len(prompt.token_ids)
     steps = merged([engine_steps(model, request_id, prompt.token_ids, spec)])
     created = int(time.time())
+    storing = should_store(body.store, model)
+
+    def record(results: list[ChoiceResult]) -> None:
+        if storing:
+            record_completion(
+                request,
+                model,
+                completion_id=request_id,
+                endpoint="chat",
+                sent=[m.model_dump(exclude_none=True) for m in body.messages],
+                prompt_text=prompt.text,
+                spec=spec,
+                results=results,
+                tracker=tracker,
+                user=body.user,
+            )
 
     if body.stream:
         include_usage = body.include_usage()
@@ -121,9 +140,12 @@ async def create_chat_completion(
                     for i in range(body.n)
                 ]
             )
+            results = [ChoiceResult(index=i) for i in range(body.n)]
             async with contextlib.aclosing(steps):
                 async for _, deltas in steps:
                     tracker.saw(deltas)
+                    for d in deltas:
+                        results[d.index].add(d)
                     choices = [
                         ChatChunkChoice(
                             index=d.index,
@@ -136,6 +158,7 @@ async def create_chat_completion(
                     ]
                     if choices:
                         yield chunk(choices)
+            record(results)
             if include_usage:
                 yield chunk([], usage(tracker.prompt_tokens, tracker.completion_tokens))
 
@@ -151,6 +174,7 @@ async def create_chat_completion(
         return Response(status_code=499)
     finally:
         tracker.close()
+    record(results)
     completion_tokens = sum(len(r.token_ids) for r in results)
     return Response(
         ChatCompletion(

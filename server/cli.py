@@ -1,4 +1,4 @@
-"""The ``aligngate`` command line: serve, render, default-model.
+"""The ``aligngate`` command line: serve, render, export, default-model.
 
 Owns: argument parsing and logging set-up. Starting vLLM spawns processes, which is why
 everything runs under ``main()`` (the console script is the ``__main__`` guard).
@@ -113,6 +113,42 @@ def _cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
+    import os
+    import tempfile
+
+    from server.export import FORMATS
+    from server.feedback import parse_since
+    from server.store import Store
+
+    try:
+        since = parse_since(args.since)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    store = Store.open(settings.store_url())
+    try:
+        rows, records = store.export_rows(model=args.model, since=since)
+    finally:
+        store.close()
+    items = FORMATS[args.format](rows, records)
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written beside the target, then renamed: a reader never sees half a file.
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(items, f, ensure_ascii=False, indent=2)
+    os.replace(tmp, out)
+    log.info(
+        "wrote %d %s record(s) from %d feedback row(s) to %s",
+        len(items),
+        args.format,
+        len(rows),
+        out,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aligngate", description="Serving gateway for aligned checkpoints."
@@ -139,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--ids", action="store_true", help="print token ids instead of text")
     render.add_argument("--quantile", type=int, help="Quark: reward quantile (0 = best)")
     render.set_defaults(func=_cmd_render)
+
+    export = sub.add_parser("export", help="write stored feedback as training data")
+    export.add_argument(
+        "--format", required=True, choices=["cut", "kto", "trl-kto", "dpo", "quark"]
+    )
+    export.add_argument("--model", help="only this served model's feedback")
+    export.add_argument("--since", help="only feedback from this time on (ISO-8601 or epoch)")
+    export.add_argument("--out", type=Path, required=True, help="output JSON file")
+    export.set_defaults(func=_cmd_export)
 
     default = sub.add_parser(
         "default-model", help="convert the embedded SmolLM2 model once; print its folder"

@@ -16,13 +16,16 @@ from fastapi.responses import Response, StreamingResponse
 from server.engine.types import TokenLogprob
 from server.errors import InvalidRequest
 from server.generation import (
+    ChoiceResult,
     ClientDisconnected,
     collect,
     engine_steps,
     ensure_healthy,
     merged,
     new_id,
+    record_completion,
     resolve_max_tokens,
+    should_store,
     sse,
     template_headers,
     tracker_for,
@@ -96,6 +99,26 @@ async def create_completion(
     )
     created = int(time.time())
     n = body.n
+    storing = should_store(body.store, model)
+
+    def record(results: list[ChoiceResult]) -> None:
+        if storing:
+            several = len(prompts) > 1
+            record_completion(
+                request,
+                model,
+                completion_id=request_id,
+                endpoint="completions",
+                sent=body.prompt,
+                prompt_text=prompts[0].text,
+                spec=spec,
+                results=results,
+                tracker=tracker,
+                user=body.user,
+                choice_prompts=[prompts[i // n].text for i in range(len(results))]
+                if several
+                else None,
+            )
 
     def echo_text(prompt_index: int) -> str:
         return prompts[prompt_index].text if body.echo else ""
@@ -106,12 +129,14 @@ async def create_completion(
         async def chunks() -> AsyncGenerator[Completion]:
             started: set[int] = set()
             offsets: dict[int, int] = {}
+            results = [ChoiceResult(index=i) for i in range(len(prompts) * n)]
             async with contextlib.aclosing(steps):
                 async for prompt_index, deltas in steps:
                     tracker.saw(deltas)
                     choices = []
                     for d in deltas:
                         index = prompt_index * n + d.index
+                        results[index].add(d)
                         text = d.text
                         if index not in started:
                             started.add(index)
@@ -132,6 +157,7 @@ async def create_completion(
                         yield Completion(
                             id=request_id, created=created, model=model.name, choices=choices
                         )
+            record(results)
             if include_usage:
                 yield Completion(
                     id=request_id,
@@ -153,6 +179,7 @@ async def create_completion(
         return Response(status_code=499)
     finally:
         tracker.close()
+    record(results)
     choices = []
     for r in results:
         prefix = echo_text(r.index // n)

@@ -51,6 +51,24 @@ class ModelNotFound(GatewayError):
         super().__init__(f"The model `{model}` does not exist.", param="model")
 
 
+class NotFound(GatewayError):
+    status_code = 404
+    error_type = "not_found_error"
+
+
+class IdempotencyConflict(GatewayError):
+    """The idempotency key was used before with a different payload."""
+
+    status_code = 422
+    code = "idempotency_key_reused"
+
+
+class StoreUnavailable(GatewayError):
+    status_code = 503
+    error_type = "server_error"
+    code = "store_unavailable"
+
+
 class EngineUnavailable(GatewayError):
     status_code = 503
     error_type = "server_error"
@@ -95,7 +113,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "Invalid request.", None
     first = errors[0]
     param = _validation_param(tuple(first.get("loc", ())))
-    msg = str(first.get("msg", "invalid value"))
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return "The request body is not valid JSON.", None
     if first.get("type") == "extra_forbidden":

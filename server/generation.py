@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -31,6 +32,7 @@ from server.errors import (
 from server.metrics import GatewayMetrics
 from server.protocol import Usage
 from server.registry import ServedModel
+from server.store import ChoiceRecord, CompletionRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +141,61 @@ def tracker_for(request: Request, model: ServedModel, endpoint: str) -> Tracker:
     metrics: GatewayMetrics = request.app.state.metrics
     received_at = getattr(request.state, "received_at", time.perf_counter())
     return Tracker(model.name, endpoint, metrics, received_at)
+
+
+def should_store(requested: bool | None, model: ServedModel) -> bool:
+    return model.entry.store if requested is None else requested
+
+
+def record_completion(
+    request: Request,
+    model: ServedModel,
+    *,
+    completion_id: str,
+    endpoint: str,
+    sent: Any,
+    prompt_text: str,
+    spec: SamplingSpec,
+    results: list[ChoiceResult],
+    tracker: Tracker,
+    user: str | None,
+    choice_prompts: list[str] | None = None,
+) -> None:
+    """Queue the completion for the store; never delays or fails the response."""
+    store: Store | None = getattr(request.app.state, "store", None)
+    if store is None:
+        return
+    try:
+        store.record_completion(
+            CompletionRecord(
+                id=completion_id,
+                created_at=time.time(),
+                endpoint=endpoint,
+                model=model.name,
+                family=model.renderer.family,
+                template_fingerprint=model.renderer.fingerprint,
+                request=sent,
+                prompt_text=prompt_text,
+                sampling=dataclasses.asdict(spec),
+                choices=[
+                    ChoiceRecord(
+                        r.index,
+                        r.text,
+                        r.finish_reason,
+                        choice_prompts[r.index] if choice_prompts else None,
+                    )
+                    for r in results
+                ],
+                prompt_tokens=tracker.prompt_tokens,
+                completion_tokens=sum(len(r.token_ids) for r in results),
+                latency_ms=(time.perf_counter() - tracker.received_at) * 1000,
+                key_id=getattr(request.state, "key_id", None),
+                user=user,
+            )
+        )
+    except Exception:
+        log.exception("Could not queue completion %s for the store", completion_id)
+        tracker.metrics.store_errors.inc()
 
 
 def ensure_healthy(model: ServedModel) -> None:

@@ -60,6 +60,29 @@ class GatewayMetrics:
             registry=r,
         )
 
+        self.feedback = Counter(
+            "aligngate_feedback",
+            "Feedback stored, by model and label.",
+            ["model", "label"],
+            registry=r,
+        )
+        self.store_write_latency = Histogram(
+            "aligngate_store_commit_seconds",
+            "Time of one group commit to the store.",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=r,
+        )
+        self.store_writes = Counter(
+            "aligngate_store_writes", "Writes committed to the store.", registry=r
+        )
+        self.store_errors = Counter(
+            "aligngate_store_errors", "Store writes or reads that failed.", registry=r
+        )
+
+    def store_committed(self, seconds: float, writes: int) -> None:
+        self.store_write_latency.observe(seconds)
+        self.store_writes.inc(writes)
+
     def watch_engines(self, read: Callable[[], list[tuple[str, int, int, int]]]) -> None:
         """Expose per-model engine gauges read at scrape time: (model, running, waiting,
         unfinished) where unfinished counts requests the engine still tracks."""

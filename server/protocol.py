@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from server.engine.types import SamplingSpec
 from server.families import FamilySpec
@@ -146,6 +146,100 @@ class CompletionRequest(_SamplingFields):
         if isinstance(value, list) and any(isinstance(p, list) and not p for p in value):
             raise ValueError("token-id prompts must not be empty")
         return value
+
+
+MAX_JUDGMENT_CHARS = 8000
+
+
+class FeedbackRequest(_Strict):
+    """Feedback on one choice of a stored completion: a judgment (CUT), a rating, a label
+    (KTO) and/or a preference over another completion of the same prompt (DPO)."""
+
+    completion_id: str = Field(min_length=1, max_length=64)
+    choice_index: int = Field(default=0, ge=0, le=1024)
+    judgment: str | None = None
+    # -1 / +1 (thumbs) or 1-5 (stars). 1 alone reads as thumbs-up; a 1-star rating says
+    # rating_scale "stars".
+    rating: Literal[-1, 1, 2, 3, 4, 5] | None = None
+    rating_scale: Literal["thumbs", "stars"] | None = None
+    label: Literal["desirable", "undesirable"] | None = None
+    preferred_over: str | None = Field(default=None, min_length=1, max_length=64)
+    annotator: str | None = Field(default=None, min_length=1, max_length=256)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @field_validator("judgment")
+    @classmethod
+    def _check_judgment(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("judgment must not be empty")
+        if len(value) > MAX_JUDGMENT_CHARS:
+            raise ValueError(f"judgment is longer than {MAX_JUDGMENT_CHARS} characters")
+        return value
+
+    @model_validator(mode="after")
+    def _check_signal(self) -> FeedbackRequest:
+        if all(v is None for v in (self.judgment, self.rating, self.label, self.preferred_over)):
+            raise ValueError("give at least one of judgment, rating, label, preferred_over")
+        if self.rating is None:
+            if self.rating_scale is not None:
+                raise ValueError("rating_scale needs a rating")
+        elif self.rating_scale is None:
+            self.rating_scale = "thumbs" if self.rating in (-1, 1) else "stars"
+        elif self.rating_scale == "thumbs" and self.rating not in (-1, 1):
+            raise ValueError("a thumbs rating is -1 or 1")
+        elif self.rating_scale == "stars" and self.rating < 1:
+            raise ValueError("a stars rating is 1 to 5")
+        return self
+
+
+class FeedbackPublic(BaseModel):
+    id: str
+    object: Literal["feedback"] = "feedback"
+    created_at: float
+    completion_id: str
+    choice_index: int
+    model: str
+    judgment: str | None
+    rating: int | None
+    rating_scale: str | None
+    label: str | None
+    preferred_over: str | None
+    annotator: str | None
+    reviewed: bool
+
+
+class FeedbackList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FeedbackPublic]
+    has_more: bool
+    next_cursor: str | None
+
+
+class StoredChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+
+
+class StoredCompletion(BaseModel):
+    id: str
+    object: Literal["stored_completion"] = "stored_completion"
+    created_at: float
+    endpoint: str
+    model: str
+    family: str
+    template_fingerprint: str
+    request: Any
+    prompt_text: str
+    sampling: dict[str, Any]
+    choices: list[StoredChoice]
+    usage: Usage
+    latency_ms: float
+    status: str
+    user: str | None
+    feedback: list[FeedbackPublic]
 
 
 # ---- responses -------------------------------------------------------------------------
@@ -294,3 +388,6 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 404, 500, 503)
 }
+
+
+StoredCompletion.model_rebuild()

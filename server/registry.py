@@ -51,6 +51,8 @@ class ModelEntry(BaseModel):
     dtype: str = "auto"
     seed: int = 0
     trust_remote_code: bool = False
+    # Record this model's completions in the store (a request's `store` field overrides).
+    store: bool = False
     engine_args: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("engine_args")
@@ -100,7 +102,9 @@ def load_models_file(path: Path) -> list[ModelEntry]:
 
 
 def default_entries() -> list[ModelEntry]:
-    return [ModelEntry(name=DEFAULT_MODEL_NAME, path=BUILTIN_DEFAULT, max_model_len=8192)]
+    return [
+        ModelEntry(name=DEFAULT_MODEL_NAME, path=BUILTIN_DEFAULT, max_model_len=8192, store=True)
+    ]
 
 
 def resolve_path(entry: ModelEntry, settings: Settings) -> str:

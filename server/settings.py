@@ -26,7 +26,13 @@ class Settings(BaseSettings):
     # KV cache per engine on CPU, in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: int = Field(default=2, ge=1, le=64)
     log_level: str = "info"
+    # SQLAlchemy URL of the store; default: SQLite at <home>/aligngate.db.
+    # PostgreSQL: postgresql+psycopg://user:password@127.0.0.1:5432/aligngate
+    database_url: str | None = None
 
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    def store_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'aligngate.db'}"

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 
 from server.metrics import GatewayMetrics
 from server.registry import Registry
+from server.store import Store
 
 
 def get_registry(request: Request) -> Registry:
@@ -18,5 +19,10 @@ def get_metrics(request: Request) -> GatewayMetrics:
     return request.app.state.metrics
 
 
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
 RegistryDep = Annotated[Registry, Depends(get_registry)]
+StoreDep = Annotated[Store, Depends(get_store)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]

@@ -1,0 +1,120 @@
+"""Rows of the store as plain data (no SQL, no HTTP)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ANONYMOUS_KEY = "anonymous"
+
+
+@dataclass(frozen=True, slots=True)
+class ChoiceRecord:
+    index: int
+    text: str
+    finish_reason: str | None
+    # Only for a completions request with several prompts: this choice's own prompt.
+    prompt_text: str | None = None
+
+
+@dataclass(slots=True)
+class CompletionRecord:
+    id: str
+    created_at: float
+    endpoint: str  # "chat" | "completions"
+    model: str
+    family: str
+    template_fingerprint: str
+    request: Any  # the messages (chat) or the prompt (completions), as sent
+    prompt_text: str
+    sampling: dict[str, Any]
+    choices: list[ChoiceRecord]
+    prompt_tokens: int
+    completion_tokens: int
+    latency_ms: float
+    status: str = "finished"
+    adapter: str | None = None
+    key_id: str | None = None
+    user: str | None = None
+
+    def prompt_of(self, choice_index: int) -> str:
+        choice = self.choices[choice_index]
+        return choice.prompt_text if choice.prompt_text is not None else self.prompt_text
+
+    def row(self) -> dict[str, Any]:
+        values = asdict(self)
+        values["choices"] = [asdict(c) for c in self.choices]
+        return values
+
+    @classmethod
+    def from_row(cls, row: Any) -> CompletionRecord:
+        values = dict(row._mapping)
+        values["choices"] = [ChoiceRecord(**c) for c in values["choices"]]
+        return cls(**values)
+
+
+@dataclass(slots=True)
+class FeedbackCreate:
+    completion_id: str
+    choice_index: int = 0
+    judgment: str | None = None
+    rating: int | None = None
+    rating_scale: str | None = None  # "thumbs" | "stars"
+    label: str | None = None  # "desirable" | "undesirable"
+    preferred_over: str | None = None
+    annotator: str | None = None
+    idempotency_key: str | None = None
+    key_id: str = ANONYMOUS_KEY
+
+    def payload(self) -> dict[str, Any]:
+        """What an idempotent replay must repeat exactly."""
+        values = asdict(self)
+        values.pop("idempotency_key")
+        values.pop("key_id")
+        return values
+
+
+@dataclass(slots=True)
+class FeedbackRow:
+    id: str
+    created_at: float
+    completion_id: str
+    choice_index: int
+    model: str
+    judgment: str | None
+    rating: int | None
+    rating_scale: str | None
+    label: str | None
+    preferred_over: str | None
+    annotator: str | None
+    key_id: str
+    idempotency_key: str | None
+    payload_hash: str
+    reviewed: bool = False
+
+    @classmethod
+    def from_row(cls, row: Any) -> FeedbackRow:
+        return cls(**dict(row._mapping))
+
+    def reward(self) -> float | None:
+        """The rating on [0, 1] (thumbs: 0 or 1; stars: (r - 1) / 4), else the label's."""
+        if self.rating is not None:
+            if self.rating_scale == "thumbs":
+                return 1.0 if self.rating > 0 else 0.0
+            return (self.rating - 1) / 4
+        if self.label is not None:
+            return 1.0 if self.label == "desirable" else 0.0
+        return None
+
+    def polarity(self) -> bool | None:
+        """True: desirable, False: undesirable, None: neutral or no such signal.
+
+        The label wins; then the rating; a judgment alone is a reason to reject (CUT)."""
+        if self.label is not None:
+            return self.label == "desirable"
+        reward = self.reward()
+        if reward is not None:
+            return None if reward == 0.5 else reward > 0.5
+        if self.judgment:
+            return False
+        return None

@@ -1,0 +1,290 @@
+"""The store's operations: completion records, feedback, listings and export reads.
+
+Owns: every SQL statement of the project. Writes go through the group-commit writer;
+reads run on their own connections in worker threads.
+Does not know: engines, templates, HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, or_, select
+
+from server.errors import IdempotencyConflict, InvalidRequest, NotFound, StoreUnavailable
+from server.store.database import migrate, open_engine
+from server.store.records import CompletionRecord, FeedbackCreate, FeedbackRow
+from server.store.schema import completions, feedback
+from server.store.writer import GroupCommitWriter
+
+log = logging.getLogger(__name__)
+
+
+def _payload_hash(fb: FeedbackCreate) -> str:
+    blob = json.dumps(fb.payload(), sort_keys=True, ensure_ascii=False).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def encode_cursor(created_at: float, row_id: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps([created_at, row_id]).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        created_at, row_id = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return float(created_at), str(row_id)
+    except (ValueError, TypeError) as exc:
+        raise InvalidRequest("invalid cursor", param="after") from exc
+
+
+class Store:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        on_commit: Callable[[float, int], None] | None = None,
+        on_error: Callable[[], None] | None = None,
+    ):
+        self.engine = engine
+        self._on_error = on_error or (lambda: None)
+        self._writer = GroupCommitWriter(engine, on_commit=on_commit, on_error=on_error)
+
+    @classmethod
+    def open(cls, url: str, **callbacks: Any) -> Store:
+        engine = open_engine(url)
+        migrate(engine)
+        return cls(engine, **callbacks)
+
+    def close(self) -> None:
+        self._writer.close()
+        self.engine.dispose()
+
+    # ---- completions --------------------------------------------------------------------
+
+    def record_completion(self, record: CompletionRecord) -> Future[None]:
+        """Queue a completion record; never raises (a failure is logged and counted)."""
+        values = record.row()
+
+        def write(conn: Connection) -> None:
+            conn.execute(completions.insert().values(**values))
+
+        future = self._writer.submit(write)
+
+        def report(done: Future[None]) -> None:
+            if done.exception() is not None:
+                log.error("Could not store completion %s: %s", record.id, done.exception())
+                self._on_error()
+
+        future.add_done_callback(report)
+        return future
+
+    async def get_completion(
+        self, completion_id: str
+    ) -> tuple[CompletionRecord, list[FeedbackRow]]:
+        def read() -> tuple[CompletionRecord, list[FeedbackRow]] | None:
+            with self.engine.connect() as conn:
+                row = conn.execute(
+                    select(completions).where(completions.c.id == completion_id)
+                ).first()
+                if row is None:
+                    return None
+                rows = conn.execute(
+                    select(feedback)
+                    .where(feedback.c.completion_id == completion_id)
+                    .order_by(feedback.c.created_at, feedback.c.id)
+                ).all()
+                return CompletionRecord.from_row(row), [FeedbackRow.from_row(r) for r in rows]
+
+        result = await self._read(read)
+        if result is None:
+            raise NotFound(f"No stored completion `{completion_id}`.", param="completion_id")
+        return result
+
+    # ---- feedback -----------------------------------------------------------------------
+
+    async def add_feedback(self, fb: FeedbackCreate) -> tuple[FeedbackRow, bool]:
+        """Store feedback durably; returns (row, created). A replay of the same idempotency
+        key with the same payload returns the stored row with created=False."""
+        digest = _payload_hash(fb)
+
+        def write(conn: Connection) -> tuple[FeedbackRow, bool]:
+            if fb.idempotency_key is not None:
+                existing = conn.execute(
+                    select(feedback).where(
+                        feedback.c.key_id == fb.key_id,
+                        feedback.c.idempotency_key == fb.idempotency_key,
+                    )
+                ).first()
+                if existing is not None:
+                    row = FeedbackRow.from_row(existing)
+                    if row.payload_hash != digest:
+                        raise IdempotencyConflict(
+                            "This idempotency_key was already used with a different payload.",
+                            param="idempotency_key",
+                        )
+                    return row, False
+            target = conn.execute(
+                select(completions.c.model, completions.c.choices, completions.c.prompt_text).where(
+                    completions.c.id == fb.completion_id
+                )
+            ).first()
+            if target is None:
+                raise NotFound(f"No stored completion `{fb.completion_id}`.", param="completion_id")
+            if fb.choice_index >= len(target.choices):
+                raise InvalidRequest(
+                    f"choice_index {fb.choice_index} is out of range: completion "
+                    f"`{fb.completion_id}` has {len(target.choices)} choice(s).",
+                    param="choice_index",
+                )
+            if fb.preferred_over is not None:
+                other = conn.execute(
+                    select(completions.c.model, completions.c.prompt_text).where(
+                        completions.c.id == fb.preferred_over
+                    )
+                ).first()
+                if other is None:
+                    raise NotFound(
+                        f"No stored completion `{fb.preferred_over}`.", param="preferred_over"
+                    )
+                if fb.preferred_over == fb.completion_id:
+                    raise InvalidRequest(
+                        "A completion cannot be preferred over itself.", param="preferred_over"
+                    )
+                if (other.model, other.prompt_text) != (target.model, target.prompt_text):
+                    raise InvalidRequest(
+                        "preferred_over must name a completion of the same model and prompt.",
+                        param="preferred_over",
+                    )
+            row = FeedbackRow(
+                id=f"fb-{uuid.uuid4().hex}",
+                created_at=time.time(),
+                completion_id=fb.completion_id,
+                choice_index=fb.choice_index,
+                model=target.model,
+                judgment=fb.judgment,
+                rating=fb.rating,
+                rating_scale=fb.rating_scale,
+                label=fb.label,
+                preferred_over=fb.preferred_over,
+                annotator=fb.annotator,
+                key_id=fb.key_id,
+                idempotency_key=fb.idempotency_key,
+                payload_hash=digest,
+            )
+            conn.execute(feedback.insert().values(**_feedback_values(row)))
+            return row, True
+
+        future = self._writer.submit(write)
+        try:
+            return await asyncio.wrap_future(future)
+        except (IdempotencyConflict, NotFound, InvalidRequest):
+            raise
+        except Exception as exc:
+            raise StoreUnavailable(
+                "The feedback store is unavailable; nothing was stored."
+            ) from exc
+
+    async def list_feedback(
+        self,
+        *,
+        model: str | None = None,
+        label: str | None = None,
+        since: float | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> tuple[list[FeedbackRow], str | None]:
+        """Oldest first; ``after`` is the cursor returned by the previous page."""
+        conditions = []
+        if model is not None:
+            conditions.append(feedback.c.model == model)
+        if label is not None:
+            conditions.append(feedback.c.label == label)
+        if since is not None:
+            conditions.append(feedback.c.created_at >= since)
+        if after is not None:
+            at, row_id = decode_cursor(after)
+            conditions.append(
+                or_(
+                    feedback.c.created_at > at,
+                    and_(feedback.c.created_at == at, feedback.c.id > row_id),
+                )
+            )
+        query = (
+            select(feedback)
+            .where(*conditions)
+            .order_by(feedback.c.created_at, feedback.c.id)
+            .limit(limit + 1)
+        )
+
+        def read() -> list[FeedbackRow]:
+            with self.engine.connect() as conn:
+                return [FeedbackRow.from_row(r) for r in conn.execute(query).all()]
+
+        rows = await self._read(read)
+        if len(rows) > limit:
+            rows = rows[:limit]
+            return rows, encode_cursor(rows[-1].created_at, rows[-1].id)
+        return rows, None
+
+    # ---- export reads (synchronous: the CLI and background jobs use them) -------------------
+
+    def export_rows(
+        self, *, model: str | None = None, since: float | None = None
+    ) -> tuple[list[FeedbackRow], dict[str, CompletionRecord]]:
+        """Feedback (oldest first) and every completion it names, for exports."""
+        conditions = []
+        if model is not None:
+            conditions.append(feedback.c.model == model)
+        if since is not None:
+            conditions.append(feedback.c.created_at >= since)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(feedback).where(*conditions).order_by(feedback.c.created_at, feedback.c.id)
+            ).all()
+            fbs = [FeedbackRow.from_row(r) for r in rows]
+            ids = sorted(
+                {f.completion_id for f in fbs} | {f.preferred_over for f in fbs if f.preferred_over}
+            )
+            records: dict[str, CompletionRecord] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                for r in conn.execute(select(completions).where(completions.c.id.in_(chunk))):
+                    records[r.id] = CompletionRecord.from_row(r)
+        return fbs, records
+
+    async def _read(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return await asyncio.to_thread(fn)
+        except Exception as exc:
+            log.exception("Store read failed")
+            self._on_error()
+            raise StoreUnavailable("The store is unavailable.") from exc
+
+
+def _feedback_values(row: FeedbackRow) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "created_at": row.created_at,
+        "completion_id": row.completion_id,
+        "choice_index": row.choice_index,
+        "model": row.model,
+        "judgment": row.judgment,
+        "rating": row.rating,
+        "rating_scale": row.rating_scale,
+        "label": row.label,
+        "preferred_over": row.preferred_over,
+        "annotator": row.annotator,
+        "key_id": row.key_id,
+        "idempotency_key": row.idempotency_key,
+        "payload_hash": row.payload_hash,
+        "reviewed": row.reviewed,
+    }
