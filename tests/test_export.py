@@ -1,0 +1,182 @@
+"""Training-data formats from feedback rows, field by field (no database needed)."""
+
+from __future__ import annotations
+
+import time
+
+from server.export import assign_quantiles, to_cut, to_dpo, to_kto, to_quark, to_trl_kto
+from server.store import ChoiceRecord, CompletionRecord, FeedbackRow
+
+PROMPT_TEXT = "<|im_start|>user\nName the capital of Australia.<|im_end|>\n<|im_start|>assistant\n"
+
+
+def record(cid: str, answers: list[str], *, endpoint: str = "chat") -> CompletionRecord:
+    request = (
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name the capital of Australia."},
+        ]
+        if endpoint == "chat"
+        else "Name the capital of Australia."
+    )
+    return CompletionRecord(
+        id=cid,
+        created_at=time.time(),
+        endpoint=endpoint,
+        model="m",
+        family="chat",
+        template_fingerprint="f",
+        request=request,
+        prompt_text=PROMPT_TEXT,
+        sampling={},
+        choices=[ChoiceRecord(i, a, "stop") for i, a in enumerate(answers)],
+        prompt_tokens=10,
+        completion_tokens=5,
+        latency_ms=1.0,
+    )
+
+
+def fb(cid: str, index: int = 0, **fields: object) -> FeedbackRow:
+    values: dict = dict(
+        id=f"fb-{cid}-{index}-{len(fields)}",
+        created_at=time.time(),
+        completion_id=cid,
+        choice_index=index,
+        model="m",
+        judgment=None,
+        rating=None,
+        rating_scale=None,
+        label=None,
+        preferred_over=None,
+        annotator=None,
+        key_id="k",
+        idempotency_key=None,
+        payload_hash="h",
+    )
+    values.update(fields)
+    return FeedbackRow(**values)
+
+
+RECORDS = {
+    "a": record("a", ["Sydney.", "Canberra."]),
+    "b": record("b", ["Melbourne."]),
+    "c": record("c", ["Canberra is the capital."], endpoint="completions"),
+}
+
+
+def test_cut_format_matches_the_cut_repo() -> None:
+    rows = [
+        fb("a", 0, judgment="Wrong: the capital of Australia is Canberra, not Sydney."),
+        fb("a", 1, rating=1, rating_scale="thumbs"),  # judged fine, no words
+        fb("b", 0, rating=-1, rating_scale="thumbs"),  # thumbs-down, no words: skipped
+        fb("c", 0, label="desirable", judgment="Correct and concise."),
+    ]
+    assert to_cut(rows, RECORDS) == [
+        {
+            "id": 0,
+            "instruction": "Name the capital of Australia.",
+            "input": "",
+            "output": "Sydney.",
+            "judgment": "Wrong: the capital of Australia is Canberra, not Sydney.",
+        },
+        {
+            "id": 1,
+            "instruction": "Name the capital of Australia.",
+            "input": "",
+            "output": "Canberra.",
+            "judgment": None,
+        },
+        {
+            "id": 2,
+            "instruction": "Name the capital of Australia.",
+            "input": "",
+            "output": "Canberra is the capital.",
+            "judgment": None,
+        },
+    ]
+
+
+def test_kto_binary_feedback_records() -> None:
+    rows = [
+        fb("a", 0, label="undesirable"),
+        fb("a", 1, rating=5, rating_scale="stars"),
+        fb("b", 0, rating=3, rating_scale="stars"),
+    ]  # neutral: skipped
+    out = to_kto(rows, RECORDS)
+    assert len(out) == 2
+    first = out[0]
+    assert set(first) == {"prompt_id", "prompt", "output", "label", "reward", "type", "split"}
+    assert first["prompt"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Name the capital of Australia."},
+    ]
+    assert first["output"] == [{"role": "assistant", "content": "Sydney."}]
+    assert (first["label"], first["reward"], first["type"], first["split"]) == (
+        0,
+        0.0,
+        "binary_feedback",
+        "train",
+    )
+    assert (out[1]["label"], out[1]["reward"]) == (1, 1.0)
+    assert out[0]["prompt_id"] == out[1]["prompt_id"]  # same prompt
+
+
+def test_trl_kto_uses_the_rendered_prompt() -> None:
+    out = to_trl_kto([fb("a", 1, label="desirable"), fb("a", 0, judgment="wrong")], RECORDS)
+    assert out == [
+        {"prompt": PROMPT_TEXT, "completion": "Canberra.", "label": True},
+        {"prompt": PROMPT_TEXT, "completion": "Sydney.", "label": False},
+    ]
+
+
+def test_dpo_pairs_from_preferences_and_from_rated_choices() -> None:
+    rows = [
+        fb("b", 0, preferred_over="a"),
+        fb("a", 0, rating=2, rating_scale="stars"),
+        fb("a", 1, rating=5, rating_scale="stars"),
+    ]
+    assert to_dpo(rows, RECORDS) == [
+        {"prompt": PROMPT_TEXT, "chosen": "Melbourne.", "rejected": "Sydney."},
+        {"prompt": PROMPT_TEXT, "chosen": "Canberra.", "rejected": "Sydney."},
+    ]
+
+
+def test_quantiles_per_prompt() -> None:
+    assert assign_quantiles([0.1, 0.9, 0.5, 0.3, 0.7]) == [4, 0, 2, 3, 1]
+    # 12 generations: groups of 2, the remainder (2 more) to the last quantile.
+    rewards = [float(r) for r in range(12)]
+    q = assign_quantiles(rewards)
+    assert [q[i] for i in sorted(range(12), key=lambda i: -rewards[i])] == [
+        0,
+        0,
+        1,
+        1,
+        2,
+        2,
+        3,
+        3,
+        4,
+        4,
+        4,
+        4,
+    ]
+    assert assign_quantiles([0.2, 0.8]) == [1, 0]  # fewer than K: by rank
+
+
+def test_quark_records() -> None:
+    rows = [fb("a", 0, rating=1, rating_scale="stars"), fb("a", 1, rating=5, rating_scale="stars")]
+    out = to_quark(rows, RECORDS)
+    assert out == [
+        {
+            "prompt": "Name the capital of Australia.",
+            "generation": "Sydney.",
+            "reward": 0.0,
+            "quantile_token": "_QUANTILE_TOKEN_1_",
+        },
+        {
+            "prompt": "Name the capital of Australia.",
+            "generation": "Canberra.",
+            "reward": 1.0,
+            "quantile_token": "_QUANTILE_TOKEN_0_",
+        },
+    ]

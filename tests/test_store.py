@@ -1,0 +1,185 @@
+"""The store, on SQLite and on a real PostgreSQL server: records, feedback, idempotency,
+validation against stored completions, pagination, concurrency, migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from server.errors import IdempotencyConflict, InvalidRequest, NotFound
+from server.store import ChoiceRecord, CompletionRecord, FeedbackCreate, Store
+from server.store.database import migrate
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[Store]:
+    s = Store.open(store_url)
+    yield s
+    s.close()
+
+
+def completion(cid: str, prompt: str = "P", model: str = "m", n: int = 1) -> CompletionRecord:
+    return CompletionRecord(
+        id=cid,
+        created_at=time.time(),
+        endpoint="chat",
+        model=model,
+        family="chat",
+        template_fingerprint="f" * 16,
+        request=[{"role": "user", "content": prompt}],
+        prompt_text=f"<user>{prompt}<assistant>",
+        sampling={"temperature": 0.0},
+        choices=[ChoiceRecord(i, f"answer {i} to {prompt}", "stop") for i in range(n)],
+        prompt_tokens=5,
+        completion_tokens=3 * n,
+        latency_ms=12.5,
+    )
+
+
+async def test_completion_round_trip(store: Store) -> None:
+    store.record_completion(completion("c1", n=2)).result(timeout=10)
+    record, feedback = await store.get_completion("c1")
+    assert record.request == [{"role": "user", "content": "P"}]
+    assert [c.text for c in record.choices] == ["answer 0 to P", "answer 1 to P"]
+    assert record.sampling == {"temperature": 0.0}
+    assert feedback == []
+    with pytest.raises(NotFound):
+        await store.get_completion("missing")
+
+
+async def test_feedback_is_stored_and_shown_with_its_completion(store: Store) -> None:
+    store.record_completion(completion("c1")).result(timeout=10)
+    row, created = await store.add_feedback(
+        FeedbackCreate(completion_id="c1", judgment="Too vague.", annotator="ann-1")
+    )
+    assert created and row.id.startswith("fb-") and row.model == "m"
+    _, feedback = await store.get_completion("c1")
+    assert [(f.id, f.judgment, f.annotator) for f in feedback] == [(row.id, "Too vague.", "ann-1")]
+
+
+async def test_idempotency(store: Store) -> None:
+    store.record_completion(completion("c1")).result(timeout=10)
+    fb = FeedbackCreate(completion_id="c1", rating=5, rating_scale="stars", idempotency_key="k")
+    first, created = await store.add_feedback(fb)
+    again, created_again = await store.add_feedback(fb)
+    assert created and not created_again and again.id == first.id
+    with pytest.raises(IdempotencyConflict):
+        await store.add_feedback(
+            FeedbackCreate(completion_id="c1", rating=1, rating_scale="stars", idempotency_key="k")
+        )
+    # The same key under another API key is another record.
+    other, created_other = await store.add_feedback(
+        FeedbackCreate(
+            completion_id="c1", rating=5, rating_scale="stars", idempotency_key="k", key_id="key-2"
+        )
+    )
+    assert created_other and other.id != first.id
+    rows, _ = await store.list_feedback()
+    assert len(rows) == 2
+
+
+async def test_concurrent_duplicates_store_one_row(store: Store) -> None:
+    store.record_completion(completion("c1")).result(timeout=10)
+    fb = FeedbackCreate(completion_id="c1", label="desirable", idempotency_key="same")
+    results = await asyncio.gather(*(store.add_feedback(fb) for _ in range(20)))
+    assert len({row.id for row, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+
+
+async def test_feedback_is_checked_against_the_stored_completion(store: Store) -> None:
+    store.record_completion(completion("c1", prompt="A")).result(timeout=10)
+    store.record_completion(completion("c2", prompt="A")).result(timeout=10)
+    store.record_completion(completion("c3", prompt="B")).result(timeout=10)
+    with pytest.raises(NotFound) as missing:
+        await store.add_feedback(FeedbackCreate(completion_id="nope", rating=1))
+    assert missing.value.param == "completion_id"
+    with pytest.raises(InvalidRequest) as out_of_range:
+        await store.add_feedback(FeedbackCreate(completion_id="c1", choice_index=1, rating=1))
+    assert out_of_range.value.param == "choice_index"
+    with pytest.raises(InvalidRequest, match="same model and prompt"):
+        await store.add_feedback(FeedbackCreate(completion_id="c1", preferred_over="c3"))
+    with pytest.raises(NotFound):
+        await store.add_feedback(FeedbackCreate(completion_id="c1", preferred_over="nope"))
+    with pytest.raises(InvalidRequest, match="itself"):
+        await store.add_feedback(FeedbackCreate(completion_id="c1", preferred_over="c1"))
+    row, _ = await store.add_feedback(FeedbackCreate(completion_id="c1", preferred_over="c2"))
+    assert row.preferred_over == "c2"
+    # Refused feedback left nothing behind.
+    rows, _ = await store.list_feedback()
+    assert [r.id for r in rows] == [row.id]
+
+
+async def test_listing_filters_and_cursor_pagination(store: Store) -> None:
+    store.record_completion(completion("c1", model="a")).result(timeout=10)
+    store.record_completion(completion("c2", model="b")).result(timeout=10)
+    ids = []
+    for i in range(7):
+        row, _ = await store.add_feedback(
+            FeedbackCreate(
+                completion_id="c1" if i % 2 == 0 else "c2",
+                label="desirable" if i < 5 else "undesirable",
+            )
+        )
+        ids.append(row.id)
+    pages, cursor = [], None
+    while True:
+        rows, cursor = await store.list_feedback(limit=3, after=cursor)
+        pages.append([r.id for r in rows])
+        if cursor is None:
+            break
+    assert [len(p) for p in pages] == [3, 3, 1]
+    assert [i for p in pages for i in p] == ids  # oldest first, nothing lost or repeated
+    only_a, _ = await store.list_feedback(model="a")
+    assert [r.id for r in only_a] == ids[0::2]
+    bad, _ = await store.list_feedback(label="undesirable")
+    assert [r.id for r in bad] == ids[5:]
+    middle = (await store.list_feedback())[0][3].created_at
+    recent, _ = await store.list_feedback(since=middle)
+    assert [r.id for r in recent] == ids[3:]
+    with pytest.raises(InvalidRequest):
+        await store.list_feedback(after="not-a-cursor")
+
+
+async def test_many_concurrent_writes_all_land(store: Store) -> None:
+    store.record_completion(completion("c1")).result(timeout=10)
+    results = await asyncio.gather(
+        *(
+            store.add_feedback(FeedbackCreate(completion_id="c1", rating=1, idempotency_key=str(i)))
+            for i in range(200)
+        )
+    )
+    assert all(created for _, created in results)
+    rows, _ = await store.list_feedback(limit=1000)
+    assert sorted(r.idempotency_key for r in rows) == sorted(str(i) for i in range(200))
+
+
+def test_migrations_apply_once(store_url: str) -> None:
+    first = Store.open(store_url)
+    assert migrate(first.engine) == []  # open() applied everything already
+    first.close()
+    second = Store.open(store_url)
+    assert migrate(second.engine) == []
+    second.close()
+
+
+async def test_export_rows_join_feedback_and_completions(store: Store) -> None:
+    store.record_completion(completion("c1", prompt="A")).result(timeout=10)
+    store.record_completion(completion("c2", prompt="A")).result(timeout=10)
+    await store.add_feedback(FeedbackCreate(completion_id="c1", preferred_over="c2"))
+    rows, records = store.export_rows()
+    assert [r.completion_id for r in rows] == ["c1"]
+    assert set(records) == {"c1", "c2"}
+
+
+def test_sqlite_is_durable_by_configuration(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import text
+
+    s = Store.open(f"sqlite:///{tmp_path / 'd.db'}")
+    with s.engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    s.close()
