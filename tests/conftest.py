@@ -3,6 +3,7 @@ real vLLM on the CPU, reached over loopback HTTP like any client would."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -61,6 +62,8 @@ def start_gateway(args: list[str], log_path: Path, env: dict[str, str]) -> Gatew
         stderr=subprocess.STDOUT,
         env=env,
         cwd=REPO,
+        # Its own process group, so a test can kill the gateway and its engines at once.
+        start_new_session=True,
     )
     gateway = Gateway(url=f"http://127.0.0.1:{port}", process=process, log_path=log_path)
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -79,6 +82,14 @@ def start_gateway(args: list[str], log_path: Path, env: dict[str, str]) -> Gatew
     )
 
 
+def kill_gateway(gateway: Gateway) -> None:
+    """kill -9 the gateway and its engine processes: a crash, not a shutdown."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(gateway.process.pid, signal.SIGKILL)
+    gateway.process.kill()
+    gateway.process.wait(timeout=30)
+
+
 def stop_gateway(gateway: Gateway, timeout: float = 60) -> int:
     if gateway.process.poll() is None:
         gateway.process.send_signal(signal.SIGTERM)
@@ -91,10 +102,13 @@ def stop_gateway(gateway: Gateway, timeout: float = 60) -> int:
 
 
 @pytest.fixture(scope="session")
-def test_env() -> dict[str, str]:
+def test_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The gateways' environment: the shared model cache, a fresh store per session."""
     TEST_HOME.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["ALIGNGATE_HOME"] = str(TEST_HOME)
+    db = tmp_path_factory.mktemp("store") / "aligngate.db"
+    env["ALIGNGATE_DATABASE_URL"] = f"sqlite:///{db}"
     env.setdefault("ALIGNGATE_CPU_KV_CACHE_GIB", "1")
     return env
 

@@ -1,0 +1,274 @@
+"""Judgments from live traffic: the `openai` client chats, feedback is posted over HTTP,
+`aligngate export` writes each training format — checked field by field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import REPO, Gateway
+from tests.test_metrics_and_disconnects import metric
+
+AUSTRALIA = [{"role": "user", "content": "What is the capital of Australia?"}]
+
+
+@pytest.fixture(scope="module")
+def client(gateway: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+
+
+def post_feedback(gateway: Gateway, **body: Any) -> httpx.Response:
+    return httpx.post(f"{gateway.url}/v1/feedback", json=body, timeout=30)
+
+
+def stored(gateway: Gateway, completion_id: str) -> dict[str, Any]:
+    response = httpx.get(f"{gateway.url}/v1/completions/{completion_id}", timeout=30)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def export(fmt: str, env: dict[str, str], tmp_path: Path, since: float, model: str) -> list:
+    out = tmp_path / f"{fmt}.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "server.cli",
+            "export",
+            "--format",
+            fmt,
+            "--model",
+            model,
+            "--since",
+            str(since),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return json.loads(out.read_text())
+
+
+def test_completions_are_recorded(client: openai.OpenAI, gateway: Gateway) -> None:
+    reply = client.chat.completions.create(
+        model=gateway.model, messages=AUSTRALIA, temperature=0, max_tokens=24, user="alice"
+    )
+    record = stored(gateway, reply.id)
+    rendered = httpx.post(
+        f"{gateway.url}/v1/render",
+        json={"model": gateway.model, "messages": AUSTRALIA},
+        timeout=30,
+    ).json()
+    assert record["model"] == gateway.model
+    assert record["family"] == "chat"
+    assert record["endpoint"] == "chat"
+    assert record["request"] == AUSTRALIA
+    assert record["prompt_text"] == rendered["text"]
+    assert record["template_fingerprint"] == rendered["template_fingerprint"]
+    assert record["choices"] == [
+        {
+            "index": 0,
+            "text": reply.choices[0].message.content,
+            "finish_reason": reply.choices[0].finish_reason,
+        }
+    ]
+    assert record["usage"] == reply.usage.model_dump(exclude_none=True)
+    assert record["sampling"]["temperature"] == 0.0
+    assert record["user"] == "alice"
+    assert record["latency_ms"] > 0
+    assert record["feedback"] == []
+
+
+def test_streamed_and_text_completions_are_recorded(
+    client: openai.OpenAI, gateway: Gateway
+) -> None:
+    chunks = list(
+        client.chat.completions.create(
+            model=gateway.model, messages=AUSTRALIA, max_tokens=12, stream=True
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert stored(gateway, chunks[0].id)["choices"][0]["text"] == text
+    completion = client.completions.create(model=gateway.model, prompt=["One", "Two"], max_tokens=3)
+    record = stored(gateway, completion.id)
+    assert record["endpoint"] == "completions"
+    assert [c["text"] for c in record["choices"]] == [c.text for c in completion.choices]
+
+
+def test_store_false_is_not_recorded(client: openai.OpenAI, gateway: Gateway) -> None:
+    reply = client.chat.completions.create(
+        model=gateway.model, messages=AUSTRALIA, max_tokens=4, extra_body={"store": False}
+    )
+    assert httpx.get(f"{gateway.url}/v1/completions/{reply.id}", timeout=30).status_code == 404
+
+
+def test_feedback_errors(client: openai.OpenAI, gateway: Gateway) -> None:
+    reply = client.chat.completions.create(model=gateway.model, messages=AUSTRALIA, max_tokens=4)
+    cases = [
+        ({"completion_id": "chatcmpl-missing", "rating": 1}, 404, "completion_id"),
+        ({"completion_id": reply.id, "judgment": "   "}, 400, "judgment"),
+        ({"completion_id": reply.id, "judgment": "x" * 8001}, 400, "judgment"),
+        ({"completion_id": reply.id}, 400, None),
+        ({"completion_id": reply.id, "rating": 7}, 400, "rating"),
+        ({"completion_id": reply.id, "label": "great"}, 400, "label"),
+        ({"completion_id": reply.id, "choice_index": 3, "rating": 1}, 400, "choice_index"),
+        ({"completion_id": reply.id, "preferred_over": "chatcmpl-missing"}, 404, "preferred_over"),
+    ]
+    for body, status, param in cases:
+        response = post_feedback(gateway, **body)
+        assert response.status_code == status, (body, response.text)
+        assert response.json()["error"]["param"] == param, body
+
+
+def test_idempotent_feedback(client: openai.OpenAI, gateway: Gateway) -> None:
+    reply = client.chat.completions.create(model=gateway.model, messages=AUSTRALIA, max_tokens=4)
+    body = {"completion_id": reply.id, "judgment": "Too short.", "idempotency_key": reply.id}
+    first = post_feedback(gateway, **body)
+    again = post_feedback(gateway, **body)
+    assert (first.status_code, again.status_code) == (201, 200)
+    assert first.json() == again.json()
+    conflict = post_feedback(gateway, **{**body, "judgment": "Something else."})
+    assert conflict.status_code == 422
+    assert conflict.json()["error"]["code"] == "idempotency_key_reused"
+    assert [f["id"] for f in stored(gateway, reply.id)["feedback"]] == [first.json()["id"]]
+
+
+def test_feedback_pagination_over_http(client: openai.OpenAI, gateway: Gateway) -> None:
+    reply = client.chat.completions.create(model=gateway.model, messages=AUSTRALIA, max_tokens=4)
+    since = time.time()
+    posted = [
+        post_feedback(gateway, completion_id=reply.id, rating=r, rating_scale="stars").json()["id"]
+        for r in (1, 2, 3, 4, 5)
+    ]
+    seen, cursor = [], None
+    while True:
+        params: dict[str, Any] = {"limit": 2, "since": since, "model": gateway.model}
+        if cursor:
+            params["after"] = cursor
+        page = httpx.get(f"{gateway.url}/v1/feedback", params=params, timeout=30).json()
+        seen += [f["id"] for f in page["data"]]
+        assert page["has_more"] == (page["next_cursor"] is not None)
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert seen == posted
+    bad = httpx.get(f"{gateway.url}/v1/feedback", params={"since": "yesterday"}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "since"
+
+
+def test_cut_export_end_to_end(
+    client: openai.OpenAI, gateway: Gateway, test_env: dict[str, str], tmp_path: Path
+) -> None:
+    since = time.time()
+    before = metric(gateway, "aligngate_feedback_total", model=gateway.model)
+    wrong = client.chat.completions.create(
+        model=gateway.model,
+        messages=[{"role": "user", "content": "Name a prime number."}],
+        max_tokens=16,
+        temperature=0,
+    )
+    fine = client.chat.completions.create(
+        model=gateway.model, messages=AUSTRALIA, max_tokens=16, temperature=0
+    )
+    judgment = "Say which number and why it is prime."
+    assert post_feedback(gateway, completion_id=wrong.id, judgment=judgment).status_code == 201
+    assert post_feedback(gateway, completion_id=fine.id, rating=1).status_code == 201
+    assert metric(gateway, "aligngate_feedback_total", model=gateway.model) == before + 2
+    assert export("cut", test_env, tmp_path, since, gateway.model) == [
+        {
+            "id": 0,
+            "instruction": "Name a prime number.",
+            "input": "",
+            "output": wrong.choices[0].message.content,
+            "judgment": judgment,
+        },
+        {
+            "id": 1,
+            "instruction": "What is the capital of Australia?",
+            "input": "",
+            "output": fine.choices[0].message.content,
+            "judgment": None,
+        },
+    ]
+
+
+def test_kto_exports_end_to_end(
+    client: openai.OpenAI, gateway: Gateway, test_env: dict[str, str], tmp_path: Path
+) -> None:
+    since = time.time()
+    reply = client.chat.completions.create(model=gateway.model, messages=AUSTRALIA, max_tokens=8)
+    post_feedback(gateway, completion_id=reply.id, label="undesirable")
+    prompt_text = stored(gateway, reply.id)["prompt_text"]
+    kto = export("kto", test_env, tmp_path, since, gateway.model)
+    assert len(kto) == 1
+    assert kto[0]["prompt"] == AUSTRALIA
+    assert kto[0]["output"] == [{"role": "assistant", "content": reply.choices[0].message.content}]
+    assert (kto[0]["label"], kto[0]["reward"], kto[0]["type"]) == (0, 0.0, "binary_feedback")
+    assert export("trl-kto", test_env, tmp_path, since, gateway.model) == [
+        {"prompt": prompt_text, "completion": reply.choices[0].message.content, "label": False}
+    ]
+
+
+def test_dpo_and_quark_exports_end_to_end(
+    client: openai.OpenAI, gateway: Gateway, test_env: dict[str, str], tmp_path: Path
+) -> None:
+    since = time.time()
+    ask = {"model": gateway.model, "messages": AUSTRALIA, "max_tokens": 12, "temperature": 1.0}
+    a = client.chat.completions.create(**ask, seed=1)
+    b = client.chat.completions.create(**ask, seed=2)
+    pair = client.chat.completions.create(**ask, n=2, seed=3)
+    assert post_feedback(gateway, completion_id=a.id, preferred_over=b.id).status_code == 201
+    post_feedback(gateway, completion_id=pair.id, choice_index=0, rating=2, rating_scale="stars")
+    post_feedback(gateway, completion_id=pair.id, choice_index=1, rating=5, rating_scale="stars")
+    prompt_text = stored(gateway, a.id)["prompt_text"]
+    assert export("dpo", test_env, tmp_path, since, gateway.model) == [
+        {
+            "prompt": prompt_text,
+            "chosen": a.choices[0].message.content,
+            "rejected": b.choices[0].message.content,
+        },
+        {
+            "prompt": prompt_text,
+            "chosen": pair.choices[1].message.content,
+            "rejected": pair.choices[0].message.content,
+        },
+    ]
+    quark = export("quark", test_env, tmp_path, since, gateway.model)
+    assert quark == [
+        {
+            "prompt": "What is the capital of Australia?",
+            "generation": pair.choices[0].message.content,
+            "reward": 0.25,
+            "quantile_token": "_QUANTILE_TOKEN_1_",
+        },
+        {
+            "prompt": "What is the capital of Australia?",
+            "generation": pair.choices[1].message.content,
+            "reward": 1.0,
+            "quantile_token": "_QUANTILE_TOKEN_0_",
+        },
+    ]
+
+
+def test_store_metrics_move(client: openai.OpenAI, gateway: Gateway) -> None:
+    before = metric(gateway, "aligngate_store_writes_total")
+    client.chat.completions.create(model=gateway.model, messages=AUSTRALIA, max_tokens=2)
+    deadline = time.time() + 5
+    while metric(gateway, "aligngate_store_writes_total") <= before and time.time() < deadline:
+        time.sleep(0.05)
+    assert metric(gateway, "aligngate_store_writes_total") > before
+    assert metric(gateway, "aligngate_store_commit_seconds_count") >= 1
+    assert metric(gateway, "aligngate_store_errors_total") == 0
