@@ -149,6 +149,23 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_bench_store(args: argparse.Namespace, settings: Settings) -> int:
+    from server.bench_store import bench_store
+
+    rows = bench_store(args.database_url, writes=args.writes, concurrency=args.concurrency)
+    print("| backend | writers | writes | s | acked writes/s | p50 ms | p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['backend']} | {r['concurrency']} | {r['writes']} | {r['seconds']} | "
+            f"{r['writes_per_s']} | {r['p50_ms']} | {r['p99_ms']} |"
+        )
+    print(f"group commit / commit-per-write: {rows[1]['speedup_vs_commit_per_write']}x")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aligngate", description="Serving gateway for aligned checkpoints."
@@ -184,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--since", help="only feedback from this time on (ISO-8601 or epoch)")
     export.add_argument("--out", type=Path, required=True, help="output JSON file")
     export.set_defaults(func=_cmd_export)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    store_bench = bench_sub.add_parser(
+        "store", help="durable feedback writes acknowledged per second (group commit vs one)"
+    )
+    store_bench.add_argument(
+        "--database-url", help="a scratch database (default: a temporary SQLite file)"
+    )
+    store_bench.add_argument("--writes", type=int, default=2000)
+    store_bench.add_argument("--concurrency", type=int, default=64)
+    store_bench.add_argument("--json", type=Path, help="also write the results here")
+    store_bench.set_defaults(func=_cmd_bench_store)
 
     default = sub.add_parser(
         "default-model", help="convert the embedded SmolLM2 model once; print its folder"
