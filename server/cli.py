@@ -166,6 +166,66 @@ def _cmd_bench_store(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_alpaca_eval(args: argparse.Namespace, settings: Settings) -> int:
+    import asyncio
+
+    from server.batch import (
+        BatchInputError,
+        batch_spec,
+        engine_generator,
+        load_instructions,
+        run_batch,
+        server_generator,
+    )
+    from server.registry import ModelsFileError, Registry
+
+    try:
+        items = load_instructions(args.instructions, args.limit)
+    except BatchInputError as exc:
+        log.error("%s", exc)
+        return 2
+    generator = args.generator or args.model
+
+    async def in_process() -> object:
+        entries = _load_entries(args.config, settings)
+        entry = next((e for e in entries if e.name == args.model), None)
+        if entry is None:
+            raise ModelsFileError(f"no model {args.model!r} in the models file")
+        registry = Registry()
+        try:
+            await registry.start([entry], settings)
+            model = registry.get(entry.name)
+            spec_for = batch_spec(model, max_tokens=args.max_tokens, temperature=args.temperature)
+            return await run_batch(
+                items, args.out, generator, engine_generator(model, spec_for), concurrency=None
+            )
+        finally:
+            registry.shutdown()
+
+    async def over_http() -> object:
+        generate, close = server_generator(
+            args.server,
+            args.model,
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            timeout=args.timeout,
+        )
+        try:
+            return await run_batch(
+                items, args.out, generator, generate, concurrency=args.concurrency
+            )
+        finally:
+            await close()
+
+    try:
+        summary = asyncio.run(over_http() if args.server else in_process())
+    except (BatchInputError, ModelsFileError) as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("wrote %s: %s", args.out, summary.line())  # type: ignore[attr-defined]
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aligngate", description="Serving gateway for aligned checkpoints."
@@ -201,6 +261,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--since", help="only feedback from this time on (ISO-8601 or epoch)")
     export.add_argument("--out", type=Path, required=True, help="output JSON file")
     export.set_defaults(func=_cmd_export)
+
+    ae = sub.add_parser(
+        "alpaca-eval", help="generate AlpacaEval model_outputs.json with a served model"
+    )
+    ae.add_argument("--config", type=Path, help="models file; default: embedded model")
+    ae.add_argument("--model", required=True, help="served model name")
+    ae.add_argument("--out", type=Path, required=True, help="model_outputs.json to write")
+    ae.add_argument(
+        "--instructions",
+        type=Path,
+        help="JSON list / JSONL of {instruction, dataset}; default: the official set via "
+        "the `datasets` library (needs the network)",
+    )
+    ae.add_argument("--limit", type=int, help="only the first N instructions")
+    ae.add_argument("--max-tokens", type=int, help="default: the family's, else 2048")
+    ae.add_argument("--temperature", type=float, help="default: the family's, else greedy")
+    ae.add_argument("--generator", help="the `generator` field (default: the model name)")
+    ae.add_argument("--server", help="send the work to a running gateway at this URL instead")
+    ae.add_argument("--concurrency", type=int, default=16, help="requests in flight (--server)")
+    ae.add_argument("--timeout", type=float, default=600, help="per request, seconds (--server)")
+    ae.set_defaults(func=_cmd_alpaca_eval)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
