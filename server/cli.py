@@ -226,6 +226,39 @@ def _cmd_alpaca_eval(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_bench_alpaca(args: argparse.Namespace, settings: Settings) -> int:
+    from server.batch import BatchInputError, load_instructions
+    from server.bench_alpaca import bench_alpaca_eval
+
+    try:
+        items = load_instructions(args.instructions, args.n)
+    except BatchInputError as exc:
+        log.error("%s", exc)
+        return 2
+    entries = _load_entries(args.config, settings)
+    entry = next((e for e in entries if e.name == (args.model or entries[0].name)), None)
+    if entry is None:
+        log.error("no model %r in the models file", args.model)
+        return 2
+    result = bench_alpaca_eval(
+        entry, settings, items, max_tokens=args.max_tokens, hf_items=args.hf_n
+    )
+    print("| run | items | output tokens | s | output tok/s |")
+    print("|---|---|---|---|---|")
+    for leg in result["legs"]:
+        print(
+            f"| {leg['name']} | {leg['items']} | {leg['output_tokens']} | {leg['seconds']} "
+            f"| {leg['tokens_per_s']} |"
+        )
+    print(
+        f"a/b (gateway / raw vLLM) = {result['a_over_b']}; "
+        f"a/c (gateway / transformers loop) = {result['a_over_c']}"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aligngate", description="Serving gateway for aligned checkpoints."
@@ -295,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     store_bench.add_argument("--concurrency", type=int, default=64)
     store_bench.add_argument("--json", type=Path, help="also write the results here")
     store_bench.set_defaults(func=_cmd_bench_store)
+    ae_bench = bench_sub.add_parser(
+        "alpaca-eval", help="batch generation vs raw vLLM vs a transformers generate loop"
+    )
+    ae_bench.add_argument("--instructions", type=Path, required=True)
+    ae_bench.add_argument("--config", type=Path, help="models file; default: embedded model")
+    ae_bench.add_argument("--model", help="served model name (default: the first)")
+    ae_bench.add_argument("--n", type=int, help="first N instructions (default: all)")
+    ae_bench.add_argument("--max-tokens", type=int, default=256)
+    ae_bench.add_argument("--hf-n", type=int, default=8, help="instructions for the HF loop")
+    ae_bench.add_argument("--json", type=Path, help="also write the results here")
+    ae_bench.set_defaults(func=_cmd_bench_alpaca)
 
     default = sub.add_parser(
         "default-model", help="convert the embedded SmolLM2 model once; print its folder"

@@ -230,3 +230,44 @@ class VllmEngine:
     def shutdown(self) -> None:
         self._llm.shutdown()
         self._llm.aligngate_closed = True
+
+
+def offline_generate(
+    options: EngineOptions, prompts: list[list[int]], spec: SamplingSpec
+) -> tuple[list[list[int]], float]:
+    """vLLM's own offline ``LLM`` on pre-rendered token ids: the raw-engine baseline of the
+    batch benchmark. Returns each prompt's output token ids and the generation seconds."""
+    import gc
+    import time
+
+    from vllm import LLM
+
+    args = _engine_args(options, not has_cuda())
+    kwargs = {
+        k: v
+        for k, v in vars(args).items()
+        if k
+        in {
+            "model",
+            "dtype",
+            "seed",
+            "enforce_eager",
+            "max_model_len",
+            "trust_remote_code",
+        }
+    }
+    llm = LLM(**kwargs, disable_log_stats=True)
+    params = _to_sampling_params(spec)
+    from vllm.sampling_params import RequestOutputKind
+
+    params.output_kind = RequestOutputKind.FINAL_ONLY
+    try:
+        started = time.perf_counter()
+        outputs = llm.generate(
+            [{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False
+        )
+        seconds = time.perf_counter() - started
+        return [list(o.outputs[0].token_ids) for o in outputs], seconds
+    finally:
+        del llm
+        gc.collect()
