@@ -26,6 +26,9 @@ async def post_all(url: str, completion_id: str, gateway: Gateway | None) -> dic
 
         async def one(i: int) -> None:
             nonlocal acked
+            # Spread the starts over ~2 s so the kill lands while writes are still arriving
+            # (all at once, one group commit could acknowledge every one of them).
+            await asyncio.sleep(i * 0.01)
             key = f"crash-{i}"
             body = {
                 "completion_id": completion_id,
