@@ -250,6 +250,7 @@ def batch_spec(
             temperature=0.0 if temp is None else temp,
             top_p=1.0 if top_p is None else top_p,
             stop=tuple(family.stop),
+            final_only=True,
         )
 
     return spec_for

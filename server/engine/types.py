@@ -28,6 +28,9 @@ class SamplingSpec:
     # None: no log-probabilities; k >= 0: the sampled token's plus the k most likely.
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Batch work needs no per-token deltas: the engine then sends each request's output
+    # once, which spares the front end (which shares the CPU with the engine) that work.
+    final_only: bool = False
 
 
 @dataclass(frozen=True, slots=True)

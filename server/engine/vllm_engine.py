@@ -118,7 +118,7 @@ def _to_sampling_params(spec: SamplingSpec) -> Any:
         ignore_eos=spec.ignore_eos,
         logprobs=spec.logprobs,
         skip_special_tokens=spec.skip_special_tokens,
-        output_kind=RequestOutputKind.DELTA,
+        output_kind=RequestOutputKind.FINAL_ONLY if spec.final_only else RequestOutputKind.DELTA,
     )
 
 
