@@ -170,3 +170,17 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     from tests.postgres import create_database
 
     return create_database(request.getfixturevalue("postgres_admin_url"))
+
+
+def run_cli(
+    args: list[str], env: dict[str, str], timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """`aligngate ARGS` as a user runs it, from the repo root."""
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=timeout,
+    )

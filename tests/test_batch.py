@@ -15,22 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, SHARED, Gateway, start_gateway, stop_gateway
+from tests.conftest import REPO, SHARED, Gateway, run_cli, start_gateway, stop_gateway
 from tests.test_render import ALPACA_NO_INPUT
 
 EVAL_SET = SHARED / "data" / "alpaca_eval" / "eval_set.json"
 
 
-def alpaca_eval_cli(args: list[str], env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
-    return subprocess.run(
-        [sys.executable, "-m", "server.cli", "alpaca-eval", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=600,
-        **kwargs,
-    )
+def alpaca_eval_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return run_cli(["alpaca-eval", *args], env)
 
 
 def check_model_outputs(path: Path, n: int, generator: str) -> list[dict]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import openai
 import pytest
 
 from server.render import Message, Renderer
-from tests.conftest import REPO, TEST_HOME, Gateway, start_gateway, stop_gateway
+from tests.conftest import TEST_HOME, Gateway, run_cli, start_gateway, stop_gateway
 from tests.test_render import CAKE, TLDR, TULU_CAKE
 
 MODELS = {
@@ -166,46 +164,18 @@ def test_cli_render_prints_the_exact_format(
     messages = tmp_path / "cake.json"
     messages.write_text(json.dumps(conversation("tiny-kto")))
     env = dict(os.environ, ALIGNGATE_HOME=str(TEST_HOME))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "render",
-            "--config",
-            str(models_file),
-            "--model",
-            "tiny-kto",
-            "--messages",
-            str(messages),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=120,
-    )
+    args = [
+        "render",
+        "--config",
+        str(models_file),
+        "--model",
+        "tiny-kto",
+        "--messages",
+        str(messages),
+    ]
+    out = run_cli(args, env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout == TULU_CAKE
-    ids = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "render",
-            "--config",
-            str(models_file),
-            "--model",
-            "tiny-kto",
-            "--messages",
-            str(messages),
-            "--ids",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=120,
-    )
+    ids = run_cli([*args, "--ids"], env, timeout=120)
     assert ids.returncode == 0, ids.stderr
     assert json.loads(ids.stdout) == local["tiny-kto"].render_chat(CAKE).token_ids

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REPO, Gateway
+from tests.conftest import Gateway, run_cli
 from tests.test_metrics_and_disconnects import metric
 
 AUSTRALIA = [{"role": "user", "content": "What is the capital of Australia?"}]
@@ -37,25 +35,9 @@ def stored(gateway: Gateway, completion_id: str) -> dict[str, Any]:
 
 def export(fmt: str, env: dict[str, str], tmp_path: Path, since: float, model: str) -> list:
     out = tmp_path / f"{fmt}.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "export",
-            "--format",
-            fmt,
-            "--model",
-            model,
-            "--since",
-            str(since),
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
+    result = run_cli(
+        ["export", "--format", fmt, "--model", model, "--since", str(since), "--out", str(out)],
+        env,
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
