@@ -86,13 +86,19 @@ def _prompt_id(prompt: str) -> str:
     return hashlib.sha256(prompt.encode()).hexdigest()[:16]
 
 
-def to_kto(rows: Rows, records: Records) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
+def _binary(rows: Rows, records: Records) -> list[tuple[FeedbackRow, CompletionRecord, bool]]:
+    """Feedback with a desirable/undesirable verdict (KTO's unpaired signal)."""
+    out = []
     for fb in rows:
         polarity = fb.polarity()
-        if polarity is None:
-            continue
-        record = records[fb.completion_id]
+        if polarity is not None:
+            out.append((fb, records[fb.completion_id], polarity))
+    return out
+
+
+def to_kto(rows: Rows, records: Records) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for fb, record, polarity in _binary(rows, records):
         reward = fb.reward()
         out.append(
             {
@@ -109,20 +115,14 @@ def to_kto(rows: Rows, records: Records) -> list[dict[str, Any]]:
 
 
 def to_trl_kto(rows: Rows, records: Records) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for fb in rows:
-        polarity = fb.polarity()
-        if polarity is None:
-            continue
-        record = records[fb.completion_id]
-        out.append(
-            {
-                "prompt": record.prompt_of(fb.choice_index),
-                "completion": output_of(record, fb.choice_index),
-                "label": polarity,
-            }
-        )
-    return out
+    return [
+        {
+            "prompt": record.prompt_of(fb.choice_index),
+            "completion": output_of(record, fb.choice_index),
+            "label": polarity,
+        }
+        for fb, record, polarity in _binary(rows, records)
+    ]
 
 
 def to_dpo(rows: Rows, records: Records) -> list[dict[str, Any]]:
