@@ -1,0 +1,212 @@
+"""``python -m loadtest``: load any OpenAI-compatible server on loopback, or compare the
+gateway with raw vLLM side by side.
+
+    python -m loadtest run --url http://127.0.0.1:8000 --model smollm2-135m-instruct \
+        --concurrency 1,4,16 --num-requests 64 --max-tokens 128
+    python -m loadtest compare --concurrency 1,16 --max-tokens 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import sys
+from pathlib import Path
+
+from loadtest import report
+from loadtest.client import Target, TargetError, require_loopback
+from loadtest.compare import CompareConfig, default_model_path, markdown, run_compare
+from loadtest.runner import Load, run_load
+from loadtest.stats import Slo
+from loadtest.workload import (
+    Item,
+    WorkloadError,
+    alpaca_eval,
+    prompts_file,
+    request_stream,
+    token_counter,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data" / "alpaca_eval"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected integers like 1,4,16: {text!r}") from exc
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("every value must be at least 1")
+    return values
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _workload_args(p: argparse.ArgumentParser) -> None:
+    w = p.add_argument_group("workload")
+    w.add_argument("--prompts", type=Path, help="prompts file instead of AlpacaEval")
+    w.add_argument("--eval-set", type=Path, default=SHARED_DATA / "eval_set.json")
+    w.add_argument(
+        "--reference",
+        type=Path,
+        default=SHARED_DATA / "reference" / "cut-13b.json",
+        help="AlpacaEval outputs whose lengths the requests ask for",
+    )
+    w.add_argument("--max-tokens", type=int, default=128, help="cap on each request's length")
+    w.add_argument(
+        "--tokenizer", help="tokenizer folder for reference lengths (default: ~4 chars/token)"
+    )
+    w.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--slo-ttft-ms", type=float, help="goodput: TTFT objective")
+    w.add_argument("--slo-tpot-ms", type=float, help="goodput: TPOT objective")
+    w.add_argument("--slo-e2e-ms", type=float, help="goodput: end-to-end objective")
+
+
+def _items(args: argparse.Namespace, tokenizer: str | None) -> list[Item]:
+    if args.max_tokens < 1:
+        raise WorkloadError("--max-tokens must be at least 1")
+    if args.prompts:
+        return prompts_file(args.prompts, args.max_tokens)
+    return alpaca_eval(args.eval_set, args.reference, args.max_tokens, token_counter(tokenizer))
+
+
+def _slo(args: argparse.Namespace) -> Slo | None:
+    if args.slo_ttft_ms is None and args.slo_tpot_ms is None and args.slo_e2e_ms is None:
+        return None
+    return Slo(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)
+
+
+def _default_out(kind: str) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return REPO / "loadtest" / "results" / f"{kind}-{stamp}"
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    require_loopback(args.url)
+    items = _items(args, args.tokenizer)
+    target = Target(
+        args.url.rstrip("/").removesuffix("/v1"), args.model, args.endpoint, args.api_key
+    )
+    if args.rate is not None:
+        loads = [
+            Load(
+                rate=args.rate,
+                num_requests=args.num_requests,
+                duration_s=args.duration,
+                max_concurrency=args.concurrency[0] if args.concurrency else None,
+            )
+        ]
+    else:
+        loads = [
+            Load(concurrency=c, num_requests=args.num_requests, duration_s=args.duration)
+            for c in (args.concurrency or [1])
+        ]
+    summaries = []
+    for load in loads:
+        result = asyncio.run(
+            run_load(target, request_stream(items, args.seed), load, seed=args.seed,
+                     timeout_s=args.timeout, warmup=args.warmup)
+        )  # fmt: skip
+        summary = result.summary(_slo(args))
+        summaries.append(summary)
+        if args.out:
+            report.write_json(
+                args.out / f"requests-{load.label.replace('/', '_')}.json",
+                [r.as_dict() for r in result.results],
+            )
+    table = report.results_table({args.model: summaries})
+    print(table)
+    if args.out:
+        report.write_json(args.out / "results.json", {"target": args.url, "runs": summaries})
+        (args.out / "results.md").write_text(table + "\n", encoding="utf-8")
+        if len(loads) > 1:
+            report.plot({args.model: summaries}, args.out)
+        print(f"results in {args.out}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    model_path = args.model_path or default_model_path()
+    items = _items(args, args.tokenizer or str(model_path))
+    per_level = {c: args.num_requests or max(16, 4 * c) for c in args.concurrency}
+    config = CompareConfig(
+        model_path=model_path,
+        served_name=args.served_name,
+        items=items,
+        concurrency=args.concurrency,
+        requests_per_level=per_level,
+        out_dir=args.out or _default_out("compare"),
+        endpoint=args.endpoint,
+        max_model_len=args.max_model_len,
+        kv_cache_gib=args.kv_cache_gib,
+        extra_env=dict(args.env),
+        overhead_requests=args.overhead_requests,
+        seed=args.seed,
+        slo=_slo(args),
+        servers=args.servers,
+    )
+    payload = run_compare(config)
+    print(markdown(payload))
+    print(f"results in {config.out_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="load one server (loopback only)")
+    run.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")
+    run.add_argument("--model", required=True, help="served model name")
+    run.add_argument("--api-key")
+    run.add_argument("--concurrency", type=_ints, help="sweep, e.g. 1,4,16,64")
+    run.add_argument("--rate", type=float, help="Poisson arrivals per second instead")
+    run.add_argument("--num-requests", type=int, default=64, help="per load level")
+    run.add_argument("--duration", type=float, help="seconds per load level (upper bound)")
+    run.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
+    run.add_argument("--warmup", type=int, default=1)
+    run.add_argument("--out", type=Path, help="folder for JSON, Markdown and plots")
+    _workload_args(run)
+    run.set_defaults(func=_cmd_run)
+
+    compare = sub.add_parser("compare", help="raw vLLM vs aligngate, side by side")
+    compare.add_argument("--model-path", type=Path, help="default: the embedded default model")
+    compare.add_argument("--served-name", default="smollm2-135m-instruct")
+    compare.add_argument("--concurrency", type=_ints, default=[1, 16])
+    compare.add_argument(
+        "--num-requests", type=int, help="per level (default: max(16, 4 x concurrency))"
+    )
+    compare.add_argument("--overhead-requests", type=int, default=100)
+    compare.add_argument("--max-model-len", type=int, default=2048)
+    compare.add_argument("--kv-cache-gib", type=int, default=2)
+    compare.add_argument(
+        "--env", type=_key_value, action="append", default=[], help="KEY=VALUE for both servers"
+    )
+    compare.add_argument(
+        "--servers", type=lambda s: s.split(","), default=["raw-vllm", "aligngate"]
+    )
+    compare.add_argument("--out", type=Path)
+    _workload_args(compare)
+    compare.set_defaults(func=_cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (TargetError, WorkloadError, ValueError) as exc:
+        print(f"loadtest: {exc}", file=sys.stderr)
+        return 2

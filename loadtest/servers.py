@@ -1,0 +1,167 @@
+"""Start and stop the servers a side-by-side benchmark compares, on loopback only.
+
+Each server is a child process in its own session; it is stopped by its process id (SIGTERM,
+then SIGKILL of its process group after a grace period) so no engine process outlives a run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+LOOPBACK = "127.0.0.1"
+
+
+class ServerStartError(RuntimeError):
+    """A server process that exited or never became ready."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSpec:
+    label: str
+    argv: Sequence[str]
+    port: int
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+
+def engine_env(kv_cache_gib: int, extra: Mapping[str, str]) -> dict[str, str]:
+    """The vLLM CPU environment both servers get, so they run the same engine configuration."""
+    env = {
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    }
+    env.update(extra)
+    return env
+
+
+def raw_vllm(
+    model_path: Path,
+    served_name: str,
+    max_model_len: int,
+    env: Mapping[str, str],
+    engine_flags: Sequence[str] = (),
+) -> ServerSpec:
+    """vLLM's own OpenAI server. ``vllm-cpu``'s ``vllm`` console script cannot find its own
+    distribution, so it is started as a module; logging is at its leanest (a strict baseline)."""
+    port = free_port()
+    argv = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_path),
+        "--served-model-name", served_name,
+        "--host", LOOPBACK,
+        "--port", str(port),
+        "--max-model-len", str(max_model_len),
+        "--seed", "0",
+        "--enforce-eager",
+        "--disable-log-stats",
+        "--disable-uvicorn-access-log",
+        *engine_flags,
+    ]  # fmt: skip
+    return ServerSpec("raw-vllm", argv, port, env)
+
+
+def gateway(
+    models_file: Path, env: Mapping[str, str], command: Sequence[str] | None = None
+) -> ServerSpec:
+    port = free_port()
+    base = list(command) if command else [sys.executable, "-m", "server.cli"]
+    argv = [*base, "serve", "--config", str(models_file), "--host", LOOPBACK, "--port", str(port)]
+    return ServerSpec("aligngate", argv, port, env)
+
+
+def write_models_file(
+    path: Path,
+    served_name: str,
+    model_path: Path,
+    max_model_len: int,
+    engine_args: Mapping[str, object] | None = None,
+) -> Path:
+    import yaml
+
+    entry: dict[str, object] = {
+        "name": served_name,
+        "path": str(model_path),
+        "max_model_len": max_model_len,
+    }
+    if engine_args:
+        entry["engine_args"] = dict(engine_args)
+    path.write_text(yaml.safe_dump({"models": [entry]}, sort_keys=False), encoding="utf-8")
+    return path
+
+
+class RunningServer:
+    def __init__(self, spec: ServerSpec, log_path: Path):
+        self.spec = spec
+        self.log_path = log_path
+        self.started_s: float | None = None
+        self._log = log_path.open("wb")
+        env = {**os.environ, **spec.env}
+        self._t0 = time.perf_counter()
+        self.process = subprocess.Popen(
+            list(spec.argv), stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def wait_ready(self, model: str, timeout_s: float = 300.0) -> float:
+        """Poll until the model is listed; return the seconds from spawn to ready."""
+        deadline = time.perf_counter() + timeout_s
+        url = self.spec.base_url + "/v1/models"
+        while time.perf_counter() < deadline:
+            if self.process.poll() is not None:
+                raise ServerStartError(
+                    f"{self.spec.label} exited with {self.process.returncode}; log: {self.log_path}"
+                )
+            try:
+                response = httpx.get(url, timeout=2.0, trust_env=False)
+                if response.status_code == 200 and any(
+                    m.get("id") == model for m in response.json().get("data", [])
+                ):
+                    self.started_s = time.perf_counter() - self._t0
+                    return self.started_s
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise ServerStartError(
+            f"{self.spec.label} not ready in {timeout_s:.0f} s; log: {self.log_path}"
+        )
+
+    def stop(self, grace_s: float = 30.0) -> int | None:
+        pid = self.process.pid
+        if self.process.poll() is None:
+            os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(grace_s)
+        # Engine-core children share the server's session (= its pid as process group id).
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        if self.process.poll() is None:
+            self.process.wait(10)
+        self._log.close()
+        return self.process.returncode
+
+    def __enter__(self) -> RunningServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
