@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test lint fmt
+.PHONY: install serve test lint fmt bench
 
 install:
 	bash scripts/install.sh
@@ -11,11 +11,16 @@ serve:
 	$(BIN)/aligngate serve
 
 test:
-	$(BIN)/ruff check server tests
+	$(BIN)/ruff check server tests loadtest
 	$(BIN)/python -m pytest -v --durations=15
 
 lint:
-	$(BIN)/ruff check server tests
+	$(BIN)/ruff check server tests loadtest
 
 fmt:
-	$(BIN)/ruff format server tests
+	$(BIN)/ruff format server tests loadtest
+
+# The headline benchmark: raw vLLM and the gateway side by side on the default model
+# (results, table and plots under loadtest/results/latest/).
+bench:
+	$(BIN)/python -m loadtest compare --concurrency 1,16 --max-tokens 128 --out loadtest/results/latest
