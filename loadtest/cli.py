@@ -152,6 +152,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         seed=args.seed,
         slo=_slo(args),
         servers=args.servers,
+        rounds=args.rounds,
     )
     payload = run_compare(config)
     print(markdown(payload))
@@ -196,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--servers", type=lambda s: s.split(","), default=["raw-vllm", "aligngate"]
+    )
+    compare.add_argument(
+        "--rounds", type=int, default=1, help="alternate the servers' order (ABBA); pooled"
     )
     compare.add_argument("--out", type=Path)
     _workload_args(compare)

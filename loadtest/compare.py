@@ -15,7 +15,7 @@ from typing import Any
 
 from loadtest import report
 from loadtest.client import Target
-from loadtest.runner import Load, run_load
+from loadtest.runner import Load, RunResult, run_load
 from loadtest.servers import (
     RunningServer,
     ServerSpec,
@@ -44,6 +44,7 @@ class CompareConfig:
     seed: int = 0
     slo: Slo | None = None
     servers: Sequence[str] = ("raw-vllm", "aligngate")
+    rounds: int = 1
     gateway_command: Sequence[str] | None = None
 
 
@@ -77,24 +78,71 @@ def _specs(config: CompareConfig) -> list[ServerSpec]:
     return specs
 
 
-async def _measure(config: CompareConfig, spec: ServerSpec) -> dict[str, Any]:
+@dataclass(slots=True)
+class Measured:
+    """One server's raw results across rounds: per-request data and CPU seconds, pooled."""
+
+    start_s: list[float] = field(default_factory=list)
+    probe: list[RunResult] = field(default_factory=list)
+    probe_cpu: list[dict[str, float]] = field(default_factory=list)
+    levels: dict[int, list[RunResult]] = field(default_factory=dict)
+    level_cpu: dict[int, list[dict[str, float]]] = field(default_factory=dict)
+
+
+def _cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: after[k] - before[k] for k in before}
+
+
+def _pooled(runs: list[RunResult], cpus: list[dict[str, float]], slo: Slo | None) -> dict[str, Any]:
+    """One summary over every round: requests pooled, durations and CPU seconds summed."""
+    first = runs[0]
+    pooled = RunResult(
+        first.load,
+        sum(r.duration_s for r in runs),
+        [x for r in runs for x in r.results],
+    )
+    summary = pooled.summary(slo)
+    summary["rounds"] = len(runs)
+    front = sum(c["front_end"] for c in cpus)
+    summary["cpu"] = {
+        "front_end_s": front,
+        "engine_s": sum(c["engine"] for c in cpus),
+        "front_end_ms_per_request": 1000 * front / max(int(summary["completed"]), 1),
+        "front_end_ms_per_1k_tokens": 1e6 * front / max(int(summary["output_tokens"]), 1),
+    }
+    return summary
+
+
+async def _measure_once(
+    config: CompareConfig, spec: ServerSpec, server: RunningServer, into: Measured
+) -> None:
+    """The overhead probe, then each concurrency level; CPU time is read around the timed
+    part only (warm-up excluded)."""
     target = Target(spec.base_url, config.served_name, endpoint=config.endpoint)  # type: ignore[arg-type]
+    cpu: dict[str, float] = {}
+
+    def mark() -> None:
+        cpu.update(server.cpu_seconds())
+
     probe = await run_load(
         target,
         request_stream(fixed_length(config.items, 1), config.seed),
         Load(concurrency=1, num_requests=config.overhead_requests),
         warmup=3,
+        on_start=mark,
     )
-    levels = []
+    into.probe.append(probe)
+    into.probe_cpu.append(_cpu_delta(cpu, server.cpu_seconds()))
     for c in config.concurrency:
         load = Load(concurrency=c, num_requests=config.requests_per_level[c])
-        result = await run_load(target, request_stream(config.items, config.seed), load, warmup=2)
-        summary = result.summary(config.slo)
+        items = request_stream(config.items, config.seed)
+        result = await run_load(target, items, load, warmup=2, on_start=mark)
+        into.levels.setdefault(c, []).append(result)
+        into.level_cpu.setdefault(c, []).append(_cpu_delta(cpu, server.cpu_seconds()))
+        summary = result.summary()
         print(f"  {spec.label} {load.label}: {summary['output_throughput']:.1f} tok/s, "
               f"TTFT p50 {summary['ttft_ms']['p50']:.0f} ms, errors {summary['errors']}",
               flush=True)  # fmt: skip
-        levels.append(summary)
-    return {"overhead_probe": probe.summary(), "levels": levels}
 
 
 def _overhead(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -109,24 +157,43 @@ def _overhead(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:
+    """Rounds alternate the order (A B, B A, …) so drift of the machine between the first and
+    the second server cancels out; every summary pools all rounds."""
     config.out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, Any]] = {}
-    for spec in _specs(config):
-        print(f"starting {spec.label} on {spec.base_url}", flush=True)
-        with RunningServer(spec, config.out_dir / f"{spec.label}.log") as server:
-            start_s = server.wait_ready(config.served_name)
-            print(f"  ready in {start_s:.1f} s", flush=True)
-            measured = asyncio.run(_measure(config, spec))
-            results[spec.label] = {"start_s": start_s, **measured}
+    specs = _specs(config)
+    measured = {spec.label: Measured() for spec in specs}
+    for round_ in range(config.rounds):
+        for spec in specs if round_ % 2 == 0 else list(reversed(specs)):
+            print(f"round {round_ + 1}: starting {spec.label} on {spec.base_url}", flush=True)
+            log = config.out_dir / f"{spec.label}-{round_ + 1}.log"
+            with RunningServer(spec, log) as server:
+                start_s = server.wait_ready(config.served_name)
+                print(f"  ready in {start_s:.1f} s", flush=True)
+                measured[spec.label].start_s.append(start_s)
+                asyncio.run(_measure_once(config, spec, server, measured[spec.label]))
+    results: dict[str, dict[str, Any]] = {
+        label: {
+            "start_s": m.start_s,
+            "overhead_probe": _pooled(m.probe, m.probe_cpu, None),
+            "levels": [
+                _pooled(m.levels[c], m.level_cpu[c], config.slo) for c in config.concurrency
+            ],
+        }
+        for label, m in measured.items()
+    }
     payload: dict[str, Any] = {
         "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {"python": platform.python_version(), "cpus": _cpu_count()},
         "model": str(config.model_path),
         "endpoint": config.endpoint,
+        "rounds": config.rounds,
         "workload": {
             "items": len(config.items),
             "mean_max_tokens": sum(i.max_tokens for i in config.items) / len(config.items),
             "p50_max_tokens": percentile([i.max_tokens for i in config.items], 50),
+            "requests_per_level_per_round": {
+                str(c): n for c, n in config.requests_per_level.items()
+            },
         },
         "engine_env": engine_env(config.kv_cache_gib, config.extra_env),
         "servers": results,
@@ -159,7 +226,24 @@ def markdown(payload: Mapping[str, Any]) -> str:
             "| | p50 ms | p99 ms |\n|---|---|---|\n"
             + "\n".join(f"| {name} | {v['p50']:{f}} | {v['p99']:{f}} |" for name, v, f in rows)
         )
-    starts = ", ".join(f"{label} {r['start_s']:.1f} s" for label, r in servers.items())
+    cpu_rows = [
+        "| server | load | front-end CPU s | engine CPU s | front-end CPU ms/request "
+        "| front-end CPU ms/1k tokens |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, r in servers.items():
+        for s in [r["overhead_probe"], *r["levels"]]:
+            cpu = s["cpu"]
+            name = "1-token probe" if s is r["overhead_probe"] else report.load_label(s)
+            cpu_rows.append(
+                f"| {label} | {name} | {cpu['front_end_s']:.1f} | {cpu['engine_s']:.1f} "
+                f"| {cpu['front_end_ms_per_request']:.1f} "
+                f"| {cpu['front_end_ms_per_1k_tokens']:.0f} |"
+            )
+    parts.append("\n".join(cpu_rows))
+    starts = ", ".join(
+        f"{label} {' / '.join(f'{x:.1f}' for x in r['start_s'])} s" for label, r in servers.items()
+    )
     parts.append(f"Start to ready: {starts}.")
     return "\n\n".join(parts) + "\n"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -137,12 +137,16 @@ async def run_load(
     seed: int = 0,
     timeout_s: float = 600.0,
     warmup: int = 1,
+    on_start: Callable[[], None] | None = None,
 ) -> RunResult:
-    """Warm the target up (unrecorded), then run the load and time it."""
+    """Warm the target up (unrecorded), then run the load and time it; ``on_start`` runs
+    between the two (e.g. to read the server's CPU time)."""
     connections = load.concurrency or load.max_concurrency or max(load.num_requests, 1)
     async with _client(connections, timeout_s) as client:
         for _ in range(warmup):
             await send(client, target, next(items), time.perf_counter())
+        if on_start is not None:
+            on_start()
         start = time.perf_counter()
         if load.concurrency is not None:
             results = await _closed_loop(client, target, items, load, start)

@@ -160,6 +160,23 @@ class RunningServer:
         self._log.close()
         return self.process.returncode
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) so far of the server's own process (the HTTP front end)
+        and of its children (vLLM's engine core): on 2 cores, every front-end cycle is one the
+        engine does not get."""
+        import psutil
+
+        def used(p: psutil.Process) -> float:
+            times = p.cpu_times()
+            return float(times.user + times.system)
+
+        main = psutil.Process(self.process.pid)
+        children = 0.0
+        for child in main.children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                children += used(child)
+        return {"front_end": used(main), "engine": children}
+
     def __enter__(self) -> RunningServer:
         return self
 

@@ -48,6 +48,7 @@ from server.protocol import (
 )
 from server.registry import Registry
 from server.render import Message, RenderError
+from server.stream_frames import StreamFrames, chat_text_choice
 
 ENDPOINT = "/v1/chat/completions"
 
@@ -122,7 +123,7 @@ async def create_chat_completion(
     if body.stream:
         include_usage = body.include_usage()
 
-        async def chunks() -> AsyncGenerator[ChatCompletionChunk]:
+        async def chunks() -> AsyncGenerator[ChatCompletionChunk | bytes]:
             def chunk(
                 choices: list[ChatChunkChoice], totals: Usage | None = None
             ) -> ChatCompletionChunk:
@@ -134,6 +135,7 @@ async def create_chat_completion(
                     usage=totals,
                 )
 
+            frames = StreamFrames(chunk([]))
             yield chunk(
                 [
                     ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
@@ -146,18 +148,25 @@ async def create_chat_completion(
                     tracker.saw(deltas)
                     for d in deltas:
                         results[d.index].add(d)
-                    choices = [
-                        ChatChunkChoice(
-                            index=d.index,
-                            delta=ChatDelta(content=d.text),
-                            logprobs=chat_logprobs(d.logprobs),
-                            finish_reason=d.finish_reason,
+                    moved = [d for d in deltas if d.text or d.finish_reason or d.logprobs]
+                    if not moved:
+                        continue
+                    if any(d.logprobs for d in moved):
+                        yield chunk(
+                            [
+                                ChatChunkChoice(
+                                    index=d.index,
+                                    delta=ChatDelta(content=d.text),
+                                    logprobs=chat_logprobs(d.logprobs),
+                                    finish_reason=d.finish_reason,
+                                )
+                                for d in moved
+                            ]
                         )
-                        for d in deltas
-                        if d.text or d.finish_reason or d.logprobs
-                    ]
-                    if choices:
-                        yield chunk(choices)
+                    else:  # the per-token hot path: text only, envelope serialized once
+                        yield frames.frame(
+                            [chat_text_choice(d.index, d.text, d.finish_reason) for d in moved]
+                        )
             record(results)
             if include_usage:
                 yield chunk([], usage(tracker.prompt_tokens, tracker.completion_tokens))

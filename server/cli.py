@@ -43,6 +43,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         host=args.host or settings.host,
         port=args.port if args.port is not None else settings.port,
         log_level=settings.log_level,
+        access_log=settings.access_log,
         timeout_graceful_shutdown=30,
     )
     server = _GracefulServer(config)

@@ -35,6 +35,7 @@ from server.generation import (
 from server.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
 from server.registry import Registry, ServedModel
 from server.render import RenderedPrompt, RenderError
+from server.stream_frames import StreamFrames, completion_text_choice
 
 ENDPOINT = "/v1/completions"
 MAX_PROMPTS = 64
@@ -126,14 +127,17 @@ async def create_completion(
     if body.stream:
         include_usage = body.include_usage()
 
-        async def chunks() -> AsyncGenerator[Completion]:
+        async def chunks() -> AsyncGenerator[Completion | bytes]:
+            frames = StreamFrames(
+                Completion(id=request_id, created=created, model=model.name, choices=[])
+            )
             started: set[int] = set()
             offsets: dict[int, int] = {}
             results = [ChoiceResult(index=i) for i in range(len(prompts) * n)]
             async with contextlib.aclosing(steps):
                 async for prompt_index, deltas in steps:
                     tracker.saw(deltas)
-                    choices = []
+                    choices: list[CompletionChoice | str] = []
                     for d in deltas:
                         index = prompt_index * n + d.index
                         results[index].add(d)
@@ -144,18 +148,31 @@ async def create_completion(
                         if not (text or d.finish_reason or d.logprobs):
                             continue
                         offset = offsets.get(index, 0)
-                        choices.append(
-                            CompletionChoice(
-                                index=index,
-                                text=text,
-                                logprobs=completion_logprobs(d.logprobs, offset),
-                                finish_reason=d.finish_reason,
+                        if d.logprobs:
+                            choices.append(
+                                CompletionChoice(
+                                    index=index,
+                                    text=text,
+                                    logprobs=completion_logprobs(d.logprobs, offset),
+                                    finish_reason=d.finish_reason,
+                                )
                             )
-                        )
+                        else:  # the per-token hot path: text only, as JSON at once
+                            choices.append(completion_text_choice(index, text, d.finish_reason))
                         offsets[index] = offset + len(text)
-                    if choices:
+                    if not choices:
+                        continue
+                    if all(isinstance(c, str) for c in choices):
+                        yield frames.frame(choices)  # type: ignore[arg-type]
+                    else:
                         yield Completion(
-                            id=request_id, created=created, model=model.name, choices=choices
+                            id=request_id,
+                            created=created,
+                            model=model.name,
+                            choices=[
+                                CompletionChoice.model_validate_json(c) if isinstance(c, str) else c
+                                for c in choices
+                            ],
                         )
             record(results)
             if include_usage:

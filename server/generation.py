@@ -300,12 +300,16 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     return work_task.result()
 
 
-async def sse(events: AsyncGenerator[BaseModel], tracker: Tracker) -> AsyncIterator[bytes]:
-    """Frame events as server-sent events ending in ``data: [DONE]``; an error after the
-    stream started becomes an SSE error event (the status line is already sent)."""
+async def sse(events: AsyncGenerator[BaseModel | bytes], tracker: Tracker) -> AsyncIterator[bytes]:
+    """Frame events as server-sent events ending in ``data: [DONE]`` (an event may come framed
+    already, see ``stream_frames``); an error after the stream started becomes an SSE error
+    event (the status line is already sent)."""
     try:
         async for event in events:
-            yield b"data: " + event.model_dump_json().encode() + b"\n\n"
+            if isinstance(event, bytes):
+                yield event
+            else:
+                yield b"data: " + event.model_dump_json().encode() + b"\n\n"
     except GatewayError as exc:
         yield b"data: " + json.dumps(exc.to_dict()).encode() + b"\n\n"
     except Exception:

@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     # KV cache per engine on CPU, in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: int = Field(default=2, ge=1, le=64)
     log_level: str = "info"
+    # One log line per request on the event loop; request counts and latencies are in /metrics.
+    access_log: bool = False
     # SQLAlchemy URL of the store; default: SQLite at <home>/aligngate.db.
     # PostgreSQL: postgresql+psycopg://user:password@127.0.0.1:5432/aligngate
     database_url: str | None = None

@@ -348,16 +348,19 @@ def test_side_by_side_against_raw_vllm(
     proc = _loadtest(
         ["compare", "--model-path", str(default_model_path), "--concurrency", "1,2",
          "--num-requests", "4", "--overhead-requests", "5", "--max-tokens", "8",
-         "--kv-cache-gib", "1", "--out", str(out)],
+         "--kv-cache-gib", "1", "--rounds", "2", "--out", str(out)],
         env=test_env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads((out / "results.json").read_text())
     assert set(payload["servers"]) == {"raw-vllm", "aligngate"}
     for server in payload["servers"].values():
-        assert server["start_s"] > 0
-        assert server["overhead_probe"]["completed"] == 5
-        assert [lvl["completed"] for lvl in server["levels"]] == [4, 4]
+        # Two rounds (raw, gateway, gateway, raw), pooled per server.
+        assert len(server["start_s"]) == 2 and min(server["start_s"]) > 0
+        assert server["overhead_probe"]["completed"] == 10
+        assert [lvl["completed"] for lvl in server["levels"]] == [8, 8]
+        assert all(lvl["cpu"]["front_end_s"] > 0 and lvl["cpu"]["engine_s"] > 0
+                   for lvl in server["levels"])  # fmt: skip
         assert all(lvl["errors"] == 0 and lvl["short_answers"] == 0 for lvl in server["levels"])
     # Both servers answered the identical workload: the same token counts.
     tokens = {
