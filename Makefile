@@ -23,4 +23,4 @@ fmt:
 # The headline benchmark: raw vLLM and the gateway side by side on the default model
 # (results, table and plots under loadtest/results/latest/).
 bench:
-	$(BIN)/python -m loadtest compare --concurrency 1,16 --max-tokens 128 --out loadtest/results/latest
+	$(BIN)/python -m loadtest compare --concurrency 1,16 --max-tokens 128 --rounds 2 --out loadtest/results/latest
