@@ -97,6 +97,21 @@ def write_json(path: Path, payload: Any) -> Path:
     return path
 
 
+def _style(ax: Any, title: str, legend_size: int) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("concurrency")
+    ax.set_xscale("log", base=2)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot(runs: Mapping[str, Sequence[Summary]], out_dir: Path) -> list[Path]:
     """Latency and throughput against concurrency, one line per server."""
     import matplotlib
@@ -131,15 +146,8 @@ def plot(runs: Mapping[str, Sequence[Summary]], out_dir: Path) -> list[Path]:
             for stat, style in zip(stats, ("-o", "--x"), strict=True):
                 xs, ys = series(summaries, key, stat)
                 ax.plot(xs, ys, style, label=f"{label} {stat}")
-        ax.set_title(title)
-        ax.set_xlabel("concurrency")
-        ax.set_xscale("log", base=2)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "latency.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        _style(ax, title, legend_size=7)
+    paths.append(_save(plt, fig, out_dir / "latency.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, (title, key) in zip(
@@ -150,13 +158,6 @@ def plot(runs: Mapping[str, Sequence[Summary]], out_dir: Path) -> list[Path]:
         for label, summaries in runs.items():
             xs, ys = series(summaries, key, None)
             ax.plot(xs, ys, "-o", label=label)
-        ax.set_title(title)
-        ax.set_xlabel("concurrency")
-        ax.set_xscale("log", base=2)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / "throughput.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+        _style(ax, title, legend_size=8)
+    paths.append(_save(plt, fig, out_dir / "throughput.png"))
     return paths

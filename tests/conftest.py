@@ -173,11 +173,11 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def run_cli(
-    args: list[str], env: dict[str, str], timeout: float = 600
+    args: list[str], env: dict[str, str] | None, timeout: float = 600, module: str = "server.cli"
 ) -> subprocess.CompletedProcess[str]:
-    """`aligngate ARGS` as a user runs it, from the repo root."""
+    """`aligngate ARGS` (or `python -m MODULE ARGS`) as a user runs it, from the repo root."""
     return subprocess.run(
-        [sys.executable, "-m", "server.cli", *args],
+        [sys.executable, "-m", module, *args],
         capture_output=True,
         text=True,
         env=env,

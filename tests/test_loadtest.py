@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from loadtest.client import Target, TargetError, request_body, require_loopback,
 from loadtest.runner import Load, run_load
 from loadtest.stats import RequestResult, Slo, percentile, summarize
 from loadtest.workload import Item, alpaca_eval, prompts_file, request_stream, token_counter
-from tests.conftest import REPO, SHARED, Gateway, free_port
+from tests.conftest import SHARED, Gateway, free_port, run_cli
 
 ALPACA = SHARED / "data" / "alpaca_eval"
 
@@ -298,15 +296,8 @@ def test_prompts_file(tmp_path: Path) -> None:
 # --- real runs --------------------------------------------------------------------------------
 
 
-def _loadtest(args: list[str], env: dict[str, str] | None = None, timeout: float = 900):  # type: ignore[no-untyped-def]
-    return subprocess.run(
-        [sys.executable, "-m", "loadtest", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=timeout,
-    )
+def _loadtest(args: list[str], env: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    return run_cli(args, env, timeout=900, module="loadtest")
 
 
 def test_run_against_live_gateway(
