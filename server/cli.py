@@ -1,4 +1,5 @@
-"""The ``aligngate`` command line: serve, render, export, default-model.
+"""The ``aligngate`` command line: serve, render, export, alpaca-eval, bench, default-model
+(and, from ``cli_training``, train, merge, align).
 
 Owns: argument parsing and logging set-up. Starting vLLM spawns processes, which is why
 everything runs under ``main()`` (the console script is the ``__main__`` guard).
@@ -345,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
         "default-model", help="convert the embedded SmolLM2 model once; print its folder"
     )
     default.set_defaults(func=_cmd_default_model)
+
+    from server.cli_training import add_training_commands
+
+    add_training_commands(sub)
     return parser
 
 

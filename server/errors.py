@@ -63,6 +63,17 @@ class IdempotencyConflict(GatewayError):
     code = "idempotency_key_reused"
 
 
+class Conflict(GatewayError):
+    status_code = 409
+    code = "conflict"
+
+
+class AuthenticationFailed(GatewayError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
 class StoreUnavailable(GatewayError):
     status_code = 503
     error_type = "server_error"

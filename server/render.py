@@ -299,7 +299,7 @@ class Renderer:
                 for v in variables.values()
                 if isinstance(v, str) and v not in self.quantile_tokens
             ]
-            if any(self._has_control_text(c) for c in contents):
+            if any(self.has_control_text(c) for c in contents):
                 ids = self._tokenize_guarded(template, system, turns, variables, text)
             else:
                 # Common case: the whole text in one pass, exactly as a trainer would.
@@ -320,6 +320,13 @@ class Renderer:
         """A family's other format, e.g. CUT's judgment prompt (``judge``)."""
         if name not in self._extra:
             raise RenderError(f"The {self.family} family has no {name!r} template.")
+        if self._template is None:
+            # A checkpoint's chat template is the tokenizer's; the family's other format is
+            # then the last user turn's text, rendered through that chat template (and
+            # tokenized as user text: nothing in it can become a control token).
+            turns = [{"role": m.role, "content": m.content} for m in messages]
+            content = self._extra[name].render(messages=turns, **variables)
+            return self._render(None, [*messages[:-1], Message("user", content)], {})
         return self._render(self._extra[name], messages, dict(variables))
 
     def render_text(self, prompt: str, *, quantile: int | None = None) -> RenderedPrompt:
@@ -350,8 +357,13 @@ class Renderer:
             return [bos, *ids]
         return ids
 
-    def _has_control_text(self, text: str) -> bool:
+    def has_control_text(self, text: str) -> bool:
+        """Whether ``text`` contains the text of any control token."""
         return any(s in text for s in self._control_strings)
+
+    def plain_ids(self, text: str) -> list[int]:
+        """``text`` tokenized as user text: no part of it becomes a control token."""
+        return self._plain(text)
 
     def _plain(self, text: str) -> list[int]:
         """Tokenize user text so that no part of it becomes a control token."""

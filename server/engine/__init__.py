@@ -4,6 +4,7 @@ Knows token ids and sampling parameters; knows nothing of templates or HTTP.
 """
 
 from server.engine.types import (
+    AdapterRef,
     ChoiceDelta,
     EngineStats,
     SamplingSpec,
@@ -11,4 +12,4 @@ from server.engine.types import (
     TopLogprob,
 )
 
-__all__ = ["ChoiceDelta", "EngineStats", "SamplingSpec", "TokenLogprob", "TopLogprob"]
+__all__ = ["AdapterRef", "ChoiceDelta", "EngineStats", "SamplingSpec", "TokenLogprob", "TopLogprob"]

@@ -34,6 +34,15 @@ class SamplingSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class AdapterRef:
+    """A LoRA adapter as the engine knows it: a unique name, a positive integer id, a folder."""
+
+    name: str
+    id: int
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
 class TopLogprob:
     token: str
     logprob: float

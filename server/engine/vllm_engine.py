@@ -15,7 +15,14 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.engine.types import ChoiceDelta, EngineStats, SamplingSpec, TokenLogprob, TopLogprob
+from server.engine.types import (
+    AdapterRef,
+    ChoiceDelta,
+    EngineStats,
+    SamplingSpec,
+    TokenLogprob,
+    TopLogprob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +59,16 @@ class EngineOptions:
 
 class EngineArgumentError(ValueError):
     """An engine argument in the models file that vLLM does not have."""
+
+
+class AdapterLoadError(ValueError):
+    """vLLM refused a LoRA adapter (wrong base, rank above the engine's maximum, ...)."""
+
+
+def _lora_request(ref: AdapterRef) -> Any:
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=ref.name, lora_int_id=ref.id, lora_path=ref.path)
 
 
 def _engine_args(options: EngineOptions, on_cpu: bool) -> Any:
@@ -192,16 +209,26 @@ class VllmEngine:
         return int(self._llm.get_num_unfinished_requests())
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], spec: SamplingSpec
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        spec: SamplingSpec,
+        adapter: AdapterRef | None = None,
     ) -> AsyncIterator[list[ChoiceDelta]]:
-        """Yield, per engine step, the deltas of the choices that moved.
+        """Yield, per engine step, the deltas of the choices that moved; with ``adapter``,
+        the request runs with that (loaded) LoRA.
 
         Closing the iterator early (client gone) aborts the request in the engine.
         """
         params = _to_sampling_params(spec)
         k = spec.logprobs or 0
         finished = False
-        stream = self._llm.generate({"prompt_token_ids": prompt_token_ids}, params, request_id)
+        stream = self._llm.generate(
+            {"prompt_token_ids": prompt_token_ids},
+            params,
+            request_id,
+            lora_request=_lora_request(adapter) if adapter is not None else None,
+        )
         try:
             async for out in stream:
                 yield [
@@ -220,6 +247,27 @@ class VllmEngine:
             await stream.aclose()
             if not finished:
                 await self.abort(request_id)
+
+    @property
+    def lora_enabled(self) -> bool:
+        return self._llm.vllm_config.lora_config is not None
+
+    @property
+    def max_lora_rank(self) -> int:
+        config = self._llm.vllm_config.lora_config
+        return int(config.max_lora_rank) if config is not None else 0
+
+    async def add_adapter(self, ref: AdapterRef) -> None:
+        """Load a LoRA into the engine (validated now, not on the first request)."""
+        try:
+            added = await self._llm.add_lora(_lora_request(ref))
+        except Exception as exc:  # vLLM raises plain ValueError/RuntimeError from its worker
+            raise AdapterLoadError(f"vLLM could not load adapter {ref.name!r}: {exc}") from exc
+        if added is False:
+            raise AdapterLoadError(f"vLLM did not load adapter {ref.name!r}")
+
+    async def remove_adapter(self, ref: AdapterRef) -> None:
+        await self._llm.remove_lora(ref.id)
 
     async def abort(self, request_id: str) -> None:
         await self._llm.abort(request_id)

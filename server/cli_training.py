@@ -1,0 +1,141 @@
+"""The training commands of the ``aligngate`` CLI: ``train cut``, ``merge``, ``align``.
+
+Owns: their arguments and console output (a progress bar with the loss). The work itself is
+in ``server.training``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from server.settings import Settings
+
+log = logging.getLogger("aligngate")
+
+
+def _cut_config(args: argparse.Namespace) -> object:
+    from server.training.trainer import CutConfig
+
+    return CutConfig(
+        threshold=args.threshold,
+        weight_unlike=args.weight_unlike,
+        downsample=args.downsample,
+        lora_r=args.lora_r,
+        lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.lora_r,
+        lora_dropout=args.lora_dropout,
+        target_modules=tuple(args.target_modules.split(",")),
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_steps,
+        batch_size=args.batch_size,
+        epochs=args.epochs,
+        cutoff=args.cutoff,
+        seed=args.seed,
+        dtype=args.dtype,
+        threads=args.threads,
+    )
+
+
+def _progress_writer(path: Path | None, bar: object):  # type: ignore[no-untyped-def]
+    """After each optimizer step: advance the bar; append a JSON line to ``path``."""
+
+    def progress(step: int, total: int, loss: float) -> None:
+        bar.total = total  # type: ignore[attr-defined]
+        bar.set_postfix(loss=f"{loss:.4f}")  # type: ignore[attr-defined]
+        bar.update(1)  # type: ignore[attr-defined]
+        if path is not None:
+            with path.open("a") as f:
+                f.write(json.dumps({"step": step, "total": total, "loss": loss}) + "\n")
+
+    return progress
+
+
+def _cmd_train_cut(args: argparse.Namespace, settings: Settings) -> int:
+    from tqdm import tqdm
+
+    from server.training.cut_data import CutDataError
+    from server.training.trainer import train_cut_adapter
+
+    if args.out.exists() and not args.overwrite:
+        log.error("%s exists; pass --overwrite to replace it", args.out)
+        return 2
+    config = _cut_config(args)
+    with tqdm(desc="CUT", unit="step", dynamic_ncols=True) as bar:
+        try:
+            out, report, dataset = train_cut_adapter(
+                base=args.base,
+                data=args.data,
+                out=args.out,
+                config=config,  # type: ignore[arg-type]
+                family=args.family,
+                template=args.template,
+                base_name=args.base_name,
+                init_adapter=args.init_adapter,
+                progress=_progress_writer(args.progress_file, bar),
+            )
+        except (CutDataError, FileNotFoundError, ValueError) as exc:
+            log.error("%s", exc)
+            return 2
+    summary = {"adapter": str(out), **report.as_dict(), "judged": dataset.judged}
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
+    from server.training.merge import MergeError, merge_adapter
+
+    try:
+        result = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype)
+    except MergeError as exc:
+        log.error("%s", exc)
+        return 2
+    log.info("%s %s", "merged into" if result.merged else "already merged:", result.out)
+    print(result.out)
+    return 0
+
+
+def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    train = sub.add_parser("train", help="train an adapter on collected judgments")
+    train_sub = train.add_subparsers(dest="method", required=True)
+    cut = train_sub.add_parser(
+        "cut", help="CUT: contrastive unlikelihood on judgments, LoRA (DESIGN.md §7)"
+    )
+    cut.add_argument("--base", type=Path, required=True, help="base checkpoint folder")
+    cut.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="CUT-format JSON (the CUT repo's, or `aligngate export --format cut`)",
+    )
+    cut.add_argument("--out", type=Path, required=True, help="adapter folder to write")
+    cut.add_argument("--family", help="prompt format (default: as the registry detects it)")
+    cut.add_argument("--template", help="a template file replacing the family's")
+    cut.add_argument("--base-name", help="the served model name of the base (metadata)")
+    cut.add_argument("--init-adapter", type=Path, help="continue training this adapter")
+    cut.add_argument("--threshold", type=float, default=1.1)
+    cut.add_argument("--weight-unlike", type=float, default=1.0)
+    cut.add_argument("--downsample", type=float, default=0.25)
+    cut.add_argument("--lora-r", type=int, default=16)
+    cut.add_argument("--lora-alpha", type=int, help="default: --lora-r")
+    cut.add_argument("--lora-dropout", type=float, default=0.05)
+    cut.add_argument("--target-modules", default="gate_proj,down_proj,up_proj")
+    cut.add_argument("--lr", type=float, default=4e-4)
+    cut.add_argument("--warmup-steps", type=int, default=100)
+    cut.add_argument("--batch-size", type=int, default=8)
+    cut.add_argument("--epochs", type=int, default=1)
+    cut.add_argument("--cutoff", type=int, default=2048)
+    cut.add_argument("--seed", type=int, default=0)
+    cut.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    cut.add_argument("--threads", type=int, help="torch CPU threads")
+    cut.add_argument("--progress-file", type=Path, help="append one JSON line per step")
+    cut.add_argument("--overwrite", action="store_true")
+    cut.set_defaults(func=_cmd_train_cut)
+
+    merge = sub.add_parser("merge", help="merge a LoRA adapter into its base (a plain checkpoint)")
+    merge.add_argument("--base", type=Path, required=True)
+    merge.add_argument("--adapter", type=Path, required=True)
+    merge.add_argument("--out", type=Path, required=True)
+    merge.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    merge.set_defaults(func=_cmd_merge)
