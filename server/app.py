@@ -15,16 +15,17 @@ from server import __version__
 from server.errors import install_error_handlers
 from server.metrics import GatewayMetrics, RequestMetricsMiddleware
 from server.registry import ModelEntry, Registry
-from server.routes import feedback, health, openai, render
+from server.routes import admin, feedback, health, openai, render
 from server.settings import Settings
 from server.store import Store
+from server.training.online import AlignJobs
 
 log = logging.getLogger(__name__)
 
 
 def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
     metrics = GatewayMetrics()
-    registry = Registry()
+    registry = Registry(adapters_root=settings.adapters_dir.resolve())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -54,6 +55,7 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
         try:
             yield
         finally:
+            await app.state.align_jobs.shutdown()  # kills a training worker still running
             # Engines own processes; stop them here rather than at interpreter exit.
             registry.shutdown()
             store.close()  # commits every queued record first
@@ -62,10 +64,12 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
     app.state.settings = settings
     app.state.registry = registry
     app.state.metrics = metrics
+    app.state.align_jobs = AlignJobs()
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(render.router)
     app.include_router(feedback.router)
     app.include_router(health.router)
+    app.include_router(admin.router)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -263,7 +263,9 @@ def engine_generator(model: ServedModel, spec_for: Callable[[int], SamplingSpec]
         prompt = model.renderer.render_chat([Message("user", item.instruction)])
         spec = spec_for(len(prompt.token_ids))
         text, tokens, reason = "", 0, None
-        async for deltas in model.engine.generate(new_id("batch"), prompt.token_ids, spec):
+        async for deltas in model.engine.generate(
+            new_id("batch"), prompt.token_ids, spec, adapter=model.adapter
+        ):
             for d in deltas:
                 text += d.text
                 tokens += len(d.token_ids)

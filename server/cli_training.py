@@ -96,6 +96,58 @@ def _cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_align(args: argparse.Namespace, settings: Settings) -> int:
+    """One online iteration on a live gateway: POST /admin/align, then follow the job."""
+    import time
+
+    import httpx
+
+    hyper = {
+        k: v
+        for k, v in {
+            "threshold": args.threshold,
+            "weight_unlike": args.weight_unlike,
+            "downsample": args.downsample,
+            "lora_r": args.lora_r,
+            "learning_rate": args.lr,
+            "warmup_steps": args.warmup_steps,
+            "batch_size": args.batch_size,
+            "epochs": args.epochs,
+            "dtype": args.dtype,
+            "threads": args.threads,
+        }.items()
+        if v is not None
+    }
+    body = {"model": args.model, "since": args.since, "min_judged": args.min_judged}
+    body["hyperparameters"] = hyper
+    key = args.admin_key or settings.admin_key
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    url = args.server.rstrip("/")
+    with httpx.Client(timeout=30, headers=headers) as client:
+        response = client.post(f"{url}/admin/align", json=body)
+        if response.status_code != 202:
+            log.error("align refused (%d): %s", response.status_code, response.text)
+            return 2
+        job = response.json()
+        log.info("align job %s started: %s", job["id"], job["adapter"] or args.model)
+        last = None
+        while job["status"] not in ("succeeded", "failed"):
+            time.sleep(1)
+            job = client.get(f"{url}/admin/align/{job['id']}").json()
+            state = (job["status"], job["step"])
+            if state != last:
+                log.info(
+                    "%s step %s/%s loss %s",
+                    job["status"],
+                    job["step"],
+                    job["total_steps"],
+                    job["loss"],
+                )
+                last = state
+    print(json.dumps(job, indent=2))
+    return 0 if job["status"] == "succeeded" else 1
+
+
 def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     train = sub.add_parser("train", help="train an adapter on collected judgments")
     train_sub = train.add_subparsers(dest="method", required=True)
@@ -139,3 +191,27 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
     merge.add_argument("--out", type=Path, required=True)
     merge.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     merge.set_defaults(func=_cmd_merge)
+
+    align = sub.add_parser(
+        "align",
+        help="one online-alignment iteration on a live gateway: judgments → CUT → hot-load",
+    )
+    align.add_argument("--model", required=True, help="served model whose judgments to use")
+    align.add_argument("--server", default="http://127.0.0.1:8000", help="the gateway's URL")
+    align.add_argument("--since", help="judgments from this time on (default: since the last)")
+    align.add_argument("--min-judged", type=int, default=1)
+    align.add_argument("--admin-key", help="default: ALIGNGATE_ADMIN_KEY")
+    for flag, kind in (
+        ("--threshold", float),
+        ("--weight-unlike", float),
+        ("--downsample", float),
+        ("--lora-r", int),
+        ("--lr", float),
+        ("--warmup-steps", int),
+        ("--batch-size", int),
+        ("--epochs", int),
+        ("--threads", int),
+    ):
+        align.add_argument(flag, type=kind, help="CUT setting (default: the server's)")
+    align.add_argument("--dtype", choices=["float32", "bfloat16"])
+    align.set_defaults(func=_cmd_align)

@@ -209,7 +209,9 @@ async def engine_steps(
     """The engine's deltas, with engine failures turned into gateway errors."""
     ensure_healthy(model)
     try:
-        async for deltas in model.engine.generate(request_id, prompt_ids, spec):
+        async for deltas in model.engine.generate(
+            request_id, prompt_ids, spec, adapter=model.adapter
+        ):
             yield deltas
     except GatewayError:
         raise

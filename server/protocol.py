@@ -347,6 +347,9 @@ class ModelCard(BaseModel):
     family: str
     template: str
     template_fingerprint: str
+    # An adapter: the base model it runs on, and its metadata (method, data, hyper-parameters).
+    parent: str | None = None
+    adapter: dict[str, Any] | None = None
 
 
 class ModelList(BaseModel):
@@ -383,6 +386,53 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class AdapterLoadRequest(BaseModel):
+    """``POST /admin/adapters``: serve an adapter folder under its own model name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+    # Relative to the adapters root; default: the name.
+    path: str | None = Field(default=None, max_length=1024)
+    # The served model to run it on; default: the one its metadata names, else the only
+    # model served with LoRA support.
+    base: str | None = Field(default=None, max_length=128)
+
+
+class CutHyperparameters(BaseModel):
+    """CUT training settings of an online iteration (DESIGN.md §7; defaults: the paper's
+    online iterations, except warm-up, which is scaled to the small data of one iteration)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    threshold: float = Field(default=1.1, gt=0, le=100)
+    weight_unlike: float = Field(default=1.0, ge=0, le=100)
+    downsample: float = Field(default=0.25, ge=-1, le=100)
+    lora_r: Literal[1, 8, 16, 32, 64] = 16
+    lora_alpha: int | None = Field(default=None, ge=1, le=1024)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    learning_rate: float = Field(default=4e-4, gt=0, le=1)
+    warmup_steps: int = Field(default=0, ge=0, le=100_000)
+    batch_size: int = Field(default=8, ge=1, le=1024)
+    epochs: int = Field(default=1, ge=1, le=100)
+    cutoff: int = Field(default=2048, ge=16, le=131_072)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    threads: int | None = Field(default=None, ge=1, le=256)
+
+
+class AlignRequest(BaseModel):
+    """``POST /admin/align``: one online iteration on a served model's judgments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(max_length=128)
+    # ISO-8601 or epoch seconds; default: where the previous iteration stopped.
+    since: str | None = Field(default=None, max_length=64)
+    min_judged: int = Field(default=1, ge=1, le=1_000_000)
+    hyperparameters: CutHyperparameters = Field(default_factory=CutHyperparameters)
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -28,6 +28,11 @@ class Settings(BaseSettings):
     log_level: str = "info"
     # One log line per request on the event loop; request counts and latencies are in /metrics.
     access_log: bool = False
+    # LoRA adapters: the admin API and `aligngate align` read and write folders only here
+    # (relative: against the working directory at start).
+    adapters_dir: Path = Path("adapters")
+    # Bearer key for the /admin routes; unset, they answer loopback clients only.
+    admin_key: str | None = None
     # SQLAlchemy URL of the store; default: SQLite at <home>/aligngate.db.
     # PostgreSQL: postgresql+psycopg://user:password@127.0.0.1:5432/aligngate
     database_url: str | None = None

@@ -34,7 +34,7 @@ async def completions(body: CompletionRequest, request: Request, registry: Regis
     return await create_completion(body, request, registry)
 
 
-def _card(m: ServedModel) -> ModelCard:
+def model_card(m: ServedModel) -> ModelCard:
     return ModelCard(
         id=m.name,
         created=m.created,
@@ -43,14 +43,16 @@ def _card(m: ServedModel) -> ModelCard:
         family=m.renderer.family,
         template=m.renderer.template_name,
         template_fingerprint=m.renderer.fingerprint,
+        parent=m.parent,
+        adapter=m.adapter_meta if m.adapter is not None else None,
     )
 
 
 @router.get("/models")
 async def list_models(registry: RegistryDep) -> ModelList:
-    return ModelList(data=[_card(m) for m in registry.all()])
+    return ModelList(data=[model_card(m) for m in registry.served()])
 
 
 @router.get("/models/{model_id:path}")
 async def retrieve_model(model_id: str, registry: RegistryDep) -> ModelCard:
-    return _card(registry.get(model_id))
+    return model_card(registry.get(model_id))

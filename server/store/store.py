@@ -238,14 +238,17 @@ class Store:
     # ---- export reads (synchronous: the CLI and background jobs use them) -------------------
 
     def export_rows(
-        self, *, model: str | None = None, since: float | None = None
+        self, *, model: str | None = None, since: float | None = None, until: float | None = None
     ) -> tuple[list[FeedbackRow], dict[str, CompletionRecord]]:
-        """Feedback (oldest first) and every completion it names, for exports."""
+        """Feedback (oldest first, ``since`` ≤ created < ``until``) and every completion it
+        names, for exports."""
         conditions = []
         if model is not None:
             conditions.append(feedback.c.model == model)
         if since is not None:
             conditions.append(feedback.c.created_at >= since)
+        if until is not None:
+            conditions.append(feedback.c.created_at < until)
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(feedback).where(*conditions).order_by(feedback.c.created_at, feedback.c.id)

@@ -215,7 +215,7 @@ def save_adapter(
         "method": "cut",
         "base_model": {
             "name": base_name,
-            "path": str(base),
+            "path": str(base.resolve()),
             "fingerprint": base_fingerprint(base),
         },
         "family": renderer.family,

@@ -1,0 +1,334 @@
+"""One online-alignment iteration (the CUT paper's loop, inside the gateway):
+judgments collected since the last iteration → CUT training data → LoRA training in a worker
+process (serving goes on) → ``<adapters>/<base>-iter<K>`` → hot-loaded as model
+``<base>-iter<K>``.
+
+An iteration on an adapter's traffic continues training that adapter; an iteration on a base
+model's traffic starts a fresh LoRA. Each adapter's metadata records its iteration and the
+time up to which it consumed judgments, so the next iteration starts there.
+
+Owns: planning, the job's state, the worker process. Does not know: HTTP, SQL, vLLM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from server.export import to_cut
+from server.store import Store
+from server.training.adapter_meta import META_FILE, read_meta, write_json_atomic
+from server.training.trainer import CutConfig
+
+log = logging.getLogger(__name__)
+
+DATA_FILE = "train-data.json"
+Status = Literal["queued", "exporting", "training", "loading", "succeeded", "failed"]
+
+
+class AlignError(ValueError):
+    """An iteration that cannot start (nothing to train on, a job already running, ...)."""
+
+
+@dataclass(frozen=True)
+class AlignPlan:
+    model: str  # whose judgments are used: a served base model or adapter
+    base_name: str  # the base model the adapters run on
+    base_path: Path
+    family: str | None
+    template: str | None
+    init_adapter: Path | None  # continue training this adapter (``model`` is an adapter)
+    iteration: int
+    since: float | None
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return f"{self.base_name}-iter{self.iteration}"
+
+    @property
+    def out(self) -> Path:
+        return self.root / self.name
+
+
+def previous_iterations(root: Path, base_name: str) -> list[dict[str, Any]]:
+    """The ``online`` sections of this base's earlier iterations, oldest first."""
+    found = []
+    if root.is_dir():
+        for folder in root.iterdir():
+            if not re.fullmatch(re.escape(base_name) + r"-iter\d+", folder.name):
+                continue
+            try:
+                meta = read_meta(folder)
+            except ValueError:
+                continue
+            online = (meta or {}).get("online")
+            if isinstance(online, dict) and isinstance(online.get("iteration"), int):
+                found.append(online)
+    return sorted(found, key=lambda o: o["iteration"])
+
+
+def plan_iteration(
+    *,
+    model: str,
+    base_name: str,
+    base_path: Path,
+    family: str | None,
+    template: str | None,
+    adapter_path: Path | None,
+    root: Path,
+    since: float | None = None,
+) -> AlignPlan:
+    history = previous_iterations(root, base_name)
+    iteration = (history[-1]["iteration"] + 1) if history else 1
+    if since is None and history:
+        since = history[-1].get("until")
+    return AlignPlan(
+        model=model,
+        base_name=base_name,
+        base_path=base_path,
+        family=family,
+        template=template,
+        init_adapter=adapter_path,
+        iteration=iteration,
+        since=since,
+        root=root,
+    )
+
+
+@dataclass
+class AlignJob:
+    id: str
+    model: str
+    status: Status = "queued"
+    adapter: str | None = None
+    iteration: int | None = None
+    since: float | None = None
+    until: float | None = None
+    feedback_rows: int = 0
+    records: int = 0
+    judged: int = 0
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    train: dict[str, Any] | None = None
+    error: str | None = None
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        return {"object": "align.job", **asdict(self)}
+
+
+def _train_command(plan: AlignPlan, data: Path, progress: Path, config: CutConfig) -> list[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "train",
+        "cut",
+        "--base",
+        str(plan.base_path),
+        "--data",
+        str(data),
+        "--out",
+        str(plan.out),
+        "--base-name",
+        plan.base_name,
+        "--progress-file",
+        str(progress),
+        "--threshold",
+        str(config.threshold),
+        "--weight-unlike",
+        str(config.weight_unlike),
+        "--downsample",
+        str(config.downsample),
+        "--lora-r",
+        str(config.lora_r),
+        "--lora-alpha",
+        str(config.lora_alpha),
+        "--lora-dropout",
+        str(config.lora_dropout),
+        "--target-modules",
+        ",".join(config.target_modules),
+        "--lr",
+        str(config.learning_rate),
+        "--warmup-steps",
+        str(config.warmup_steps),
+        "--batch-size",
+        str(config.batch_size),
+        "--epochs",
+        str(config.epochs),
+        "--cutoff",
+        str(config.cutoff),
+        "--seed",
+        str(config.seed),
+        "--dtype",
+        config.dtype,
+    ]
+    if config.threads:
+        cmd += ["--threads", str(config.threads)]
+    if plan.family:
+        cmd += ["--family", plan.family]
+    if plan.template:
+        cmd += ["--template", plan.template]
+    if plan.init_adapter:
+        cmd += ["--init-adapter", str(plan.init_adapter)]
+    return cmd
+
+
+async def _watch_progress(job: AlignJob, path: Path) -> None:
+    while True:
+        await asyncio.sleep(0.5)
+        try:
+            lines = (await asyncio.to_thread(path.read_text)).splitlines()
+        except FileNotFoundError:
+            continue
+        if lines:
+            last = json.loads(lines[-1])
+            job.step, job.total_steps, job.loss = last["step"], last["total"], last["loss"]
+
+
+async def run_iteration(
+    plan: AlignPlan,
+    store: Store,
+    config: CutConfig,
+    job: AlignJob,
+    load: Callable[[str, str], Awaitable[None]] | None = None,
+    min_records: int = 1,
+) -> AlignJob:
+    """Export → train (worker process) → write the adapter → ``load(name, folder)``."""
+    job.iteration, job.since, job.adapter = plan.iteration, plan.since, plan.name
+    work = plan.root / ".align" / job.id
+    try:
+        if plan.out.exists():
+            raise AlignError(f"{plan.out} already exists")
+        started = time.perf_counter()
+        job.status = "exporting"
+        job.until = time.time()
+        rows, records = await asyncio.to_thread(
+            store.export_rows, model=plan.model, since=plan.since, until=job.until
+        )
+        items = to_cut(rows, records)
+        job.feedback_rows, job.records = len(rows), len(items)
+        job.judged = sum(1 for i in items if i["judgment"] is not None)
+        if job.judged < min_records:
+            raise AlignError(
+                f"{job.judged} judged response(s) of `{plan.model}` since the last iteration; "
+                f"at least {min_records} needed"
+            )
+        work.mkdir(parents=True, exist_ok=True)
+        data = work / DATA_FILE
+        write_json_atomic(data, items)
+        job.timings["export_s"] = round(time.perf_counter() - started, 3)
+
+        job.status = "training"
+        started = time.perf_counter()
+        progress = work / "progress.jsonl"
+        log_path = work / "train.log"
+        with log_path.open("wb") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                *_train_command(plan, data, progress, config),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log_file,
+                env={**os.environ, "TQDM_DISABLE": "1"},
+            )
+            watcher = asyncio.create_task(_watch_progress(job, progress))
+            try:
+                stdout, _ = await process.communicate()
+            finally:
+                watcher.cancel()
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+        if process.returncode != 0:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+            raise AlignError("training failed: " + " | ".join(tail))
+        job.train = json.loads(stdout.decode().strip().splitlines()[-1])
+        job.timings["train_s"] = round(time.perf_counter() - started, 3)
+
+        # The adapter keeps its training data and its place in the loop.
+        shutil.move(str(data), plan.out / DATA_FILE)
+        meta = read_meta(plan.out) or {}
+        meta["data"] = {**meta.get("data", {}), "path": DATA_FILE}
+        meta["online"] = {
+            "iteration": plan.iteration,
+            "model": plan.model,
+            "base": plan.base_name,
+            "since": plan.since,
+            "until": job.until,
+            "feedback_rows": job.feedback_rows,
+            "job": job.id,
+        }
+        write_json_atomic(plan.out / META_FILE, meta)
+
+        if load is not None:
+            job.status = "loading"
+            started = time.perf_counter()
+            await load(plan.name, plan.name)
+            job.timings["load_s"] = round(time.perf_counter() - started, 3)
+        job.status = "succeeded"
+    except asyncio.CancelledError:
+        job.status, job.error = "failed", "cancelled"
+        raise
+    except Exception as exc:
+        job.status, job.error = "failed", str(exc)
+        log.warning("Align job %s failed: %s", job.id, exc)
+    finally:
+        job.finished = time.time()
+        shutil.rmtree(work, ignore_errors=True)
+    return job
+
+
+class AlignJobs:
+    """The server's iterations: one at a time (training shares the CPU with serving)."""
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, AlignJob] = {}
+        self._tasks: set[asyncio.Task[AlignJob]] = set()
+
+    def get(self, job_id: str) -> AlignJob | None:
+        return self._jobs.get(job_id)
+
+    def running(self) -> AlignJob | None:
+        return next(
+            (j for j in self._jobs.values() if j.status not in ("succeeded", "failed")), None
+        )
+
+    def start(
+        self,
+        plan: AlignPlan,
+        store: Store,
+        config: CutConfig,
+        load: Callable[[str, str], Awaitable[None]],
+        min_records: int = 1,
+    ) -> AlignJob:
+        busy = self.running()
+        if busy is not None:
+            raise AlignError(f"align job {busy.id} is still {busy.status}")
+        job = AlignJob(id=f"align-{uuid.uuid4().hex[:12]}", model=plan.model)
+        self._jobs[job.id] = job
+        task = asyncio.create_task(run_iteration(plan, store, config, job, load, min_records))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return job
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
