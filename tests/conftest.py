@@ -110,7 +110,13 @@ def test_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     db = tmp_path_factory.mktemp("store") / "aligngate.db"
     env["ALIGNGATE_DATABASE_URL"] = f"sqlite:///{db}"
     env.setdefault("ALIGNGATE_CPU_KV_CACHE_GIB", "1")
+    env["ALIGNGATE_ADAPTERS_DIR"] = str(tmp_path_factory.mktemp("adapters"))
     return env
+
+
+@pytest.fixture(scope="session")
+def adapters_root(test_env: dict[str, str]) -> Path:
+    return Path(test_env["ALIGNGATE_ADAPTERS_DIR"])
 
 
 @pytest.fixture(scope="session")
