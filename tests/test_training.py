@@ -208,7 +208,7 @@ def response_probs(model, renderer: Renderer, records: list[CutRecord]):  # type
 
 @pytest.mark.slow
 def test_cut_lowers_the_flagged_tokens_of_the_default_model(
-    default_model_path: Path, renderer: Renderer, adapters_root: Path, tmp_path: Path
+    default_model_path: Path, renderer: Renderer, tmp_path: Path
 ) -> None:
     """Evidence that it learns, on the real default model (the numbers go to the log)."""
     data = tmp_path / "evidence.json"
@@ -216,7 +216,7 @@ def test_cut_lowers_the_flagged_tokens_of_the_default_model(
     records, _ = read_records(data)
     model = load_trainable(default_model_path, EVIDENCE_CONFIG).eval()
     before = response_probs(model, renderer, records)
-    out = adapters_root / "evidence-cut"
+    out = tmp_path / "evidence-cut"
     train_cut_adapter(base=default_model_path, data=data, out=out, config=EVIDENCE_CONFIG)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

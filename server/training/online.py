@@ -319,7 +319,13 @@ class AlignJobs:
         busy = self.running()
         if busy is not None:
             raise AlignError(f"align job {busy.id} is still {busy.status}")
-        job = AlignJob(id=f"align-{uuid.uuid4().hex[:12]}", model=plan.model)
+        job = AlignJob(
+            id=f"align-{uuid.uuid4().hex[:12]}",
+            model=plan.model,
+            adapter=plan.name,
+            iteration=plan.iteration,
+            since=plan.since,
+        )
         self._jobs[job.id] = job
         task = asyncio.create_task(run_iteration(plan, store, config, job, load, min_records))
         self._tasks.add(task)

@@ -1,0 +1,206 @@
+"""LoRA adapters served by name on the live gateway (vLLM's LoRA on the CPU), the admin
+routes that load and unload them, and one online-alignment iteration end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from server.render import Message, Renderer
+from server.training.trainer import train_cut_adapter
+from tests.conftest import Gateway
+from tests.test_training import EVIDENCE, EVIDENCE_CONFIG
+
+
+@pytest.fixture(scope="module")
+def evidence_adapter(default_model_path: Path, adapters_root: Path, tmp_path_factory) -> str:  # type: ignore[no-untyped-def]
+    data = tmp_path_factory.mktemp("evidence") / "evidence.json"
+    data.write_text(json.dumps([{**e, "input": ""} for e in EVIDENCE]))
+    train_cut_adapter(
+        base=default_model_path,
+        data=data,
+        out=adapters_root / "evidence-cut",
+        config=EVIDENCE_CONFIG,
+        base_name="smollm2-135m-instruct",
+    )
+    return "evidence-cut"
+
+
+def next_token_logprob(gateway: Gateway, model: str, prompt: str, token: str) -> float:
+    r = httpx.post(
+        f"{gateway.url}/v1/completions",
+        json={"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 20},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    top = r.json()["choices"][0]["logprobs"]["top_logprobs"][0]
+    # absent from the top 20: at most the 20th's log-probability
+    return top.get(token, min(top.values()))
+
+
+def test_adapter_is_served_under_its_own_name_and_unloaded(
+    gateway: Gateway, evidence_adapter: str, default_model_path: Path
+) -> None:
+    name = "smollm2-cut:evidence"
+    r = httpx.post(
+        f"{gateway.url}/admin/adapters", json={"name": name, "path": evidence_adapter}, timeout=60
+    )
+    assert r.status_code == 201, r.text
+    card = r.json()
+    assert card["parent"] == gateway.model and card["family"] == "chat"
+    assert card["adapter"]["method"] == "cut" and card["adapter"]["hyperparameters"]["epochs"] == 4
+    listed = {m["id"]: m for m in httpx.get(f"{gateway.url}/v1/models").json()["data"]}
+    assert listed[name]["parent"] == gateway.model
+
+    # The judged error (" planet" of the Saturn answer was flagged) under the served prompt.
+    renderer = Renderer.load(default_model_path)
+    prompt = renderer.render_chat([Message("user", EVIDENCE[0]["instruction"])]).text
+    base = next_token_logprob(gateway, gateway.model, prompt + "The largest", " planet")
+    tuned = next_token_logprob(gateway, name, prompt + "The largest", " planet")
+    print(f"log p(' planet'): base {base:.3f} ({math.exp(base):.3f}), adapter {tuned:.3f}")
+    assert tuned < base - math.log(2)
+
+    for model in (gateway.model, name):
+        chat = httpx.post(
+            f"{gateway.url}/v1/chat/completions",
+            json={
+                "model": model,
+                "messages": [{"role": "user", "content": EVIDENCE[0]["instruction"]}],
+                "max_tokens": 24,
+                "temperature": 0,
+            },
+            timeout=60,
+        )
+        assert chat.status_code == 200 and chat.json()["model"] == model
+        print(model, repr(chat.json()["choices"][0]["message"]["content"]))
+
+    assert httpx.delete(f"{gateway.url}/admin/adapters/{name}").status_code == 200
+    gone = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": name, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
+    assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
+    assert httpx.delete(f"{gateway.url}/admin/adapters/{name}").status_code == 404
+
+
+def test_adapter_paths_are_confined_and_checked(
+    gateway: Gateway, evidence_adapter: str, adapters_root: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    shutil.copytree(adapters_root / evidence_adapter, outside)
+    (adapters_root / "escape").symlink_to(outside)
+    pickled = adapters_root / "pickled"
+    shutil.copytree(adapters_root / evidence_adapter, pickled)
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    cases = {
+        "../outside": "may not contain '..'",
+        str(outside): "absolute",
+        "escape": "outside the adapters root",
+        "pickled": "adapter_model.bin is refused",
+        "missing": "no adapter folder",
+    }
+    for path, message in cases.items():
+        r = httpx.post(f"{gateway.url}/admin/adapters", json={"name": "x", "path": path})
+        assert r.status_code == 400, (path, r.text)
+        assert message in r.json()["error"]["message"] and r.json()["error"]["param"] == "path"
+    taken = httpx.post(
+        f"{gateway.url}/admin/adapters", json={"name": gateway.model, "path": evidence_adapter}
+    )
+    assert taken.status_code == 409
+    bad = httpx.post(f"{gateway.url}/admin/adapters", json={"name": "x", "path": "a", "pwd": 1})
+    assert bad.status_code == 400 and "error" in bad.json()
+
+
+def _poll(gateway: Gateway, job_id: str, timeout: float = 600) -> dict:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{gateway.url}/admin/align/{job_id}").json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(1)
+    raise AssertionError(f"align job {job_id} did not finish")
+
+
+@pytest.mark.slow
+def test_online_iteration_trains_and_hot_loads_without_restart(gateway: Gateway) -> None:
+    since = time.time()
+    question = "What is the chemical symbol for gold?"
+    completion = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={
+            "model": gateway.model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 24,
+            "temperature": 0,
+            "store": True,
+        },
+        timeout=60,
+    ).json()
+    for judgment in ("Say only the symbol: Au.", None):
+        fb = {"completion_id": completion["id"], "annotator": "test"}
+        fb |= {"judgment": judgment} if judgment else {"rating": 1}
+        assert httpx.post(f"{gateway.url}/v1/feedback", json=fb).status_code in (200, 201)
+    time.sleep(1.5)  # the store's group commit
+
+    body = {
+        "model": gateway.model,
+        "since": str(since),
+        "hyperparameters": {"epochs": 2, "batch_size": 1, "warmup_steps": 0},
+    }
+    r = httpx.post(f"{gateway.url}/admin/align", json=body)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert job["adapter"] == f"{gateway.model}-iter1" and job["iteration"] == 1
+    again = httpx.post(f"{gateway.url}/admin/align", json=body)
+    assert again.status_code == 409  # one iteration at a time
+
+    # Serving goes on while the worker trains.
+    while (state := httpx.get(f"{gateway.url}/admin/align/{job['id']}").json())["status"] in (
+        "queued",
+        "exporting",
+    ):
+        time.sleep(0.2)
+    during = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={
+            "model": gateway.model,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 8,
+        },
+        timeout=120,
+    )
+    assert during.status_code == 200
+    job = _poll(gateway, job["id"])
+    assert job["status"] == "succeeded", job
+    # downsampling keeps int(1 judged × 0.25) = 0 fine responses: 1 example × 2 epochs
+    assert job["judged"] == 1 and job["records"] == 2 and job["train"]["steps"] == 2
+    print("align job:", json.dumps(job["timings"]), json.dumps(job["train"]))
+    assert state["status"] in ("training", "loading", "succeeded")
+
+    name = job["adapter"]
+    card = httpx.get(f"{gateway.url}/v1/models/{name}").json()
+    assert card["parent"] == gateway.model and card["adapter"]["online"]["iteration"] == 1
+    answer = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={
+            "model": name,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 24,
+            "temperature": 0,
+        },
+        timeout=60,
+    )
+    assert answer.status_code == 200 and answer.json()["model"] == name
+
+    # The next iteration starts where this one stopped: nothing new to learn from yet.
+    r = httpx.post(f"{gateway.url}/admin/align", json={"model": gateway.model})
+    follow = _poll(gateway, r.json()["id"])
+    assert follow["status"] == "failed" and follow["since"] == job["until"]
+    assert "0 judged" in follow["error"] and follow["iteration"] == 2
+    assert httpx.get(f"{gateway.url}/admin/align/nope").status_code == 404
