@@ -1,5 +1,6 @@
-"""The online loop as the server runs it: which base and adapter an iteration on a served
-model's traffic starts from, and hot-loading what it trains.
+"""The online loop as the server runs it (and as ``aligngate align --config`` runs it without
+one): which base and adapter an iteration on a model's traffic starts from, and hot-loading
+what it trains.
 
 Owns: the mapping from served models to an ``AlignPlan``. Does not know: HTTP.
 """
@@ -9,10 +10,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from server.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
 from server.errors import Conflict, InvalidRequest
 from server.feedback import parse_since
 from server.protocol import AlignRequest, CutHyperparameters
-from server.registry import Registry
+from server.registry import (
+    ModelEntry,
+    ModelsFileError,
+    Registry,
+    build_renderer,
+    resolve_path,
+)
+from server.settings import Settings
 from server.store import Store
 from server.training.online import AlignError, AlignJob, AlignJobs, AlignPlan, plan_iteration
 from server.training.trainer import CutConfig
@@ -61,3 +70,45 @@ def start_align(body: AlignRequest, registry: Registry, store: Store, jobs: Alig
         return jobs.start(plan, store, cut_config(body.hyperparameters), load, body.min_judged)
     except AlignError as exc:
         raise Conflict(str(exc)) from exc
+
+
+def plan_offline(
+    entries: list[ModelEntry], settings: Settings, model: str, since: float | None
+) -> AlignPlan:
+    """The plan for ``aligngate align --config FILE``, without a running server: ``model``
+    is a models-file entry, one of its listed adapters, or an earlier iteration's folder
+    under the adapters root (its metadata names the base)."""
+    root = settings.adapters_dir.resolve()
+    by_name = {e.name: e for e in entries}
+    entry, adapter = by_name.get(model), None
+    if entry is None:
+        listed = [(e, a) for e in entries for a in e.adapters if a.name == model]
+        if listed:
+            entry, adapter = listed[0][0], resolve_adapter(root, listed[0][1].path)
+        else:
+            try:
+                folder = inspect_adapter(resolve_adapter(root, model))
+            except AdapterFileError as exc:
+                raise ModelsFileError(
+                    f"`{model}` is neither a model of the models file nor an adapter folder "
+                    f"under {root} ({exc})"
+                ) from exc
+            base = ((folder.meta or {}).get("base_model") or {}).get("name")
+            if base not in by_name:
+                raise ModelsFileError(
+                    f"adapter `{model}` was trained on `{base}`, which the models file "
+                    "does not serve"
+                )
+            entry, adapter = by_name[base], folder.path
+    path = resolve_path(entry, settings)
+    renderer = build_renderer(entry, path)
+    return plan_iteration(
+        model=model,
+        base_name=entry.name,
+        base_path=Path(path),
+        family=renderer.family,
+        template=entry.template,
+        adapter_path=adapter,
+        root=root,
+        since=since,
+    )

@@ -15,6 +15,8 @@ from server.settings import Settings
 
 log = logging.getLogger("aligngate")
 
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
 
 def _cut_config(args: argparse.Namespace) -> object:
     from server.training.trainer import CutConfig
@@ -96,13 +98,8 @@ def _cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _cmd_align(args: argparse.Namespace, settings: Settings) -> int:
-    """One online iteration on a live gateway: POST /admin/align, then follow the job."""
-    import time
-
-    import httpx
-
-    hyper = {
+def _align_hyperparameters(args: argparse.Namespace) -> dict[str, object]:
+    return {
         k: v
         for k, v in {
             "threshold": args.threshold,
@@ -118,12 +115,39 @@ def _cmd_align(args: argparse.Namespace, settings: Settings) -> int:
         }.items()
         if v is not None
     }
-    body = {"model": args.model, "since": args.since, "min_judged": args.min_judged}
-    body["hyperparameters"] = hyper
+
+
+def _cmd_align(args: argparse.Namespace, settings: Settings) -> int:
+    if args.config is not None:
+        code, job = _align_offline(args, settings)
+        if code == 0 and args.server:
+            code = _hot_load(args, settings, job["adapter"])
+        return code
+    if args.merge_out is not None:
+        log.error("--merge-out needs --config (the iteration then runs in this process)")
+        return 2
+    return _align_on_server(args, settings)
+
+
+def _admin_headers(args: argparse.Namespace, settings: Settings) -> dict[str, str]:
     key = args.admin_key or settings.admin_key
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    url = args.server.rstrip("/")
-    with httpx.Client(timeout=30, headers=headers) as client:
+    return {"authorization": f"Bearer {key}"} if key else {}
+
+
+def _align_on_server(args: argparse.Namespace, settings: Settings) -> int:
+    """One online iteration on a live gateway: POST /admin/align, then follow the job."""
+    import time
+
+    import httpx
+
+    body = {
+        "model": args.model,
+        "since": args.since,
+        "min_judged": args.min_judged,
+        "hyperparameters": _align_hyperparameters(args),
+    }
+    url = (args.server or DEFAULT_SERVER).rstrip("/")
+    with httpx.Client(timeout=30, headers=_admin_headers(args, settings)) as client:
         response = client.post(f"{url}/admin/align", json=body)
         if response.status_code != 202:
             log.error("align refused (%d): %s", response.status_code, response.text)
@@ -146,6 +170,64 @@ def _cmd_align(args: argparse.Namespace, settings: Settings) -> int:
                 last = state
     print(json.dumps(job, indent=2))
     return 0 if job["status"] == "succeeded" else 1
+
+
+def _align_offline(args: argparse.Namespace, settings: Settings) -> tuple[int, dict[str, object]]:
+    """The iteration in this process, from the models file and the store (no server needed):
+    the adapter lands under the adapters root; ``--merge-out`` also merges it into a new
+    base checkpoint for the next round."""
+    import asyncio
+    import uuid
+
+    from pydantic import ValidationError
+
+    from server.align_service import cut_config, plan_offline
+    from server.feedback import parse_since
+    from server.protocol import CutHyperparameters
+    from server.registry import ModelsFileError, load_models_file
+    from server.store import Store
+    from server.training.merge import MergeError, merge_adapter
+    from server.training.online import AlignJob, run_iteration
+
+    try:
+        config = cut_config(CutHyperparameters(**_align_hyperparameters(args)))
+        plan = plan_offline(
+            load_models_file(args.config), settings, args.model, parse_since(args.since)
+        )
+    except (ValidationError, ModelsFileError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2, {}
+    job = AlignJob(id=f"align-{uuid.uuid4().hex[:12]}", model=args.model)
+    log.info("iteration %d on `%s`: training %s", plan.iteration, args.model, plan.out)
+    store = Store.open(settings.store_url())
+    try:
+        asyncio.run(run_iteration(plan, store, config, job, min_records=args.min_judged))
+    finally:
+        store.close()
+    result = job.public()
+    if job.status == "succeeded" and args.merge_out is not None:
+        try:
+            merged = merge_adapter(plan.base_path, plan.out, args.merge_out)
+        except MergeError as exc:
+            log.error("%s", exc)
+            return 2, result
+        result["merged"] = str(merged.out)
+    print(json.dumps(result, indent=2))
+    return (0 if job.status == "succeeded" else 1), result
+
+
+def _hot_load(args: argparse.Namespace, settings: Settings, name: object) -> int:
+    import httpx
+
+    url = args.server.rstrip("/")
+    body = {"name": name, "path": name}
+    with httpx.Client(timeout=120, headers=_admin_headers(args, settings)) as client:
+        response = client.post(f"{url}/admin/adapters", json=body)
+    if response.status_code != 201:
+        log.error("hot-load refused (%d): %s", response.status_code, response.text)
+        return 1
+    log.info("serving `%s` on %s", name, url)
+    return 0
 
 
 def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -197,7 +279,21 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
         help="one online-alignment iteration on a live gateway: judgments → CUT → hot-load",
     )
     align.add_argument("--model", required=True, help="served model whose judgments to use")
-    align.add_argument("--server", default="http://127.0.0.1:8000", help="the gateway's URL")
+    align.add_argument(
+        "--config",
+        type=Path,
+        help="models file: run the iteration in this process instead of on a server",
+    )
+    align.add_argument(
+        "--server",
+        help=f"the gateway's URL (default {DEFAULT_SERVER}); with --config: hot-load the "
+        "new adapter there",
+    )
+    align.add_argument(
+        "--merge-out",
+        type=Path,
+        help="with --config: also merge the new adapter into its base, written here",
+    )
     align.add_argument("--since", help="judgments from this time on (default: since the last)")
     align.add_argument("--min-judged", type=int, default=1)
     align.add_argument("--admin-key", help="default: ALIGNGATE_ADMIN_KEY")

@@ -14,7 +14,7 @@ import pytest
 
 from server.render import Message, Renderer
 from server.training.trainer import train_cut_adapter
-from tests.conftest import Gateway
+from tests.conftest import Gateway, run_cli, start_gateway, stop_gateway
 from tests.test_training import EVIDENCE, EVIDENCE_CONFIG
 
 
@@ -204,3 +204,104 @@ def test_online_iteration_trains_and_hot_loads_without_restart(gateway: Gateway)
     assert follow["status"] == "failed" and follow["since"] == job["until"]
     assert "0 judged" in follow["error"] and follow["iteration"] == 2
     assert httpx.get(f"{gateway.url}/admin/align/nope").status_code == 404
+
+
+def hf_next_token_logprob(folder: Path, prompt: str, token: str) -> float:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)  # the folder's own dtype
+    ids = torch.tensor([tokenizer(prompt, add_special_tokens=False).input_ids])
+    (token_id,) = tokenizer(token, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logits = model(ids).logits[0, -1].float()
+    return float(torch.log_softmax(logits, -1)[token_id])
+
+
+def _judged_completion(gateway: Gateway, question: str, judgment: str) -> None:
+    completion = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={
+            "model": gateway.model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 16,
+            "temperature": 0,
+            "store": True,
+        },
+        timeout=60,
+    ).json()
+    fb = {"completion_id": completion["id"], "annotator": "test", "judgment": judgment}
+    assert httpx.post(f"{gateway.url}/v1/feedback", json=fb).status_code in (200, 201)
+
+
+@pytest.mark.slow
+def test_offline_align_from_the_models_file_merges_and_hot_loads(
+    gateway: Gateway, test_env: dict[str, str], tmp_path: Path
+) -> None:
+    """`aligngate align --config FILE` runs the iteration in its own process (no /admin/align),
+    merges the adapter into a new base and hot-loads the adapter on the live server."""
+    since = time.time()
+    _judged_completion(gateway, "Name a primary colour.", "Answer with one word: red.")
+    time.sleep(1.5)  # the store's group commit
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        f"models:\n  - {{name: {gateway.model}, path: 'builtin:{gateway.model}', "
+        "store: true, lora: {}}\n"
+    )
+    merged = tmp_path / "merged"
+    args = ["align", "--config", str(models), "--model", gateway.model, "--since", str(since)]
+    args += ["--epochs", "1", "--batch-size", "1", "--warmup-steps", "0"]
+    args += ["--merge-out", str(merged), "--server", gateway.url]
+    done = run_cli(args, test_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    job = json.loads(done.stdout)
+    assert job["status"] == "succeeded" and job["judged"] == 1 and job["merged"] == str(merged)
+    assert (merged / "config.json").is_file() and (merged / "aligngate-merge.json").is_file()
+    card = httpx.get(f"{gateway.url}/v1/models/{job['adapter']}").json()
+    assert card["parent"] == gateway.model and card["adapter"]["online"]["since"] == since
+
+    unknown = run_cli(["align", "--config", str(models), "--model", "nope"], test_env)
+    assert unknown.returncode == 2 and "neither a model of the models file" in unknown.stderr
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_merged_checkpoint_like_base_plus_adapter(
+    gateway: Gateway,
+    evidence_adapter: str,
+    adapters_root: Path,
+    default_model_path: Path,
+    test_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    merged = tmp_path / "evidence-merged"
+    args = ["merge", "--base", str(default_model_path), "--adapter"]
+    done = run_cli([*args, str(adapters_root / evidence_adapter), "--out", str(merged)], test_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    models = tmp_path / "models.yaml"
+    models.write_text(f"models:\n  - {{name: merged, path: {merged}, max_model_len: 2048}}\n")
+    served = start_gateway(["--config", str(models)], tmp_path / "serve.log", test_env)
+    try:
+        served.model = "merged"
+        name = "smollm2-cut:merge-check"
+        load = {"name": name, "path": evidence_adapter}
+        assert httpx.post(f"{gateway.url}/admin/adapters", json=load).status_code == 201
+        renderer = Renderer.load(default_model_path)
+        prompt = renderer.render_chat([Message("user", EVIDENCE[0]["instruction"])]).text
+        prompt += "The largest"
+        base = next_token_logprob(gateway, gateway.model, prompt, " planet")
+        lora = next_token_logprob(gateway, name, prompt, " planet")
+        merged_lp = next_token_logprob(served, "merged", prompt, " planet")
+        reference = hf_next_token_logprob(merged, prompt, " planet")
+        print(
+            f"log p(' planet'): base {base:.3f}, base+LoRA {lora:.3f}, "
+            f"merged served {merged_lp:.3f}, merged in transformers {reference:.3f}"
+        )
+        # vLLM serves the merged folder as transformers computes it (both bf16) ...
+        assert abs(merged_lp - reference) < 0.1
+        # ... and the merge keeps the adapter's judged effect (bf16 rounding of W + BA costs
+        # part of it: README, "Merging").
+        assert merged_lp < base - math.log(2)
+        httpx.delete(f"{gateway.url}/admin/adapters/{name}")
+    finally:
+        assert stop_gateway(served) == 0, served.log_tail()

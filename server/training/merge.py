@@ -84,7 +84,7 @@ def check_adapter(base: Path, adapter: Path) -> dict[str, Any]:
 def merge_adapter(base: Path, adapter: Path, out: Path, *, dtype: str = "auto") -> MergeResult:
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_adapter(base, adapter)
     record = {
@@ -92,6 +92,7 @@ def merge_adapter(base: Path, adapter: Path, out: Path, *, dtype: str = "auto") 
         "base_digest": _digest(base, _weight_files(base)),
         "adapter": str(adapter.resolve()),
         "adapter_digest": _digest(adapter, [ADAPTER_CONFIG, ADAPTER_WEIGHTS]),
+        "dtype": dtype,
     }
     if out.exists():
         previous = read_meta(out, MERGE_META_FILE)
@@ -102,14 +103,16 @@ def merge_adapter(base: Path, adapter: Path, out: Path, *, dtype: str = "auto") 
             raise MergeError(
                 f"{out} already holds something else; choose a new folder or remove it"
             )
-    model = AutoModelForCausalLM.from_pretrained(
-        str(base), dtype="auto" if dtype == "auto" else getattr(torch, dtype)
-    )
+    # W + BA is summed in float32 and rounded once: merging in bf16 also rounds BA, and a
+    # small LoRA delta then loses a visible part of its effect (measured in the README).
+    saved_dtype = AutoConfig.from_pretrained(str(base)).dtype if dtype == "auto" else dtype
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
     try:
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as exc:
         # e.g. "size mismatch for ...lora_A.weight": trained on another architecture
         raise MergeError(f"{adapter} does not fit {base}: {exc}") from exc
+    merged = merged.to(getattr(torch, str(saved_dtype).removeprefix("torch."), torch.float32))
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)
