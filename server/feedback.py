@@ -86,9 +86,15 @@ async def list_feedback(
     since: float | None,
     after: str | None,
     limit: int,
+    newest_first: bool = False,
 ) -> FeedbackList:
     rows, cursor = await store.list_feedback(
-        model=model, label=label, since=since, after=after, limit=limit
+        model=model,
+        label=label,
+        since=since,
+        after=after,
+        limit=limit,
+        newest_first=newest_first,
     )
     return FeedbackList(
         data=[public(r) for r in rows], has_more=cursor is not None, next_cursor=cursor

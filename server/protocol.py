@@ -217,6 +217,21 @@ class FeedbackList(BaseModel):
     next_cursor: str | None
 
 
+class ModelFeedbackCounts(BaseModel):
+    model: str
+    total: int
+    desirable: int
+    undesirable: int
+    neutral: int
+    judgments: int
+    preferences: int
+
+
+class FeedbackSummary(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelFeedbackCounts]
+
+
 class StoredChoice(BaseModel):
     index: int
     text: str

@@ -147,8 +147,67 @@ def test_feedback_pagination_over_http(client: openai.OpenAI, gateway: Gateway) 
         if not cursor:
             break
     assert seen == posted
+    newest, cursor = [], None
+    while True:
+        params = {"limit": 2, "since": since, "model": gateway.model, "order": "desc"}
+        page = httpx.get(
+            f"{gateway.url}/v1/feedback", params={**params, **({"after": cursor} if cursor else {})}
+        ).json()
+        newest += [f["id"] for f in page["data"]]
+        cursor = page["next_cursor"]
+        if not cursor:
+            break
+    assert newest == posted[::-1]
     bad = httpx.get(f"{gateway.url}/v1/feedback", params={"since": "yesterday"}, timeout=30)
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "since"
+
+
+def test_feedback_summary_counts_each_verdict(client: openai.OpenAI, gateway: Gateway) -> None:
+    def counts() -> dict[str, int]:
+        data = httpx.get(f"{gateway.url}/v1/feedback/summary", timeout=30).json()["data"]
+        return next((d for d in data if d["model"] == gateway.model), {})
+
+    before = counts()
+    a = client.chat.completions.create(model=gateway.model, messages=AUSTRALIA, max_tokens=4)
+    b = client.chat.completions.create(model=gateway.model, messages=AUSTRALIA, max_tokens=4)
+    for body in (
+        {"judgment": "Wrong city."},  # a judgment alone: undesirable
+        {"rating": 3, "rating_scale": "stars"},  # neutral
+        {"label": "desirable", "judgment": "Fine, if terse."},
+        {"preferred_over": b.id},
+    ):
+        assert post_feedback(gateway, completion_id=a.id, **body).status_code == 201
+    after = counts()
+    delta = {k: after[k] - before.get(k, 0) for k in after if k != "model"}
+    assert delta == {
+        "total": 4,
+        "desirable": 1,
+        "undesirable": 1,
+        "neutral": 2,  # the preference carries no verdict of its own
+        "judgments": 2,
+        "preferences": 1,
+    }
+
+
+def test_admin_export_over_http_equals_the_cli(
+    client: openai.OpenAI, gateway: Gateway, test_env: dict[str, str], tmp_path: Path
+) -> None:
+    since = time.time()
+    reply = client.chat.completions.create(model=gateway.model, messages=AUSTRALIA, max_tokens=8)
+    assert post_feedback(gateway, completion_id=reply.id, judgment="Too short.").status_code == 201
+    for fmt in ("cut", "kto", "trl-kto", "dpo", "quark"):
+        r = httpx.get(
+            f"{gateway.url}/admin/export",
+            params={"format": fmt, "model": gateway.model, "since": since},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        name = f"aligngate-{fmt}-{gateway.model}.json"
+        assert r.headers["content-disposition"] == f'attachment; filename="{name}"'
+        assert r.json() == export(fmt, test_env, tmp_path, since, gateway.model)
+    bad = httpx.get(f"{gateway.url}/admin/export", params={"format": "csv"}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "format"
+    assert httpx.get(f"{gateway.url}/admin/whoami").json() == {"admin": True}
 
 
 def test_cut_export_end_to_end(

@@ -93,13 +93,14 @@ async def test_feedback_is_checked_against_the_stored_completion(store: Store) -
     store.record_completion(completion("c1", prompt="A")).result(timeout=10)
     store.record_completion(completion("c2", prompt="A")).result(timeout=10)
     store.record_completion(completion("c3", prompt="B")).result(timeout=10)
+    store.record_completion(completion("c4", prompt="A", model="other")).result(timeout=10)
     with pytest.raises(NotFound) as missing:
         await store.add_feedback(FeedbackCreate(completion_id="nope", rating=1))
     assert missing.value.param == "completion_id"
     with pytest.raises(InvalidRequest) as out_of_range:
         await store.add_feedback(FeedbackCreate(completion_id="c1", choice_index=1, rating=1))
     assert out_of_range.value.param == "choice_index"
-    with pytest.raises(InvalidRequest, match="same model and prompt"):
+    with pytest.raises(InvalidRequest, match="same prompt"):
         await store.add_feedback(FeedbackCreate(completion_id="c1", preferred_over="c3"))
     with pytest.raises(NotFound):
         await store.add_feedback(FeedbackCreate(completion_id="c1", preferred_over="nope"))
@@ -107,9 +108,11 @@ async def test_feedback_is_checked_against_the_stored_completion(store: Store) -
         await store.add_feedback(FeedbackCreate(completion_id="c1", preferred_over="c1"))
     row, _ = await store.add_feedback(FeedbackCreate(completion_id="c1", preferred_over="c2"))
     assert row.preferred_over == "c2"
+    # Side by side: another model, the same rendered prompt.
+    across, _ = await store.add_feedback(FeedbackCreate(completion_id="c4", preferred_over="c1"))
     # Refused feedback left nothing behind.
     rows, _ = await store.list_feedback()
-    assert [r.id for r in rows] == [row.id]
+    assert {r.id for r in rows} == {row.id, across.id}
 
 
 async def test_listing_filters_and_cursor_pagination(store: Store) -> None:

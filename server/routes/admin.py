@@ -1,12 +1,21 @@
-"""Admin routes: serve and unload LoRA adapters, run online-alignment iterations."""
+"""Admin routes: serve and unload LoRA adapters, run online-alignment iterations, export
+the collected feedback."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
+import re
+from typing import Literal
+
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from server.align_service import start_align
-from server.errors import NotFound
+from server.errors import InvalidRequest, NotFound
+from server.export import FORMATS
+from server.feedback import parse_since
 from server.protocol import ERROR_RESPONSES, AdapterLoadRequest, AlignRequest, ModelCard
 from server.routes.deps import AdminDep, AlignJobsDep, RegistryDep, StoreDep
 from server.routes.openai import model_card
@@ -41,3 +50,33 @@ async def align_job_status(job_id: str, jobs: AlignJobsDep) -> dict[str, object]
     if job is None:
         raise NotFound(f"No align job `{job_id}`.", param="job_id")
     return job.public()
+
+
+@router.get("/whoami")
+async def whoami() -> dict[str, bool]:
+    """200 for a client the admin routes accept (the web UI shows admin actions then)."""
+    return {"admin": True}
+
+
+@router.get("/export")
+async def export_feedback(
+    store: StoreDep,
+    format: Literal["cut", "kto", "trl-kto", "dpo", "quark"],
+    model: str | None = None,
+    since: str | None = None,
+) -> Response:
+    """``aligngate export`` over HTTP: the training file, as a download."""
+    try:
+        since_at = parse_since(since)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="since") from exc
+    if since_at is not None and not math.isfinite(since_at):
+        raise InvalidRequest("since: not a finite time", param="since")
+    rows, records = await asyncio.to_thread(store.export_rows, model=model, since=since_at)
+    items = FORMATS[format](rows, records)
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", f"aligngate-{format}{'-' + model if model else ''}")
+    return Response(
+        json.dumps(items, ensure_ascii=False, indent=2),
+        media_type="application/json",
+        headers={"content-disposition": f'attachment; filename="{name}.json"'},
+    )

@@ -14,6 +14,7 @@ from server.protocol import (
     FeedbackList,
     FeedbackPublic,
     FeedbackRequest,
+    FeedbackSummary,
     StoredCompletion,
 )
 from server.routes.deps import StoreDep
@@ -34,14 +35,27 @@ async def get_feedback(
     since: str | None = None,
     after: Annotated[str | None, Query(max_length=512)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    order: Literal["asc", "desc"] = "asc",
 ) -> FeedbackList:
     try:
         since_at = feedback.parse_since(since)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="since") from exc
     return await feedback.list_feedback(
-        store, model=model, label=label, since=since_at, after=after, limit=limit
+        store,
+        model=model,
+        label=label,
+        since=since_at,
+        after=after,
+        limit=limit,
+        newest_first=order == "desc",
     )
+
+
+@router.get("/feedback/summary")
+async def get_feedback_summary(store: StoreDep) -> FeedbackSummary:
+    """Counts per model: total, desirable / undesirable / neutral, judgments, preferences."""
+    return FeedbackSummary(data=await store.feedback_summary())
 
 
 @router.get("/completions/{completion_id}")

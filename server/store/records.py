@@ -97,24 +97,34 @@ class FeedbackRow:
         return cls(**dict(row._mapping))
 
     def reward(self) -> float | None:
-        """The rating on [0, 1] (thumbs: 0 or 1; stars: (r - 1) / 4), else the label's."""
-        if self.rating is not None:
-            if self.rating_scale == "thumbs":
-                return 1.0 if self.rating > 0 else 0.0
-            return (self.rating - 1) / 4
-        if self.label is not None:
-            return 1.0 if self.label == "desirable" else 0.0
-        return None
+        return reward_of(self.rating, self.rating_scale, self.label)
 
     def polarity(self) -> bool | None:
-        """True: desirable, False: undesirable, None: neutral or no such signal.
+        return polarity_of(self.rating, self.rating_scale, self.label, bool(self.judgment))
 
-        The label wins; then the rating; a judgment alone is a reason to reject (CUT)."""
-        if self.label is not None:
-            return self.label == "desirable"
-        reward = self.reward()
-        if reward is not None:
-            return None if reward == 0.5 else reward > 0.5
-        if self.judgment:
-            return False
-        return None
+
+def reward_of(rating: int | None, rating_scale: str | None, label: str | None) -> float | None:
+    """The rating on [0, 1] (thumbs: 0 or 1; stars: (r - 1) / 4), else the label's."""
+    if rating is not None:
+        if rating_scale == "thumbs":
+            return 1.0 if rating > 0 else 0.0
+        return (rating - 1) / 4
+    if label is not None:
+        return 1.0 if label == "desirable" else 0.0
+    return None
+
+
+def polarity_of(
+    rating: int | None, rating_scale: str | None, label: str | None, judged: bool
+) -> bool | None:
+    """True: desirable, False: undesirable, None: neutral or no such signal.
+
+    The label wins; then the rating; a judgment alone is a reason to reject (CUT)."""
+    if label is not None:
+        return label == "desirable"
+    reward = reward_of(rating, rating_scale, label)
+    if reward is not None:
+        return None if reward == 0.5 else reward > 0.5
+    if judged:
+        return False
+    return None

@@ -18,15 +18,17 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, or_, select
+from sqlalchemy import Connection, Engine, and_, func, or_, select
 
 from server.errors import IdempotencyConflict, InvalidRequest, NotFound, StoreUnavailable
 from server.store.database import migrate, open_engine
-from server.store.records import CompletionRecord, FeedbackCreate, FeedbackRow
+from server.store.records import CompletionRecord, FeedbackCreate, FeedbackRow, polarity_of
 from server.store.schema import completions, feedback
 from server.store.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
+
+VERDICTS = {True: "desirable", False: "undesirable", None: "neutral"}
 
 
 def _payload_hash(fb: FeedbackCreate) -> str:
@@ -147,9 +149,7 @@ class Store:
                 )
             if fb.preferred_over is not None:
                 other = conn.execute(
-                    select(completions.c.model, completions.c.prompt_text).where(
-                        completions.c.id == fb.preferred_over
-                    )
+                    select(completions.c.prompt_text).where(completions.c.id == fb.preferred_over)
                 ).first()
                 if other is None:
                     raise NotFound(
@@ -159,9 +159,11 @@ class Store:
                     raise InvalidRequest(
                         "A completion cannot be preferred over itself.", param="preferred_over"
                     )
-                if (other.model, other.prompt_text) != (target.model, target.prompt_text):
+                # Another model is fine (a side-by-side of two models is a DPO pair); the
+                # prompt, as rendered, must be the same.
+                if other.prompt_text != target.prompt_text:
                     raise InvalidRequest(
-                        "preferred_over must name a completion of the same model and prompt.",
+                        "preferred_over must name a completion of the same prompt.",
                         param="preferred_over",
                     )
             row = FeedbackRow(
@@ -201,8 +203,9 @@ class Store:
         since: float | None = None,
         after: str | None = None,
         limit: int = 100,
+        newest_first: bool = False,
     ) -> tuple[list[FeedbackRow], str | None]:
-        """Oldest first; ``after`` is the cursor returned by the previous page."""
+        """Oldest first (or newest first); ``after`` is the cursor the previous page returned."""
         conditions = []
         if model is not None:
             conditions.append(feedback.c.model == model)
@@ -212,18 +215,23 @@ class Store:
             conditions.append(feedback.c.created_at >= since)
         if after is not None:
             at, row_id = decode_cursor(after)
-            conditions.append(
-                or_(
+            if newest_first:
+                beyond = or_(
+                    feedback.c.created_at < at,
+                    and_(feedback.c.created_at == at, feedback.c.id < row_id),
+                )
+            else:
+                beyond = or_(
                     feedback.c.created_at > at,
                     and_(feedback.c.created_at == at, feedback.c.id > row_id),
                 )
-            )
-        query = (
-            select(feedback)
-            .where(*conditions)
-            .order_by(feedback.c.created_at, feedback.c.id)
-            .limit(limit + 1)
+            conditions.append(beyond)
+        order = (
+            (feedback.c.created_at.desc(), feedback.c.id.desc())
+            if newest_first
+            else (feedback.c.created_at, feedback.c.id)
         )
+        query = select(feedback).where(*conditions).order_by(*order).limit(limit + 1)
 
         def read() -> list[FeedbackRow]:
             with self.engine.connect() as conn:
@@ -234,6 +242,47 @@ class Store:
             rows = rows[:limit]
             return rows, encode_cursor(rows[-1].created_at, rows[-1].id)
         return rows, None
+
+    async def feedback_summary(self) -> list[dict[str, Any]]:
+        """Per model: how much feedback, of which polarity, with words, as preferences."""
+        judged = feedback.c.judgment.is_not(None)
+        preferred = feedback.c.preferred_over.is_not(None)
+        group = (
+            feedback.c.model,
+            feedback.c.label,
+            feedback.c.rating,
+            feedback.c.rating_scale,
+            judged,
+            preferred,
+        )
+        query = select(*group, func.count()).group_by(*group)
+
+        def read() -> list[Any]:
+            with self.engine.connect() as conn:
+                return list(conn.execute(query).all())
+
+        totals: dict[str, dict[str, Any]] = {}
+        for model, label, rating, scale, has_judgment, has_preference, count in await self._read(
+            read
+        ):
+            entry = totals.setdefault(
+                model,
+                {
+                    "model": model,
+                    "total": 0,
+                    "desirable": 0,
+                    "undesirable": 0,
+                    "neutral": 0,
+                    "judgments": 0,
+                    "preferences": 0,
+                },
+            )
+            entry["total"] += count
+            polarity = polarity_of(rating, scale, label, bool(has_judgment))
+            entry[VERDICTS[polarity]] += count
+            entry["judgments"] += count if has_judgment else 0
+            entry["preferences"] += count if has_preference else 0
+        return sorted(totals.values(), key=lambda e: e["model"])
 
     # ---- export reads (synchronous: the CLI and background jobs use them) -------------------
 
