@@ -228,6 +228,29 @@ def _cmd_alpaca_eval(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_bench_align(args: argparse.Namespace, settings: Settings) -> int:
+    from server.bench_align import bench_align
+    from server.protocol import CutHyperparameters
+
+    entries = _load_entries(args.config, settings)
+    entry = next((e for e in entries if e.name == (args.model or entries[0].name)), None)
+    if entry is None:
+        log.error("no model %r in the models file", args.model)
+        return 2
+    result = bench_align(
+        entry,
+        settings,
+        args.data,
+        judged=args.judged,
+        fine=args.fine,
+        hyperparameters=CutHyperparameters(dtype=args.dtype),
+    )
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
 def _cmd_bench_alpaca(args: argparse.Namespace, settings: Settings) -> int:
     from server.batch import BatchInputError, load_instructions
     from server.bench_alpaca import bench_alpaca_eval
@@ -341,6 +364,19 @@ def build_parser() -> argparse.ArgumentParser:
     ae_bench.add_argument("--hf-n", type=int, default=8, help="instructions for the HF loop")
     ae_bench.add_argument("--json", type=Path, help="also write the results here")
     ae_bench.set_defaults(func=_cmd_bench_alpaca)
+    align_bench = bench_sub.add_parser(
+        "align", help="one online-alignment iteration on N judged responses vs training alone"
+    )
+    align_bench.add_argument(
+        "--data", type=Path, required=True, help="CUT-format file with judgments to seed from"
+    )
+    align_bench.add_argument("--config", type=Path, help="models file; default: embedded model")
+    align_bench.add_argument("--model", help="model name (default: the first)")
+    align_bench.add_argument("--judged", type=int, default=64)
+    align_bench.add_argument("--fine", type=int, default=16, help="responses judged fine")
+    align_bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    align_bench.add_argument("--json", type=Path, help="also write the results here")
+    align_bench.set_defaults(func=_cmd_bench_align)
 
     default = sub.add_parser(
         "default-model", help="convert the embedded SmolLM2 model once; print its folder"
