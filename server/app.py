@@ -15,7 +15,7 @@ from server import __version__
 from server.errors import install_error_handlers
 from server.metrics import GatewayMetrics, RequestMetricsMiddleware
 from server.registry import ModelEntry, Registry
-from server.routes import admin, feedback, health, openai, render
+from server.routes import admin, feedback, health, openai, render, ui
 from server.settings import Settings
 from server.store import Store
 from server.training.online import AlignJobs
@@ -71,5 +71,7 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
     app.include_router(feedback.router)
     app.include_router(health.router)
     app.include_router(admin.router)
+    app.include_router(ui.router)
+    app.mount("/ui/static", ui.static_files(), name="ui-static")
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -1,0 +1,51 @@
+"""The web UI: ``/ui`` (chat and judge) and ``/ui/feedback`` (overview and exports).
+
+Static files shipped in the package (``server/ui/static``), no build step, no CDN. The pages
+hold no data: everything they show comes from the API with the user's own key. A strict
+Content-Security-Policy (scripts and styles from this origin only, no inline code) backs the
+pages' rule of putting model and user text into the DOM as text only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter
+from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+
+STATIC = Path(__file__).resolve().parent.parent / "ui" / "static"
+SECURITY_HEADERS = {
+    "content-security-policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+        "img-src 'self' blob: data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-cache",
+}
+
+router = APIRouter(prefix="/ui", include_in_schema=False)
+
+
+def _page(name: str) -> FileResponse:
+    return FileResponse(STATIC / name, media_type="text/html", headers=SECURITY_HEADERS)
+
+
+@router.get("")
+async def chat_page() -> FileResponse:
+    return _page("chat.html")
+
+
+@router.get("/")
+async def chat_page_slash() -> RedirectResponse:
+    return RedirectResponse("/ui")
+
+
+@router.get("/feedback")
+async def feedback_page() -> FileResponse:
+    return _page("feedback.html")
+
+
+def static_files() -> StaticFiles:
+    return StaticFiles(directory=STATIC)
