@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import __version__
+from server.auth import AuthMiddleware, KeyRing, parse_keys
 from server.errors import install_error_handlers
 from server.metrics import GatewayMetrics, RequestMetricsMiddleware
 from server.registry import ModelEntry, Registry
@@ -73,5 +74,8 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(ui.router)
     app.mount("/ui/static", ui.static_files(), name="ui-static")
+    keys = KeyRing(parse_keys(settings.api_keys, settings.api_keys_file), settings.admin_key)
+    app.add_middleware(AuthMiddleware, keys=keys, metrics_public=settings.metrics_public)
+    # Outermost: refused requests are counted too.
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -31,14 +31,15 @@ def _cmd_default_model(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from server.app import build_app
+    from server.auth import KeyConfigError
     from server.registry import ModelsFileError
 
     try:
         entries = _load_entries(args.config, settings)
-    except ModelsFileError as exc:
+        app = build_app(settings, entries)
+    except (ModelsFileError, KeyConfigError) as exc:
         log.error("%s", exc)
         return 2
-    app = build_app(settings, entries)
     config = uvicorn.Config(
         app,
         host=args.host or settings.host,

@@ -68,12 +68,6 @@ class Conflict(GatewayError):
     code = "conflict"
 
 
-class AuthenticationFailed(GatewayError):
-    status_code = 401
-    error_type = "authentication_error"
-    code = "invalid_api_key"
-
-
 class StoreUnavailable(GatewayError):
     status_code = 503
     error_type = "server_error"

@@ -32,7 +32,13 @@ class Settings(BaseSettings):
     # (relative: against the working directory at start).
     adapters_dir: Path = Path("adapters")
     # Bearer key for the /admin routes; unset, they answer loopback clients only.
-    admin_key: str | None = None
+    admin_key: str | None = Field(default=None, repr=False)
+    # API keys for inference and feedback: comma-separated, and/or a file of `KEY` or
+    # `ID KEY` lines. None configured: loopback clients only.
+    api_keys: str | None = Field(default=None, repr=False)
+    api_keys_file: Path | None = None
+    # /metrics without a key (Prometheus scrapers); /health is always open.
+    metrics_public: bool = False
     # SQLAlchemy URL of the store; default: SQLite at <home>/aligngate.db.
     # PostgreSQL: postgresql+psycopg://user:password@127.0.0.1:5432/aligngate
     database_url: str | None = None

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.errors import AuthenticationFailed
 from server.metrics import GatewayMetrics
 from server.registry import Registry
 from server.store import Store
@@ -36,32 +32,3 @@ RegistryDep = Annotated[Registry, Depends(get_registry)]
 AlignJobsDep = Annotated[AlignJobs, Depends(get_align_jobs)]
 StoreDep = Annotated[Store, Depends(get_store)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
-
-
-def require_admin(request: Request) -> None:
-    """Admin routes: the bearer key ``ALIGNGATE_ADMIN_KEY`` when one is set (compared in
-    constant time), else loopback clients only."""
-    key = request.app.state.settings.admin_key
-    if key is None:
-        client = request.client.host if request.client else ""
-        if not _is_loopback(client):
-            raise AuthenticationFailed(
-                "Admin routes need ALIGNGATE_ADMIN_KEY set on the server when reached from "
-                "another host."
-            )
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(
-        hashlib.sha256(given.encode()).digest(), hashlib.sha256(key.encode()).digest()
-    ):
-        raise AuthenticationFailed("A valid admin key is required (Authorization: Bearer …).")
-
-
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
-AdminDep = Depends(require_admin)

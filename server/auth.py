@@ -1,0 +1,203 @@
+"""Who may call what: API keys for inference and feedback, an admin key for ``/admin``.
+
+Keys are kept only as SHA-256 digests. A presented key is hashed once and compared with
+``hmac.compare_digest`` against every configured digest, with no early exit, so the time
+taken does not say which key (or which prefix) matched — the fix vLLM shipped for its
+timing-attack advisory. Keys are compared byte for byte (never case-folded) and never logged;
+the store records the key's id.
+
+Without any key configured, only loopback clients are served: a gateway is never open to the
+network by accident.
+
+Owns: key parsing, the comparison, and the ASGI middleware that guards every route except an
+explicit allowlist. Does not know: routes' work, the store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.errors import error_body
+
+MIN_KEY_CHARS = 16
+ADMIN_KEY_ID = "admin"
+LOOPBACK_KEY_ID = "loopback"
+PUBLIC_PATHS = frozenset({"/health", "/ui", "/ui/", "/ui/feedback"})
+PUBLIC_PREFIXES = ("/ui/static/",)  # the web UI's files hold no data
+
+
+class KeyConfigError(ValueError):
+    """A key setting that cannot be used (too short, duplicated, unreadable file)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiKey:
+    key_id: str
+    digest: bytes
+
+
+def digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def key_id_for(key: str) -> str:
+    """A stable, non-secret id for a key given without a name (8 bytes of its hash's hash)."""
+    return "key-" + hashlib.sha256(digest(key)).hexdigest()[:12]
+
+
+def parse_keys(inline: str | None, keys_file: Path | None) -> list[ApiKey]:
+    """``ALIGNGATE_API_KEYS`` (comma-separated keys) and ``ALIGNGATE_API_KEYS_FILE`` (one key a
+    line: ``KEY`` or ``ID KEY``; ``#`` comments)."""
+    entries: list[tuple[str | None, str]] = []
+    if inline:
+        entries += [(None, k.strip()) for k in inline.split(",") if k.strip()]
+    if keys_file is not None:
+        try:
+            lines = keys_file.read_text().splitlines()
+        except OSError as exc:
+            raise KeyConfigError(f"cannot read the API keys file {keys_file}: {exc}") from exc
+        for number, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split()
+            if len(parts) > 2:
+                raise KeyConfigError(f"{keys_file}:{number}: expected `KEY` or `ID KEY`")
+            entries.append((parts[0], parts[1]) if len(parts) == 2 else (None, parts[0]))
+    keys, seen_ids, seen = [], set(), set()
+    for name, key in entries:
+        if len(key) < MIN_KEY_CHARS:
+            raise KeyConfigError(f"an API key is shorter than {MIN_KEY_CHARS} characters")
+        key_id = name or key_id_for(key)
+        if key_id in seen_ids or key in seen or key_id in (ADMIN_KEY_ID, LOOPBACK_KEY_ID):
+            raise KeyConfigError(f"API key id {key_id!r} is used twice or reserved")
+        seen_ids.add(key_id)
+        seen.add(key)
+        keys.append(ApiKey(key_id, digest(key)))
+    return keys
+
+
+class KeyRing:
+    def __init__(self, user_keys: Iterable[ApiKey], admin_key: str | None):
+        self.user_keys = list(user_keys)
+        if admin_key is not None and len(admin_key) < MIN_KEY_CHARS:
+            raise KeyConfigError(f"the admin key is shorter than {MIN_KEY_CHARS} characters")
+        self._admin = digest(admin_key) if admin_key is not None else None
+
+    @property
+    def admin_unset(self) -> bool:
+        return self._admin is None
+
+    def identify(self, presented: str) -> ApiKey | None:
+        """The user key ``presented`` is, comparing with every key (no early exit)."""
+        given = digest(presented)
+        found = None
+        for key in self.user_keys:
+            match = hmac.compare_digest(given, key.digest)
+            found = key if match else found
+        return found
+
+    def is_admin(self, presented: str) -> bool:
+        if self._admin is None:
+            return False
+        return hmac.compare_digest(digest(presented), self._admin)
+
+
+def bearer_token(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", []):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+def is_loopback(scope: Scope) -> bool:
+    client = scope.get("client")
+    host = client[0] if client else ""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class AuthMiddleware:
+    """Guards every HTTP route: ``/admin/*`` needs the admin key, everything else a user key
+    (or the admin key); ``PUBLIC_PATHS`` (and ``/metrics`` when public) need none."""
+
+    def __init__(self, app: ASGIApp, keys: KeyRing, metrics_public: bool):
+        self.app = app
+        self.keys = keys
+        self.public = PUBLIC_PATHS | ({"/metrics"} if metrics_public else set())
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if path in self.public or path.startswith(PUBLIC_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        admin_route = path == "/admin" or path.startswith("/admin/")
+        key_id, refusal = self._decide(scope, admin_route)
+        if refusal is not None:
+            status, message = refusal
+            await _refuse(send, status, message)
+            return
+        scope.setdefault("state", {})["key_id"] = key_id
+        await self.app(scope, receive, send)
+
+    def _decide(self, scope: Scope, admin_route: bool) -> tuple[str | None, tuple[int, str] | None]:
+        token = bearer_token(scope)
+        if token is not None and self.keys.is_admin(token):
+            return ADMIN_KEY_ID, None
+        if admin_route:
+            if self.keys.admin_unset:
+                if is_loopback(scope):
+                    return LOOPBACK_KEY_ID, None
+                return None, (
+                    401,
+                    "Admin routes answer loopback clients only unless "
+                    "ALIGNGATE_ADMIN_KEY is set on the server.",
+                )
+            if token is None:
+                return None, (401, "The admin key is required (Authorization: Bearer …).")
+            if self.keys.identify(token) is not None:
+                return None, (403, "This route needs the admin key; an API key does not open it.")
+            return None, (401, "Incorrect API key provided.")
+        if not self.keys.user_keys:
+            # No API keys configured: loopback clients only (whatever token they send, as
+            # OpenAI clients always send one).
+            if is_loopback(scope):
+                return LOOPBACK_KEY_ID, None
+            return None, (
+                401,
+                "No API keys are configured (ALIGNGATE_API_KEYS); this gateway "
+                "serves loopback clients only.",
+            )
+        if token is None:
+            return None, (401, "An API key is required (Authorization: Bearer …).")
+        user = self.keys.identify(token)
+        if user is None:
+            return None, (401, "Incorrect API key provided.")
+        return user.key_id, None
+
+
+async def _refuse(send: Send, status: int, message: str) -> None:
+    error_type = "authentication_error" if status == 401 else "permission_error"
+    code = "invalid_api_key" if status == 401 else "admin_key_required"
+    body = json.dumps(error_body(message, error_type, None, code)).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,135 @@
+"""API keys and the admin key: parsing, the constant-time comparison, and the middleware that
+guards every route (in-process, over ASGI; the client address is chosen per test)."""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+import httpx
+import pytest
+from starlette.types import Receive, Scope, Send
+
+from server import auth
+from server.auth import AuthMiddleware, KeyConfigError, KeyRing, key_id_for, parse_keys
+
+ALICE = "alice-key-0123456789abcdef"
+BOB = "bob-key-0123456789abcdef"
+ADMIN = "admin-key-0123456789abcdef"
+
+
+async def echo_key_id(scope: Scope, receive: Receive, send: Send) -> None:
+    body = str(scope.get("state", {}).get("key_id")).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": body})
+
+
+def client(
+    keys: KeyRing, host: str = "127.0.0.1", metrics_public: bool = False
+) -> httpx.AsyncClient:
+    app = AuthMiddleware(echo_key_id, keys=keys, metrics_public=metrics_public)
+    transport = httpx.ASGITransport(app=app, client=(host, 40000))
+    return httpx.AsyncClient(transport=transport, base_url="http://gw")
+
+
+def test_keys_from_the_environment_and_a_file(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"# team keys\nbob {BOB}\n\n{ADMIN}x\n")
+    keys = parse_keys(f"{ALICE}, ", keys_file)
+    assert [k.key_id for k in keys] == [key_id_for(ALICE), "bob", key_id_for(ADMIN + "x")]
+    assert ALICE not in repr(keys) and key_id_for(ALICE).startswith("key-")
+    with pytest.raises(KeyConfigError, match="shorter than 16"):
+        parse_keys("short", None)
+    with pytest.raises(KeyConfigError, match="used twice"):
+        parse_keys(f"{ALICE},{ALICE}", None)
+    keys_file.write_text(f"admin {BOB}\n")
+    with pytest.raises(KeyConfigError, match="reserved"):
+        parse_keys(None, keys_file)
+    with pytest.raises(KeyConfigError, match="cannot read"):
+        parse_keys(None, tmp_path / "missing")
+
+
+def test_every_key_is_compared_with_compare_digest_without_early_exit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    ring = KeyRing(parse_keys(f"{ALICE},{BOB}", None), ADMIN)
+    assert ring.identify(ALICE).key_id == key_id_for(ALICE)  # type: ignore[union-attr]
+    assert len(calls) == 2  # the first key matched; the second was compared all the same
+    assert all(len(a) == len(b) == 32 for a, b in calls)  # digests, not the raw keys
+    calls.clear()
+    assert ring.identify("nobody-0123456789abcdef") is None and len(calls) == 2
+    calls.clear()
+    assert ring.is_admin(ADMIN) and len(calls) == 1
+
+
+async def test_user_routes_need_a_user_key_and_admin_routes_the_admin_key() -> None:
+    ring = KeyRing(parse_keys(f"{ALICE},{BOB}", None), ADMIN)
+    async with client(ring, host="10.1.2.3") as c:
+        missing = await c.post("/v1/chat/completions")
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        error = missing.json()["error"]
+        assert error["type"] == "authentication_error" and error["code"] == "invalid_api_key"
+        assert set(error) == {"message", "type", "param", "code"}
+        wrong = await c.get("/v1/models", headers={"authorization": "Bearer not-a-key-at-all-0000"})
+        assert wrong.status_code == 401
+        # Never case-folded: the same key in other case is another key.
+        folded = await c.get("/v1/models", headers={"authorization": f"Bearer {ALICE.upper()}"})
+        assert folded.status_code == 401
+        ok = await c.get("/v1/models", headers={"authorization": f"bearer {ALICE}"})
+        assert ok.status_code == 200 and ok.text == key_id_for(ALICE)
+        user_on_admin = await c.get("/admin/whoami", headers={"authorization": f"Bearer {BOB}"})
+        assert user_on_admin.status_code == 403
+        assert user_on_admin.json()["error"]["type"] == "permission_error"
+        admin = await c.get("/admin/whoami", headers={"authorization": f"Bearer {ADMIN}"})
+        assert admin.status_code == 200 and admin.text == "admin"
+        # The admin key also opens user routes.
+        assert (await c.get("/v1/models", headers={"authorization": f"Bearer {ADMIN}"})).text == (
+            "admin"
+        )
+        # Even from loopback, a configured gateway wants its keys.
+        for path in ("/health", "/ui", "/ui/feedback", "/ui/static/app.css"):
+            assert (await c.get(path)).status_code == 200, path
+        assert (await c.get("/metrics")).status_code == 401
+        assert (await c.get("/no/such/route")).status_code == 401
+
+
+async def test_metrics_can_be_public() -> None:
+    ring = KeyRing(parse_keys(ALICE, None), ADMIN)
+    async with client(ring, host="10.1.2.3", metrics_public=True) as c:
+        assert (await c.get("/metrics")).status_code == 200
+
+
+async def test_without_keys_only_loopback_is_served() -> None:
+    ring = KeyRing([], None)
+    async with client(ring) as local:
+        # OpenAI clients always send some key; without configured keys it is not checked.
+        r = await local.get("/v1/models", headers={"authorization": "Bearer unused"})
+        assert r.status_code == 200 and r.text == "loopback"
+        assert (await local.get("/admin/whoami")).status_code == 200
+    async with client(ring, host="192.0.2.7") as remote:
+        assert (await remote.get("/v1/models")).status_code == 401
+        assert (await remote.get("/admin/whoami")).status_code == 401
+        assert (await remote.get("/health")).status_code == 200
+
+
+async def test_user_keys_without_an_admin_key_keep_admin_on_loopback() -> None:
+    ring = KeyRing(parse_keys(ALICE, None), None)
+    async with client(ring) as local:
+        assert (await local.get("/admin/whoami")).status_code == 200
+        assert (await local.get("/v1/models")).status_code == 401  # keys configured: needed
+    async with client(ring, host="192.0.2.7") as remote:
+        r = await remote.get("/admin/whoami", headers={"authorization": f"Bearer {ALICE}"})
+        assert r.status_code == 401
+
+
+def test_short_admin_key_is_refused() -> None:
+    with pytest.raises(KeyConfigError, match="admin key"):
+        KeyRing([], "short")
