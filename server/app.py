@@ -12,8 +12,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import __version__
+from server.admission import Admission
 from server.auth import AuthMiddleware, KeyRing, parse_keys
+from server.draining import Drain, DrainMiddleware
 from server.errors import install_error_handlers
+from server.limits import RequestLimitMiddleware
 from server.metrics import GatewayMetrics, RequestMetricsMiddleware
 from server.registry import ModelEntry, Registry
 from server.routes import admin, feedback, health, openai, render, ui
@@ -66,6 +69,7 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
     app.state.registry = registry
     app.state.metrics = metrics
     app.state.align_jobs = AlignJobs()
+    app.state.admission = Admission()
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(render.router)
@@ -76,6 +80,9 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
     app.mount("/ui/static", ui.static_files(), name="ui-static")
     keys = KeyRing(parse_keys(settings.api_keys, settings.api_keys_file), settings.admin_key)
     app.add_middleware(AuthMiddleware, keys=keys, metrics_public=settings.metrics_public)
+    app.add_middleware(RequestLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.state.drain = Drain()
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     # Outermost: refused requests are counted too.
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     return app

@@ -14,9 +14,11 @@ import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import uvicorn
 
+from server.draining import Drain
 from server.settings import Settings
 
 log = logging.getLogger("aligngate")
@@ -46,16 +48,37 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         port=args.port if args.port is not None else settings.port,
         log_level=settings.log_level,
         access_log=settings.access_log,
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
-    server = _GracefulServer(config)
+    server = _GracefulServer(config, app.state.drain, settings.shutdown_timeout_s)
     server.run()
     return 0 if server.started else 1
 
 
 class _GracefulServer(uvicorn.Server):
-    """uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process dies
-    by the signal; a completed graceful stop should exit 0."""
+    """SIGTERM/SIGINT first drain (new requests 503, running ones finish, up to the timeout),
+    then uvicorn's shutdown; a second signal skips the drain. uvicorn re-raises the signal
+    after a graceful stop, so the process would die by it; a completed stop exits 0."""
+
+    def __init__(self, config: uvicorn.Config, drain: Drain, drain_timeout_s: float):
+        super().__init__(config)
+        self.drain = drain
+        self.drain_timeout_s = drain_timeout_s
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain.draining or not self.started:
+            super().handle_exit(sig, frame)
+            return
+        log.info("Draining: new requests get 503; %d in progress", self.drain.in_flight)
+        self._captured_signals.append(sig)
+        self.drain.start()
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain.done(self.drain_timeout_s):
+            if self.drain.in_flight:
+                log.warning("Drain timeout: %d request(s) still running", self.drain.in_flight)
+            self.should_exit = True
+        return await super().on_tick(counter)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

@@ -23,6 +23,7 @@ class GatewayError(Exception):
     status_code = 400
     error_type = "invalid_request_error"
     code: str | None = None
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -68,6 +69,18 @@ class Conflict(GatewayError):
     code = "conflict"
 
 
+class Overloaded(GatewayError):
+    """More requests waiting for a model than its bound: come back later (never a hang)."""
+
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "too_many_pending_requests"
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.headers = {"retry-after": str(retry_after_s)}
+
+
 class StoreUnavailable(GatewayError):
     status_code = 503
     error_type = "server_error"
@@ -106,9 +119,19 @@ def _status_type(status: int) -> str:
     return "invalid_request_error"
 
 
+_LOCATION_PREFIXES = ("body", "query", "path", "header")
+# pydantic names the branch of a union it tried ("str", "list[TextPart]",
+# "function-after[_no_nul(), str]"); a client wants only the field path.
+_UNION_TAGS = ("str", "int", "float", "bool", "list", "dict", "none")
+
+
 def _validation_param(loc: tuple[Any, ...]) -> str | None:
-    # FastAPI prefixes the location with "body"/"query"; clients want the field path.
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [
+        str(p)
+        for p in loc
+        if p not in _LOCATION_PREFIXES
+        and not (isinstance(p, str) and ("[" in p or p in _UNION_TAGS))
+    ]
     return ".".join(parts) or None
 
 
@@ -132,7 +155,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def _gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status_code)
+        return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -37,6 +37,7 @@ def public(row: FeedbackRow) -> FeedbackPublic:
         label=row.label,
         preferred_over=row.preferred_over,
         annotator=row.annotator,
+        key_id=row.key_id,
         reviewed=row.reviewed,
     )
 
@@ -125,5 +126,6 @@ async def stored_completion(store: Store, completion_id: str) -> StoredCompletio
         latency_ms=record.latency_ms,
         status=record.status,
         user=record.user,
+        key_id=record.key_id,
         feedback=[public(r) for r in rows],
     )

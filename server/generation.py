@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -27,6 +27,7 @@ from server.errors import (
     EngineFailure,
     EngineUnavailable,
     GatewayError,
+    Overloaded,
     error_body,
 )
 from server.metrics import GatewayMetrics
@@ -114,9 +115,11 @@ class Tracker:
     endpoint: str
     metrics: GatewayMetrics
     received_at: float
+    release: Callable[[], None] = lambda: None  # the engine slot (see ``admission``)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
+    closed: bool = False
 
     def __post_init__(self) -> None:
         self.metrics.in_flight.labels(self.model).inc()
@@ -131,16 +134,30 @@ class Tracker:
         self.completion_tokens += produced
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.release()
         self.metrics.in_flight.labels(self.model).dec()
         self.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
         self.metrics.completion_tokens.labels(self.model).inc(self.completion_tokens)
 
 
 def tracker_for(request: Request, model: ServedModel, endpoint: str) -> Tracker:
+    """Admit the request to its engine (429 past the bound) and start its bookkeeping."""
     request.state.model = model.name
     metrics: GatewayMetrics = request.app.state.metrics
+    engine = model.parent or model.name
+    limit = model.entry.max_pending_requests or request.app.state.settings.max_pending_requests
+    try:
+        release = request.app.state.admission.admit(engine, limit)
+    except Overloaded:
+        metrics.rejected.labels(model.name, "overloaded").inc()
+        raise
     received_at = getattr(request.state, "received_at", time.perf_counter())
-    return Tracker(model.name, endpoint, metrics, received_at)
+    tracker = Tracker(model.name, endpoint, metrics, received_at, release)
+    request.state.tracker = tracker  # closed by the metrics middleware if nothing else did
+    return tracker
 
 
 def should_store(requested: bool | None, model: ServedModel) -> bool:

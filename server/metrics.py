@@ -60,6 +60,12 @@ class GatewayMetrics:
             registry=r,
         )
 
+        self.rejected = Counter(
+            "aligngate_rejected_requests",
+            "Requests refused before reaching an engine, by model and reason.",
+            ["model", "reason"],
+            registry=r,
+        )
         self.feedback = Counter(
             "aligngate_feedback",
             "Feedback stored, by model and label.",
@@ -145,6 +151,11 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            # However the request ended (a client gone before its stream started included),
+            # its in-flight gauge and its engine slot are given back.
+            tracker = scope.get("state", {}).get("tracker")
+            if tracker is not None:
+                tracker.close()
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or UNMATCHED
             model = scope.get("state", {}).get("model", NO_MODEL)

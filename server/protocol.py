@@ -9,9 +9,16 @@ Does not know: templates, engines, HTTP status codes.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from server.engine.types import SamplingSpec
 from server.families import FamilySpec
@@ -20,6 +27,22 @@ from server.families import FamilySpec
 MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16
+MAX_STOP_CHARS = 256
+MAX_MESSAGES = 512
+MAX_MESSAGE_CHARS = 200_000
+# Templates come from the models file only: a client-supplied one could render any prompt
+# (and, with some engines, run template code).
+CLIENT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "template")
+
+
+def _no_nul(value: str) -> str:
+    # NUL cannot be stored by PostgreSQL and is never meaningful text.
+    if "\x00" in value:
+        raise ValueError("text must not contain NUL characters")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
 
 
 class _Strict(BaseModel):
@@ -28,13 +51,19 @@ class _Strict(BaseModel):
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = Field(default=None, max_length=256)
+
+    @model_validator(mode="after")
+    def _check_length(self) -> ChatMessage:
+        if len(self.text()) > MAX_MESSAGE_CHARS:
+            raise ValueError(f"a message is longer than {MAX_MESSAGE_CHARS} characters")
+        return self
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -49,15 +78,15 @@ class StreamOptions(_Strict):
 class _SamplingFields(_Strict):
     """Fields shared by chat and text completions."""
 
-    model: str
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    model: str = Field(max_length=256)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(default=1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    user: str | None = None
+    user: Text | None = Field(default=None, max_length=256)
     stream: bool = False
     stream_options: StreamOptions | None = None
     store: bool | None = None
@@ -68,6 +97,10 @@ class _SamplingFields(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     min_tokens: int = Field(default=0, ge=0)
     ignore_eos: bool = False
+    # Refused when given (see CLIENT_TEMPLATE_FIELDS); declared so the error names them.
+    chat_template: None = Field(default=None, exclude=True)
+    chat_template_kwargs: None = Field(default=None, exclude=True)
+    template: None = Field(default=None, exclude=True)
     # Quark models: which reward quantile to condition on (0 = best); others refuse it.
     quantile: int | None = Field(default=None, ge=0, le=255)
 
@@ -79,7 +112,16 @@ class _SamplingFields(_Strict):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
         if any(not s for s in stops):
             raise ValueError("stop sequences must be non-empty")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop sequence is longer than {MAX_STOP_CHARS} characters")
         return value
+
+    @field_validator(*CLIENT_TEMPLATE_FIELDS, mode="before")
+    @classmethod
+    def _no_client_template(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("not accepted: prompt templates come from the models file only")
+        return None
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -115,7 +157,7 @@ class _SamplingFields(_Strict):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
@@ -129,7 +171,7 @@ class ChatCompletionRequest(_SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-PromptInput = str | list[str] | list[int] | list[list[int]]
+PromptInput = Text | list[Text] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_SamplingFields):
@@ -157,15 +199,15 @@ class FeedbackRequest(_Strict):
 
     completion_id: str = Field(min_length=1, max_length=64)
     choice_index: int = Field(default=0, ge=0, le=1024)
-    judgment: str | None = None
+    judgment: Text | None = None
     # -1 / +1 (thumbs) or 1-5 (stars). 1 alone reads as thumbs-up; a 1-star rating says
     # rating_scale "stars".
     rating: Literal[-1, 1, 2, 3, 4, 5] | None = None
     rating_scale: Literal["thumbs", "stars"] | None = None
     label: Literal["desirable", "undesirable"] | None = None
     preferred_over: str | None = Field(default=None, min_length=1, max_length=64)
-    annotator: str | None = Field(default=None, min_length=1, max_length=256)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
+    annotator: Text | None = Field(default=None, min_length=1, max_length=256)
+    idempotency_key: Text | None = Field(default=None, min_length=1, max_length=256)
 
     @field_validator("judgment")
     @classmethod
@@ -207,6 +249,7 @@ class FeedbackPublic(BaseModel):
     label: str | None
     preferred_over: str | None
     annotator: str | None
+    key_id: str  # which API key sent it (its id, never the key)
     reviewed: bool
 
 
@@ -254,6 +297,7 @@ class StoredCompletion(BaseModel):
     latency_ms: float
     status: str
     user: str | None
+    key_id: str | None
     feedback: list[FeedbackPublic]
 
 

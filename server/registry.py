@@ -84,6 +84,8 @@ class ModelEntry(BaseModel):
     trust_remote_code: bool = False
     # Record this model's completions in the store (a request's `store` field overrides).
     store: bool = False
+    # Requests in flight on this model's engine before 429 (default: the setting).
+    max_pending_requests: int | None = Field(default=None, ge=1, le=1_000_000)
     # LoRA adapters can be served on this model (at start-up: `adapters`; later: the admin
     # API). Listing adapters turns it on with the defaults.
     lora: LoraSettings | None = None

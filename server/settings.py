@@ -37,6 +37,13 @@ class Settings(BaseSettings):
     # `ID KEY` lines. None configured: loopback clients only.
     api_keys: str | None = Field(default=None, repr=False)
     api_keys_file: Path | None = None
+    # Backpressure: requests in flight per engine (running + waiting) before 429; a
+    # models-file entry's `max_pending_requests` overrides it.
+    max_pending_requests: int = Field(default=128, ge=1, le=1_000_000)
+    # Request bodies larger than this get 413 (before they are read, when declared).
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # SIGTERM: how long running requests may finish (new ones get 503) before the stop.
+    shutdown_timeout_s: int = Field(default=30, ge=0, le=3600)
     # /metrics without a key (Prometheus scrapers); /health is always open.
     metrics_public: bool = False
     # SQLAlchemy URL of the store; default: SQLite at <home>/aligngate.db.

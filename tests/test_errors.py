@@ -127,3 +127,57 @@ def test_token_ids_outside_the_vocabulary_are_400(gateway: Gateway) -> None:
 def test_unknown_route_and_method_use_the_error_schema(gateway: Gateway) -> None:
     assert_openai_error(httpx.get(f"{gateway.url}/v1/nothing-here", timeout=10), 404, None)
     assert_openai_error(httpx.get(f"{gateway.url}/v1/chat/completions", timeout=10), 405, None)
+
+
+def test_request_limits_name_the_parameter(gateway: Gateway) -> None:
+    chat = {"model": gateway.model, "max_tokens": 2}
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"messages": [{"role": "user", "content": "a\x00b"}]}, "messages.0.content"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "\x00"}]}]},
+            "messages.0.content.0.text",
+        ),
+        ({"messages": FRANCE, "chat_template": "{{ 'x' }}"}, "chat_template"),
+        ({"messages": FRANCE, "chat_template_kwargs": {}}, "chat_template_kwargs"),
+        ({"messages": [{"role": "user", "content": "hi"}] * 513}, "messages"),
+        ({"messages": [{"role": "user", "content": "x" * 200_001}]}, "messages.0"),
+        ({"messages": FRANCE, "stop": ["x" * 257]}, "stop"),
+        ({"messages": FRANCE, "user": "u\x00"}, "user"),
+    ]
+    for extra, param in cases:
+        assert_openai_error(post(gateway, "/v1/chat/completions", {**chat, **extra}), 400, param)
+    feedback = {"completion_id": "chatcmpl-x", "judgment": "bad\x00"}
+    assert_openai_error(post(gateway, "/v1/feedback", feedback), 400, "judgment")
+    prompt = {"model": gateway.model, "prompt": "a\x00", "max_tokens": 2}
+    assert_openai_error(post(gateway, "/v1/completions", prompt), 400, "prompt")
+
+
+def test_non_finite_numbers_and_bad_bytes_are_400(gateway: Gateway) -> None:
+    url = f"{gateway.url}/v1/chat/completions"
+    for raw in (
+        b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+        b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}',
+        b'{"model": "%s", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+    ):
+        body = raw.replace(b"%s", gateway.model.encode())
+        r = httpx.post(url, content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400, (raw, r.text)
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_body_and_header_floods_are_refused(gateway: Gateway) -> None:
+    url = f"{gateway.url}/v1/chat/completions"
+    big = b"x" * (8 * 1024 * 1024 + 1)
+    declared = httpx.post(url, content=big, headers={"content-type": "application/json"})
+    assert_openai_error(declared, 413, None)
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(9):
+            yield b" " * (1024 * 1024)
+
+    streamed = httpx.post(url, content=chunks(), headers={"content-type": "application/json"})
+    assert_openai_error(streamed, 413, None)
+    flood = {f"x-h{i}": "v" for i in range(150)}
+    assert_openai_error(httpx.get(f"{gateway.url}/v1/models", headers=flood), 431, None)
+    # The gateway is fine afterwards.
+    assert httpx.get(f"{gateway.url}/v1/models").status_code == 200

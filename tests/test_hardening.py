@@ -1,0 +1,190 @@
+"""A gateway configured as in production — API keys, an admin key, a small bound on requests
+in flight — driven over loopback HTTP: keys end to end, 429 at 3× capacity, and a SIGTERM
+that drains (new requests 503, the running one finishes, the store is flushed, exit 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from server.default_model import DEFAULT_MODEL_NAME
+from server.store import Store
+from tests.conftest import Gateway, start_gateway, stop_gateway
+
+ALICE = "alice-0123456789abcdef"
+ADMIN = "admin-0123456789abcdef"
+CAPACITY = 4  # max_pending_requests of the model
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hardened(
+    test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    folder = tmp_path_factory.mktemp("hardened")
+    models = folder / "models.yaml"
+    models.write_text(
+        "models:\n"
+        f"  - {{name: {DEFAULT_MODEL_NAME}, path: 'builtin:{DEFAULT_MODEL_NAME}', store: true, "
+        f"max_pending_requests: {CAPACITY}, max_model_len: 2048}}\n"
+    )
+    env = {
+        **test_env,
+        "ALIGNGATE_DATABASE_URL": f"sqlite:///{folder / 'store.db'}",
+        "ALIGNGATE_API_KEYS": ALICE,
+        "ALIGNGATE_ADMIN_KEY": ADMIN,
+        "ALIGNGATE_SHUTDOWN_TIMEOUT_S": "60",
+    }
+    gw = start_gateway(["--config", str(models)], folder / "serve.log", env)
+    yield gw
+    stop_gateway(gw)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    text = httpx.get(f"{gateway.url}/metrics", headers=auth(ADMIN), timeout=10).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_keys_end_to_end(hardened: Gateway) -> None:
+    anonymous = openai.OpenAI(base_url=f"{hardened.url}/v1", api_key="wrong-key-0000000000")
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.list()
+    client = openai.OpenAI(base_url=f"{hardened.url}/v1", api_key=ALICE, max_retries=0)
+    reply = client.chat.completions.create(
+        model=hardened.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=4
+    )
+    r = httpx.post(
+        f"{hardened.url}/v1/feedback",
+        json={"completion_id": reply.id, "judgment": "Say more."},
+        headers=auth(ALICE),
+    )
+    assert r.status_code == 201 and r.json()["key_id"].startswith("key-")
+    stored = httpx.get(f"{hardened.url}/v1/completions/{reply.id}", headers=auth(ALICE)).json()
+    assert stored["key_id"] == r.json()["key_id"]
+
+    assert httpx.get(f"{hardened.url}/admin/whoami", headers=auth(ALICE)).status_code == 403
+    assert httpx.get(f"{hardened.url}/admin/whoami", headers=auth(ADMIN)).status_code == 200
+    assert httpx.get(f"{hardened.url}/admin/whoami").status_code == 401
+    assert httpx.get(f"{hardened.url}/health").status_code == 200
+    assert httpx.get(f"{hardened.url}/metrics").status_code == 401
+    # The log never holds a key.
+    log = hardened.log_path.read_text(errors="replace")
+    assert ALICE not in log and ADMIN not in log
+
+
+async def _stream(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[int, float, str]:
+    started = time.perf_counter()
+    body = {
+        "model": DEFAULT_MODEL_NAME,
+        "messages": [{"role": "user", "content": "Count to a thousand."}],
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+        "stream": True,
+    }
+    async with client.stream("POST", url, json=body, headers=auth(ALICE)) as response:
+        text = (await response.aread()).decode()
+        retry = response.headers.get("retry-after", "")
+        return response.status_code, time.perf_counter() - started, retry or text[-20:]
+
+
+async def burst(gateway: Gateway, n: int, max_tokens: int) -> list[tuple[int, float, str]]:
+    async with httpx.AsyncClient(timeout=120) as client:
+        url = f"{gateway.url}/v1/chat/completions"
+        return await asyncio.gather(*(_stream(client, url, max_tokens) for _ in range(n)))
+
+
+def test_three_times_capacity_gets_429_fast_and_no_hang(hardened: Gateway) -> None:
+    before = metric(hardened, "aligngate_rejected_requests_total", reason="overloaded")
+    results = asyncio.run(burst(hardened, 3 * CAPACITY, max_tokens=48))
+    ok = [r for r in results if r[0] == 200]
+    refused = [r for r in results if r[0] == 429]
+    print(
+        f"{len(results)} requests at capacity {CAPACITY}: {len(ok)} served "
+        f"(max {max(r[1] for r in ok):.2f} s), {len(refused)} refused "
+        f"(max {max(r[1] for r in refused):.3f} s)"
+    )
+    assert len(ok) == CAPACITY and len(refused) == 2 * CAPACITY
+    assert all(r[2] == "1" for r in refused)  # Retry-After
+    assert all(r[2].endswith("[DONE]\n\n") for r in ok)
+    assert max(r[1] for r in refused) < 5
+    after = metric(hardened, "aligngate_rejected_requests_total", reason="overloaded")
+    assert after - before == 2 * CAPACITY
+    # Every slot came back: a full set of requests is admitted again.
+    again = asyncio.run(burst(hardened, CAPACITY, max_tokens=8))
+    assert [r[0] for r in again] == [200] * CAPACITY
+
+
+def test_sigterm_drains_then_exits_zero(hardened: Gateway, test_env: dict[str, str]) -> None:
+    """Last in this module: it stops the gateway."""
+    first_chunk = threading.Event()
+    outcome: dict[str, object] = {}
+
+    def long_stream() -> None:
+        body = {
+            "model": DEFAULT_MODEL_NAME,
+            "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 96,
+            "min_tokens": 96,
+            "stream": True,
+        }
+        with httpx.stream(
+            "POST",
+            f"{hardened.url}/v1/chat/completions",
+            json=body,
+            headers=auth(ALICE),
+            timeout=120,
+        ) as response:
+            chunks = []
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    chunks.append(line)
+                    first_chunk.set()
+            outcome["status"] = response.status_code
+            outcome["chunks"] = chunks
+
+    worker = threading.Thread(target=long_stream)
+    worker.start()
+    assert first_chunk.wait(60)
+    signalled = time.perf_counter()
+    hardened.process.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    refused = httpx.get(f"{hardened.url}/v1/models", headers=auth(ALICE), timeout=10)
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "5"
+    assert refused.json()["error"]["code"] == "shutting_down"
+    assert httpx.get(f"{hardened.url}/health", timeout=10).status_code == 503
+
+    worker.join(120)
+    code = hardened.process.wait(timeout=60)
+    elapsed = time.perf_counter() - signalled
+    print(f"SIGTERM → exit {code} in {elapsed:.2f} s, the running stream finished")
+    assert code == 0
+    chunks = outcome["chunks"]
+    assert outcome["status"] == 200 and chunks[-1] == "data: [DONE]"  # type: ignore[index]
+    assert '"finish_reason":"length"' in "".join(chunks)  # type: ignore[arg-type]
+
+    # The store was flushed: the finished stream's record is on disk.
+    completion_id = chunks[0].split('"id":"', 1)[1].split('"', 1)[0]  # type: ignore[index]
+    db = Path(str(hardened.log_path.parent / "store.db"))
+    store = Store.open(f"sqlite:///{db}")
+    try:
+        record, _ = asyncio.run(store.get_completion(completion_id))
+    finally:
+        store.close()
+    assert record.status == "finished" and record.completion_tokens == 96
