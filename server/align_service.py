@@ -33,7 +33,18 @@ def cut_config(h: CutHyperparameters) -> CutConfig:
     return CutConfig(**values)
 
 
-def plan_for(registry: Registry, model: str, since: float | None) -> AlignPlan:
+def trusted_for(
+    settings: Settings, annotators: list[str], include_unreviewed: bool
+) -> tuple[str, ...] | None:
+    """Whose judgments train: reviewed ones and the trusted annotators' (None: everyone's)."""
+    if include_unreviewed:
+        return None
+    return tuple(dict.fromkeys([*settings.trusted_annotator_list(), *annotators]))
+
+
+def plan_for(
+    registry: Registry, model: str, since: float | None, trusted: tuple[str, ...] | None = ()
+) -> AlignPlan:
     served = registry.get(model)
     base = registry.get(served.parent) if served.parent else served
     if not base.engine.lora_enabled:
@@ -51,17 +62,21 @@ def plan_for(registry: Registry, model: str, since: float | None) -> AlignPlan:
         adapter_path=Path(served.adapter.path) if served.adapter else None,
         root=registry.adapters_root,
         since=since,
+        trusted=trusted,
     )
 
 
-def start_align(body: AlignRequest, registry: Registry, store: Store, jobs: AlignJobs) -> AlignJob:
+def start_align(
+    body: AlignRequest, registry: Registry, store: Store, jobs: AlignJobs, settings: Settings
+) -> AlignJob:
     try:
         since = parse_since(body.since)
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="since") from exc
     if since is not None and not math.isfinite(since):
         raise InvalidRequest("since: not a finite time", param="since")
-    plan = plan_for(registry, body.model, since)
+    trusted = trusted_for(settings, body.trusted_annotators, body.include_unreviewed)
+    plan = plan_for(registry, body.model, since, trusted)
 
     async def load(name: str, path: str) -> None:
         await registry.load_adapter(name, path, base=plan.base_name)
@@ -73,7 +88,11 @@ def start_align(body: AlignRequest, registry: Registry, store: Store, jobs: Alig
 
 
 def plan_offline(
-    entries: list[ModelEntry], settings: Settings, model: str, since: float | None
+    entries: list[ModelEntry],
+    settings: Settings,
+    model: str,
+    since: float | None,
+    trusted: tuple[str, ...] | None = (),
 ) -> AlignPlan:
     """The plan for ``aligngate align --config FILE``, without a running server: ``model``
     is a models-file entry, one of its listed adapters, or an earlier iteration's folder
@@ -111,4 +130,5 @@ def plan_offline(
         adapter_path=adapter,
         root=root,
         since=since,
+        trusted=trusted,
     )

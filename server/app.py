@@ -18,6 +18,7 @@ from server.draining import Drain, DrainMiddleware
 from server.errors import install_error_handlers
 from server.limits import RequestLimitMiddleware
 from server.metrics import GatewayMetrics, RequestMetricsMiddleware
+from server.ratelimit import RateLimiter
 from server.registry import ModelEntry, Registry
 from server.routes import admin, feedback, health, openai, render, ui
 from server.settings import Settings
@@ -70,6 +71,7 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
     app.state.metrics = metrics
     app.state.align_jobs = AlignJobs()
     app.state.admission = Admission()
+    app.state.feedback_limiter = RateLimiter(settings.feedback_per_minute, "feedback requests")
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(render.router)

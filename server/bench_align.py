@@ -34,6 +34,8 @@ from server.training.trainer import train_cut_adapter
 
 log = logging.getLogger(__name__)
 
+ANNOTATOR = "bench"  # the seeded judgments' annotator, trusted by the iteration
+
 
 async def _seed(store: Store, entry_name: str, renderer: Any, records: list[Any]) -> None:
     """Each record as a stored chat completion of ``entry_name`` plus its feedback."""
@@ -57,9 +59,9 @@ async def _seed(store: Store, entry_name: str, renderer: Any, records: list[Any]
         )
         await asyncio.wrap_future(store.record_completion(completion))
         if record.judgment is None:
-            feedback = FeedbackCreate(completion.id, label="desirable", annotator="bench")
+            feedback = FeedbackCreate(completion.id, label="desirable", annotator=ANNOTATOR)
         else:
-            feedback = FeedbackCreate(completion.id, judgment=record.judgment, annotator="bench")
+            feedback = FeedbackCreate(completion.id, judgment=record.judgment, annotator=ANNOTATOR)
         await store.add_feedback(feedback)
 
 
@@ -90,7 +92,7 @@ def bench_align(
                 await registry.start([entry], settings)
                 model = registry.get(entry.name)
                 await _seed(store, entry.name, model.renderer, judged_records + fine_records)
-                plan = plan_for(registry, entry.name, since=None)
+                plan = plan_for(registry, entry.name, since=None, trusted=(ANNOTATOR,))
                 job = AlignJob(id=f"align-{uuid.uuid4().hex[:12]}", model=entry.name)
 
                 async def load(name: str, path: str) -> None:

@@ -154,7 +154,13 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     store = Store.open(settings.store_url())
     try:
-        rows, records = store.export_rows(model=args.model, since=since)
+        rows, records = store.export_rows(
+            model=args.model,
+            since=since,
+            annotators=args.annotator,
+            key_ids=args.key_id,
+            trusted=[] if args.reviewed else None,
+        )
     finally:
         store.close()
     items = FORMATS[args.format](rows, records)
@@ -342,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--model", help="only this served model's feedback")
     export.add_argument("--since", help="only feedback from this time on (ISO-8601 or epoch)")
     export.add_argument("--out", type=Path, required=True, help="output JSON file")
+    export.add_argument("--annotator", action="append", help="only this annotator's (repeat)")
+    export.add_argument("--key-id", action="append", help="only this API key id's (repeat)")
+    export.add_argument("--reviewed", action="store_true", help="only reviewed feedback")
     export.set_defaults(func=_cmd_export)
 
     ae = sub.add_parser(

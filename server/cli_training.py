@@ -145,6 +145,8 @@ def _align_on_server(args: argparse.Namespace, settings: Settings) -> int:
         "since": args.since,
         "min_judged": args.min_judged,
         "hyperparameters": _align_hyperparameters(args),
+        "trusted_annotators": args.trusted_annotator or [],
+        "include_unreviewed": args.include_unreviewed,
     }
     url = (args.server or DEFAULT_SERVER).rstrip("/")
     with httpx.Client(timeout=30, headers=_admin_headers(args, settings)) as client:
@@ -181,7 +183,7 @@ def _align_offline(args: argparse.Namespace, settings: Settings) -> tuple[int, d
 
     from pydantic import ValidationError
 
-    from server.align_service import cut_config, plan_offline
+    from server.align_service import cut_config, plan_offline, trusted_for
     from server.feedback import parse_since
     from server.protocol import CutHyperparameters
     from server.registry import ModelsFileError, load_models_file
@@ -191,8 +193,9 @@ def _align_offline(args: argparse.Namespace, settings: Settings) -> tuple[int, d
 
     try:
         config = cut_config(CutHyperparameters(**_align_hyperparameters(args)))
+        trusted = trusted_for(settings, args.trusted_annotator or [], args.include_unreviewed)
         plan = plan_offline(
-            load_models_file(args.config), settings, args.model, parse_since(args.since)
+            load_models_file(args.config), settings, args.model, parse_since(args.since), trusted
         )
     except (ValidationError, ModelsFileError, ValueError) as exc:
         log.error("%s", exc)
@@ -296,6 +299,16 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
     )
     align.add_argument("--since", help="judgments from this time on (default: since the last)")
     align.add_argument("--min-judged", type=int, default=1)
+    align.add_argument(
+        "--trusted-annotator",
+        action="append",
+        help="train on this annotator's judgments without review (repeat)",
+    )
+    align.add_argument(
+        "--include-unreviewed",
+        action="store_true",
+        help="train on every judgment, reviewed or not (poisoning risk: see README)",
+    )
     align.add_argument("--admin-key", help="default: ALIGNGATE_ADMIN_KEY")
     for flag, kind in (
         ("--threshold", float),

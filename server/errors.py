@@ -81,6 +81,12 @@ class Overloaded(GatewayError):
         self.headers = {"retry-after": str(retry_after_s)}
 
 
+class RateLimited(Overloaded):
+    """Too many requests from one API key."""
+
+    code = "rate_limit_exceeded"
+
+
 class StoreUnavailable(GatewayError):
     status_code = 503
     error_type = "server_error"

@@ -43,6 +43,8 @@ def public(row: FeedbackRow) -> FeedbackPublic:
 
 
 async def create_feedback(body: FeedbackRequest, request: Request, store: Store) -> JSONResponse:
+    key_id = getattr(request.state, "key_id", None) or ANONYMOUS_KEY
+    request.app.state.feedback_limiter.check(key_id)
     row, created = await store.add_feedback(
         FeedbackCreate(
             completion_id=body.completion_id,
@@ -54,7 +56,7 @@ async def create_feedback(body: FeedbackRequest, request: Request, store: Store)
             preferred_over=body.preferred_over,
             annotator=body.annotator,
             idempotency_key=body.idempotency_key,
-            key_id=getattr(request.state, "key_id", None) or ANONYMOUS_KEY,
+            key_id=key_id,
         )
     )
     request.state.model = row.model

@@ -482,16 +482,25 @@ class CutHyperparameters(BaseModel):
     threads: int | None = Field(default=None, ge=1, le=256)
 
 
-class AlignRequest(BaseModel):
+class AlignRequest(_Strict):
     """``POST /admin/align``: one online iteration on a served model's judgments."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(max_length=128)
     # ISO-8601 or epoch seconds; default: where the previous iteration stopped.
     since: str | None = Field(default=None, max_length=64)
     min_judged: int = Field(default=1, ge=1, le=1_000_000)
     hyperparameters: CutHyperparameters = Field(default_factory=CutHyperparameters)
+    # Poisoning guard (OWASP LLM04): only reviewed judgments train, or those of these
+    # annotators (added to ALIGNGATE_TRUSTED_ANNOTATORS) — unless include_unreviewed.
+    trusted_annotators: list[Text] = Field(default_factory=list, max_length=1000)
+    include_unreviewed: bool = False
+
+
+class ReviewRequest(_Strict):
+    """``POST /admin/feedback/review``: mark feedback as reviewed (or take the mark back)."""
+
+    ids: list[Text] = Field(min_length=1, max_length=1000)
+    reviewed: bool = True
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {

@@ -44,6 +44,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # SIGTERM: how long running requests may finish (new ones get 503) before the stop.
     shutdown_timeout_s: int = Field(default=30, ge=0, le=3600)
+    # Annotators whose judgments the online loop trains on without review (comma-separated).
+    trusted_annotators: str = ""
+    # Feedback per API key per minute (429 past it); 0: no limit.
+    feedback_per_minute: int = Field(default=120, ge=0)
     # /metrics without a key (Prometheus scrapers); /health is always open.
     metrics_public: bool = False
     # SQLAlchemy URL of the store; default: SQLite at <home>/aligngate.db.
@@ -53,6 +57,9 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.home / "models"
+
+    def trusted_annotator_list(self) -> list[str]:
+        return [a.strip() for a in self.trusted_annotators.split(",") if a.strip()]
 
     def store_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'aligngate.db'}"

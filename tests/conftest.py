@@ -110,6 +110,8 @@ def test_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     db = tmp_path_factory.mktemp("store") / "aligngate.db"
     env["ALIGNGATE_DATABASE_URL"] = f"sqlite:///{db}"
     env.setdefault("ALIGNGATE_CPU_KV_CACHE_GIB", "1")
+    # Tests post feedback faster than a person; the limit has its own test.
+    env["ALIGNGATE_FEEDBACK_PER_MINUTE"] = "0"
     env["ALIGNGATE_ADAPTERS_DIR"] = str(tmp_path_factory.mktemp("adapters"))
     return env
 

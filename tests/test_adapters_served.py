@@ -142,10 +142,13 @@ def test_online_iteration_trains_and_hot_loads_without_restart(gateway: Gateway)
         },
         timeout=60,
     ).json()
+    feedback_ids = []
     for judgment in ("Say only the symbol: Au.", None):
         fb = {"completion_id": completion["id"], "annotator": "test"}
         fb |= {"judgment": judgment} if judgment else {"rating": 1}
-        assert httpx.post(f"{gateway.url}/v1/feedback", json=fb).status_code in (200, 201)
+        posted = httpx.post(f"{gateway.url}/v1/feedback", json=fb)
+        assert posted.status_code in (200, 201)
+        feedback_ids.append(posted.json()["id"])
     time.sleep(1.5)  # the store's group commit
 
     body = {
@@ -153,6 +156,17 @@ def test_online_iteration_trains_and_hot_loads_without_restart(gateway: Gateway)
         "since": str(since),
         "hyperparameters": {"epochs": 2, "batch_size": 1, "warmup_steps": 0},
     }
+    # Unreviewed judgments of an untrusted annotator do not train (poisoning guard).
+    unreviewed = httpx.post(f"{gateway.url}/admin/align", json=body).json()
+    refused = _poll(gateway, unreviewed["id"])
+    assert refused["status"] == "failed" and "reviewed or by trusted" in refused["error"]
+    review = {"ids": feedback_ids, "reviewed": True}
+    reviewed = httpx.post(f"{gateway.url}/admin/feedback/review", json=review)
+    assert reviewed.status_code == 200 and reviewed.json()["updated"] == 2
+    missing = httpx.post(f"{gateway.url}/admin/feedback/review", json={"ids": ["fb-nope"]})
+    assert missing.status_code == 404 and missing.json()["error"]["param"] == "ids"
+    time.sleep(1.5)
+
     r = httpx.post(f"{gateway.url}/admin/align", json=body)
     assert r.status_code == 202, r.text
     job = r.json()
@@ -252,6 +266,7 @@ def test_offline_align_from_the_models_file_merges_and_hot_loads(
     merged = tmp_path / "merged"
     args = ["align", "--config", str(models), "--model", gateway.model, "--since", str(since)]
     args += ["--epochs", "1", "--batch-size", "1", "--warmup-steps", "0"]
+    args += ["--trusted-annotator", "test"]
     args += ["--merge-out", str(merged), "--server", gateway.url]
     done = run_cli(args, test_env)
     assert done.returncode == 0, done.stderr[-3000:]

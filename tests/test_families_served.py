@@ -179,3 +179,73 @@ def test_cli_render_prints_the_exact_format(
     ids = run_cli([*args, "--ids"], env, timeout=120)
     assert ids.returncode == 0, ids.stderr
     assert json.loads(ids.stdout) == local["tiny-kto"].render_chat(CAKE).token_ids
+
+
+@pytest.mark.slow
+def test_a_dead_engine_fails_fast_while_the_others_serve(families_gateway: Gateway) -> None:
+    """Last in this module: it kills one engine. The engine core busy with a long stream on
+    `tiny-kto` is the one killed (the others are idle)."""
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    url = f"{families_gateway.url}/v1/chat/completions"
+    first = threading.Event()
+    lines: list[str] = []
+
+    def long_stream() -> None:
+        body = {
+            "model": "tiny-kto",
+            "messages": [{"role": "user", "content": "Go on."}],
+            "max_tokens": 900,
+            "min_tokens": 900,
+            "stream": True,
+        }
+        with httpx.stream("POST", url, json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    first.set()
+
+    worker = threading.Thread(target=long_stream)
+    worker.start()
+    assert first.wait(60)
+    cores = [
+        p
+        for p in psutil.Process(families_gateway.process.pid).children(recursive=True)
+        if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()
+    ]
+    assert len(cores) == len(MODELS), [p.name() for p in cores]
+    for p in cores:
+        p.cpu_percent(None)
+    time.sleep(1.0)
+    busy = max(cores, key=lambda p: p.cpu_percent(None))
+    busy.send_signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    worker.join(60)
+    assert not worker.is_alive()
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error"
+    print(f"stream on the dead engine ended {time.monotonic() - killed_at:.2f} s after the kill")
+
+    health = httpx.get(f"{families_gateway.url}/health", timeout=10)
+    assert health.status_code == 503
+    assert health.json()["models"]["tiny-kto"] == "down"
+    started = time.monotonic()
+    dead = httpx.post(
+        url, json={"model": "tiny-kto", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert dead.status_code == 503 and dead.json()["error"]["code"] == "engine_unavailable"
+    assert time.monotonic() - started < 1
+    for other in ("tiny-cut", "tiny-quark", "tiny-dpo"):
+        assert health.json()["models"][other] == "ok"
+        r = httpx.post(
+            url,
+            json={"model": other, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+            timeout=60,
+        )
+        assert r.status_code == 200, (other, r.text)

@@ -313,3 +313,43 @@ def test_store_metrics_move(client: openai.OpenAI, gateway: Gateway) -> None:
     assert metric(gateway, "aligngate_store_writes_total") > before
     assert metric(gateway, "aligngate_store_commit_seconds_count") >= 1
     assert metric(gateway, "aligngate_store_errors_total") == 0
+
+
+def test_exports_filter_by_annotator_key_and_review(
+    client: openai.OpenAI, gateway: Gateway, test_env: dict[str, str], tmp_path: Path
+) -> None:
+    since = time.time()
+    reply = client.chat.completions.create(model=gateway.model, messages=AUSTRALIA, max_tokens=8)
+    ids = {}
+    for who in ("ana", "bo"):
+        r = post_feedback(gateway, completion_id=reply.id, judgment=f"{who}: wrong.", annotator=who)
+        assert r.status_code == 201 and r.json()["key_id"] == "loopback"
+        ids[who] = r.json()["id"]
+    review = {"ids": [ids["bo"]]}
+    assert httpx.post(f"{gateway.url}/admin/feedback/review", json=review).status_code == 200
+
+    def cli(*flags: str) -> list[str]:
+        out = tmp_path / "cut.json"
+        args = ["export", "--format", "cut", "--since", str(since), "--out", str(out), *flags]
+        done = run_cli(args, test_env)
+        assert done.returncode == 0, done.stderr
+        return [i["judgment"] for i in json.loads(out.read_text())]
+
+    def http(**params: Any) -> list[str]:
+        r = httpx.get(
+            f"{gateway.url}/admin/export",
+            params={"format": "cut", "since": since, **params},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        return [i["judgment"] for i in r.json()]
+
+    assert cli() == http() == ["ana: wrong.", "bo: wrong."]
+    assert cli("--annotator", "ana") == http(annotator="ana") == ["ana: wrong."]
+    assert cli("--reviewed") == http(reviewed_only=True) == ["bo: wrong."]
+    assert cli("--key-id", "loopback") == http(key_id="loopback") == cli()
+    assert cli("--key-id", "key-someone-else") == http(key_id="key-someone-else") == []
+    listed = httpx.get(f"{gateway.url}/v1/feedback", params={"since": since}, timeout=30).json()[
+        "data"
+    ]
+    assert {f["annotator"]: f["reviewed"] for f in listed} == {"ana": False, "bo": True}

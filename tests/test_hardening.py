@@ -22,6 +22,7 @@ from tests.conftest import Gateway, start_gateway, stop_gateway
 ALICE = "alice-0123456789abcdef"
 ADMIN = "admin-0123456789abcdef"
 CAPACITY = 4  # max_pending_requests of the model
+FEEDBACK_PER_MINUTE = 5
 
 pytestmark = pytest.mark.slow
 
@@ -43,6 +44,7 @@ def hardened(
         "ALIGNGATE_API_KEYS": ALICE,
         "ALIGNGATE_ADMIN_KEY": ADMIN,
         "ALIGNGATE_SHUTDOWN_TIMEOUT_S": "60",
+        "ALIGNGATE_FEEDBACK_PER_MINUTE": str(FEEDBACK_PER_MINUTE),
     }
     gw = start_gateway(["--config", str(models)], folder / "serve.log", env)
     yield gw
@@ -87,6 +89,32 @@ def test_keys_end_to_end(hardened: Gateway) -> None:
     # The log never holds a key.
     log = hardened.log_path.read_text(errors="replace")
     assert ALICE not in log and ADMIN not in log
+
+
+def test_feedback_is_rate_limited_per_key(hardened: Gateway) -> None:
+    client = openai.OpenAI(base_url=f"{hardened.url}/v1", api_key=ALICE, max_retries=0)
+    reply = client.chat.completions.create(
+        model=hardened.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+    )
+    statuses = []
+    for i in range(FEEDBACK_PER_MINUTE + 1):
+        r = httpx.post(
+            f"{hardened.url}/v1/feedback",
+            json={"completion_id": reply.id, "rating": 1, "idempotency_key": f"k{i}"},
+            headers=auth(ALICE),
+        )
+        statuses.append(r.status_code)
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["code"] == "rate_limit_exceeded"
+    assert statuses[-1] == 429 and statuses.count(201) >= FEEDBACK_PER_MINUTE - 1
+    # Another key has its own bucket.
+    other = httpx.post(
+        f"{hardened.url}/v1/feedback",
+        json={"completion_id": reply.id, "rating": 1},
+        headers=auth(ADMIN),
+    )
+    assert other.status_code == 201
 
 
 async def _stream(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[int, float, str]:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 
 import httpx
 import pytest
+from sqlalchemy import func, select
 
+from server.store import Store
+from server.store.schema import completions
 from tests.conftest import Gateway
 
 LONG = [{"role": "user", "content": "Write a very long essay about the history of Europe."}]
@@ -119,3 +123,69 @@ def test_non_streaming_disconnect_aborts_in_the_engine(gateway: Gateway) -> None
     )
     assert response.status_code == 200
     assert time.monotonic() - started < 5
+
+
+@pytest.mark.slow
+def test_disconnect_storm_leaves_nothing_behind(gateway: Gateway, test_env: dict[str, str]) -> None:
+    """vLLM's disconnect test, stricter: 200 streams that would each run 1,500+ tokens, every
+    client gone after 0.5 s. Afterwards the engine holds nothing, no completion of the storm
+    is stored as finished, and a fresh request is answered within 5 s."""
+    storm_started = time.time()
+    body = {
+        "model": gateway.model,
+        "messages": LONG,
+        "stream": True,
+        "max_tokens": 2000,
+        "min_tokens": 1500,
+        "store": True,
+    }
+
+    async def one(client: httpx.AsyncClient) -> str:
+        try:
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                if response.status_code != 200:
+                    return str(response.status_code)
+                async for _ in response.aiter_raw():
+                    pass
+            return "finished"
+        except httpx.TimeoutException:
+            return "timed out"
+
+    async def storm() -> list[str]:
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=0.5, limits=limits) as client:
+            return await asyncio.gather(*(one(client) for _ in range(200)))
+
+    outcomes = asyncio.run(storm())
+    counts = {o: outcomes.count(o) for o in set(outcomes)}
+    print("storm outcomes:", counts)
+    assert counts.get("finished", 0) == 0
+    # Past the engine's bound (128 in flight) the rest is refused at once with 429.
+    assert set(counts) <= {"timed out", "429"}
+
+    left = wait_until_idle(gateway, timeout=60)
+    assert left == 0, f"{left} request(s) still in the engine or the gateway"
+    started = time.monotonic()
+    fresh = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": gateway.model, "messages": LONG, "max_tokens": 4},
+        timeout=30,
+    )
+    assert fresh.status_code == 200
+    print(f"fresh request answered in {time.monotonic() - started:.2f} s")
+    assert time.monotonic() - started < 5
+
+    time.sleep(1.5)  # the store's group commit
+    store = Store.open(test_env["ALIGNGATE_DATABASE_URL"])
+    try:
+        with store.engine.connect() as conn:
+            rows = conn.execute(
+                select(completions.c.status, func.count())
+                .where(completions.c.created_at >= storm_started)
+                .group_by(completions.c.status)
+            )
+            stored = dict(rows.all())
+    finally:
+        store.close()
+    print("stored during the storm:", stored)
+    assert stored.get("finished", 0) <= 1  # the fresh request only

@@ -7,16 +7,22 @@ import asyncio
 import json
 import math
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.align_service import start_align
 from server.errors import InvalidRequest, NotFound
 from server.export import FORMATS
 from server.feedback import parse_since
-from server.protocol import ERROR_RESPONSES, AdapterLoadRequest, AlignRequest, ModelCard
+from server.protocol import (
+    ERROR_RESPONSES,
+    AdapterLoadRequest,
+    AlignRequest,
+    ModelCard,
+    ReviewRequest,
+)
 from server.routes.deps import AlignJobsDep, RegistryDep, StoreDep
 from server.routes.openai import model_card
 
@@ -38,10 +44,10 @@ async def unload_adapter(name: str, registry: RegistryDep) -> dict[str, object]:
 
 @router.post("/align", status_code=202)
 async def start_align_job(
-    body: AlignRequest, registry: RegistryDep, store: StoreDep, jobs: AlignJobsDep
+    body: AlignRequest, request: Request, registry: RegistryDep, store: StoreDep, jobs: AlignJobsDep
 ) -> JSONResponse:
     """Start one online iteration in the background; poll ``GET /admin/align/{job}``."""
-    job = start_align(body, registry, store, jobs)
+    job = start_align(body, registry, store, jobs, request.app.state.settings)
     return JSONResponse(job.public(), status_code=202)
 
 
@@ -59,12 +65,22 @@ async def whoami() -> dict[str, bool]:
     return {"admin": True}
 
 
+@router.post("/feedback/review")
+async def review_feedback(body: ReviewRequest, store: StoreDep) -> dict[str, object]:
+    """Mark feedback reviewed: the online loop trains on reviewed judgments by default."""
+    updated = await store.set_reviewed(body.ids, body.reviewed)
+    return {"object": "feedback.review", "updated": updated, "reviewed": body.reviewed}
+
+
 @router.get("/export")
 async def export_feedback(
     store: StoreDep,
     format: Literal["cut", "kto", "trl-kto", "dpo", "quark"],
     model: str | None = None,
     since: str | None = None,
+    annotator: Annotated[list[str] | None, Query()] = None,
+    key_id: Annotated[list[str] | None, Query()] = None,
+    reviewed_only: bool = False,
 ) -> Response:
     """``aligngate export`` over HTTP: the training file, as a download."""
     try:
@@ -73,7 +89,14 @@ async def export_feedback(
         raise InvalidRequest(str(exc), param="since") from exc
     if since_at is not None and not math.isfinite(since_at):
         raise InvalidRequest("since: not a finite time", param="since")
-    rows, records = await asyncio.to_thread(store.export_rows, model=model, since=since_at)
+    rows, records = await asyncio.to_thread(
+        store.export_rows,
+        model=model,
+        since=since_at,
+        annotators=annotator,
+        key_ids=key_id,
+        trusted=[] if reviewed_only else None,
+    )
     items = FORMATS[format](rows, records)
     name = re.sub(r"[^A-Za-z0-9._-]", "_", f"aligngate-{format}{'-' + model if model else ''}")
     return Response(

@@ -14,11 +14,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, or_, select
+from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 
 from server.errors import IdempotencyConflict, InvalidRequest, NotFound, StoreUnavailable
 from server.store.database import migrate, open_engine
@@ -243,6 +243,27 @@ class Store:
             return rows, encode_cursor(rows[-1].created_at, rows[-1].id)
         return rows, None
 
+    async def set_reviewed(self, feedback_ids: Sequence[str], reviewed: bool) -> int:
+        """Mark feedback as reviewed (or not); all ids must exist, else nothing changes."""
+        ids = sorted(set(feedback_ids))
+
+        def write(conn: Connection) -> int:
+            found = {
+                r.id for r in conn.execute(select(feedback.c.id).where(feedback.c.id.in_(ids)))
+            }
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise NotFound(f"No feedback `{missing[0]}`.", param="ids")
+            conn.execute(update(feedback).where(feedback.c.id.in_(ids)).values(reviewed=reviewed))
+            return len(ids)
+
+        try:
+            return await asyncio.wrap_future(self._writer.submit(write))
+        except NotFound:
+            raise
+        except Exception as exc:
+            raise StoreUnavailable("The feedback store is unavailable; nothing changed.") from exc
+
     async def feedback_summary(self) -> list[dict[str, Any]]:
         """Per model: how much feedback, of which polarity, with words, as preferences."""
         judged = feedback.c.judgment.is_not(None)
@@ -287,10 +308,18 @@ class Store:
     # ---- export reads (synchronous: the CLI and background jobs use them) -------------------
 
     def export_rows(
-        self, *, model: str | None = None, since: float | None = None, until: float | None = None
+        self,
+        *,
+        model: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        annotators: Sequence[str] | None = None,
+        key_ids: Sequence[str] | None = None,
+        trusted: Sequence[str] | None = None,
     ) -> tuple[list[FeedbackRow], dict[str, CompletionRecord]]:
         """Feedback (oldest first, ``since`` ≤ created < ``until``) and every completion it
-        names, for exports."""
+        names, for exports. ``annotators`` / ``key_ids``: only theirs. ``trusted``: only
+        reviewed feedback or feedback of these annotators (``[]``: reviewed only)."""
         conditions = []
         if model is not None:
             conditions.append(feedback.c.model == model)
@@ -298,6 +327,14 @@ class Store:
             conditions.append(feedback.c.created_at >= since)
         if until is not None:
             conditions.append(feedback.c.created_at < until)
+        if annotators is not None:
+            conditions.append(feedback.c.annotator.in_(list(annotators)))
+        if key_ids is not None:
+            conditions.append(feedback.c.key_id.in_(list(key_ids)))
+        if trusted is not None:
+            conditions.append(
+                or_(feedback.c.reviewed.is_(True), feedback.c.annotator.in_(list(trusted)))
+            )
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(feedback).where(*conditions).order_by(feedback.c.created_at, feedback.c.id)

@@ -53,6 +53,8 @@ class AlignPlan:
     iteration: int
     since: float | None
     root: Path
+    # Only reviewed judgments or these annotators' train; None: every judgment.
+    trusted: tuple[str, ...] | None = ()
 
     @property
     def name(self) -> str:
@@ -90,6 +92,7 @@ def plan_iteration(
     adapter_path: Path | None,
     root: Path,
     since: float | None = None,
+    trusted: tuple[str, ...] | None = (),
 ) -> AlignPlan:
     history = previous_iterations(root, base_name)
     iteration = (history[-1]["iteration"] + 1) if history else 1
@@ -105,6 +108,7 @@ def plan_iteration(
         iteration=iteration,
         since=since,
         root=root,
+        trusted=trusted,
     )
 
 
@@ -220,15 +224,20 @@ async def run_iteration(
         job.status = "exporting"
         job.until = time.time()
         rows, records = await asyncio.to_thread(
-            store.export_rows, model=plan.model, since=plan.since, until=job.until
+            store.export_rows,
+            model=plan.model,
+            since=plan.since,
+            until=job.until,
+            trusted=plan.trusted,
         )
         items = to_cut(rows, records)
         job.feedback_rows, job.records = len(rows), len(items)
         job.judged = sum(1 for i in items if i["judgment"] is not None)
         if job.judged < min_records:
+            which = "" if plan.trusted is None else " reviewed or by trusted annotators"
             raise AlignError(
-                f"{job.judged} judged response(s) of `{plan.model}` since the last iteration; "
-                f"at least {min_records} needed"
+                f"{job.judged} judged response(s){which} of `{plan.model}` since the last "
+                f"iteration; at least {min_records} needed"
             )
         work.mkdir(parents=True, exist_ok=True)
         data = work / DATA_FILE
