@@ -46,8 +46,7 @@ INJECTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def renderers(tiny_dir: Path) -> dict[str, Renderer]:
+def build_renderers(tiny_dir: Path) -> dict[str, Renderer]:
     return {
         "cut": Renderer.load(tiny_dir / "llama", family_name="cut"),
         "kto": Renderer.load(tiny_dir / "mistral", family_name="kto"),
@@ -55,6 +54,11 @@ def renderers(tiny_dir: Path) -> dict[str, Renderer]:
         "dpo": Renderer.load(tiny_dir / "chat", family_name="dpo"),
         "chat": Renderer.load(tiny_dir / "chat"),  # detected
     }
+
+
+@pytest.fixture(scope="module")
+def renderers(tiny_dir: Path) -> dict[str, Renderer]:
+    return build_renderers(tiny_dir)
 
 
 def test_cut_renders_the_alpaca_prompt_exactly(renderers: dict[str, Renderer]) -> None:
