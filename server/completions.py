@@ -66,7 +66,7 @@ def _prompts(body: CompletionRequest, model: ServedModel) -> list[RenderedPrompt
     if len(items) > MAX_PROMPTS:
         raise InvalidRequest(f"at most {MAX_PROMPTS} prompts per request", param="prompt")
     try:
-        return [
+        prompts = [
             model.renderer.render_text(p, quantile=body.quantile)
             if isinstance(p, str)
             else model.renderer.render_ids(p)
@@ -74,6 +74,10 @@ def _prompts(body: CompletionRequest, model: ServedModel) -> list[RenderedPrompt
         ]
     except RenderError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from exc
+    # An empty string renders to no token at all for a model without BOS; vLLM refuses it.
+    if any(not p.token_ids for p in prompts):
+        raise InvalidRequest("prompt renders to no tokens; give some text", param="prompt")
+    return prompts
 
 
 async def create_completion(

@@ -27,6 +27,7 @@ from server.errors import (
     EngineFailure,
     EngineUnavailable,
     GatewayError,
+    InvalidRequest,
     Overloaded,
     error_body,
 )
@@ -234,6 +235,12 @@ async def engine_steps(
         raise
     except (asyncio.CancelledError, GeneratorExit):
         raise
+    except ValueError as exc:
+        # vLLM validates a request's input and parameters with ValueError: the request's
+        # fault, so a 400 — unless the engine itself is gone.
+        if not model.engine.healthy:
+            raise EngineUnavailable(f"The engine of model `{model.name}` stopped.") from exc
+        raise InvalidRequest(f"The engine refused the request: {exc}") from exc
     except Exception as exc:
         if not model.engine.healthy:
             raise EngineUnavailable(f"The engine of model `{model.name}` stopped.") from exc

@@ -21,6 +21,7 @@ from pydantic import (
 )
 
 from server.engine.types import SamplingSpec
+from server.errors import InvalidRequest
 from server.families import FamilySpec
 
 # Public caps; vLLM's own default for n is 16,384.
@@ -92,10 +93,10 @@ class _SamplingFields(_Strict):
     store: bool | None = None
     metadata: dict[str, str] | None = None
     # vLLM's extra sampling fields, accepted under the same names vLLM's server uses.
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=1_000_000)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: int = Field(default=0, ge=0, le=1_000_000)
     ignore_eos: bool = False
     # Refused when given (see CLIENT_TEMPLATE_FIELDS); declared so the error names them.
     chat_template: None = Field(default=None, exclude=True)
@@ -135,6 +136,11 @@ class _SamplingFields(_Strict):
         self, *, max_tokens: int, logprobs: int | None, family: FamilySpec
     ) -> SamplingSpec:
         """Engine settings: the request's fields, else the family's defaults, else OpenAI's."""
+        if self.min_tokens > max_tokens:
+            raise InvalidRequest(
+                f"min_tokens ({self.min_tokens}) is more than max_tokens ({max_tokens})",
+                param="min_tokens",
+            )
         defaults = family.sampling
         temperature = self.temperature if self.temperature is not None else defaults.temperature
         top_p = self.top_p if self.top_p is not None else defaults.top_p

@@ -72,3 +72,7 @@ class EngineStats:
     running: int = 0
     waiting: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+
+
+class SamplingRejected(ValueError):
+    """vLLM refused a request's sampling parameters or input (the request's fault)."""

@@ -19,6 +19,7 @@ from server.engine.types import (
     AdapterRef,
     ChoiceDelta,
     EngineStats,
+    SamplingRejected,
     SamplingSpec,
     TokenLogprob,
     TopLogprob,
@@ -220,7 +221,10 @@ class VllmEngine:
 
         Closing the iterator early (client gone) aborts the request in the engine.
         """
-        params = _to_sampling_params(spec)
+        try:
+            params = _to_sampling_params(spec)
+        except ValueError as exc:  # vLLM's own checks of the parameters
+            raise SamplingRejected(str(exc)) from exc
         k = spec.logprobs or 0
         finished = False
         stream = self._llm.generate(
