@@ -159,6 +159,28 @@ def test_three_times_capacity_gets_429_fast_and_no_hang(hardened: Gateway) -> No
     assert [r[0] for r in again] == [200] * CAPACITY
 
 
+def test_ui_shows_admin_actions_only_with_the_admin_key(hardened: Gateway, browser) -> None:  # type: ignore[no-untyped-def]
+    context = browser.new_context()
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    try:
+        page.goto(f"{hardened.url}/ui/feedback")
+        page.get_by_text("Keys").click()
+        page.get_by_label("API key").fill(ALICE)
+        page.get_by_role("button", name="Save").click()
+        page.wait_for_load_state("networkidle")
+        assert "Could not" not in page.locator("#status").inner_text()  # the key reads
+        assert page.locator("#exports").is_hidden()
+        page.get_by_label("Admin key").fill(ADMIN)
+        page.get_by_role("button", name="Save").click()
+        page.get_by_role("button", name="Download cut").wait_for()
+        # Kept for this browser session only.
+        stored = page.evaluate("[sessionStorage.length, localStorage.length]")
+        assert stored == [2, 0]
+    finally:
+        context.close()
+
+
 def test_sigterm_drains_then_exits_zero(hardened: Gateway, test_env: dict[str, str]) -> None:
     """Last in this module: it stops the gateway."""
     first_chunk = threading.Event()

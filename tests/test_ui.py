@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -15,37 +14,11 @@ import pytest
 
 from tests.conftest import REPO, Gateway, run_cli
 
-CHROMIUM = Path("/usr/bin/chromium")
 # Screenshots for the README: `ALIGNGATE_UI_SCREENSHOTS=docs make test` refreshes them.
 SCREENSHOTS = os.environ.get("ALIGNGATE_UI_SCREENSHOTS")
 TIMEOUT_MS = 120_000  # a streamed answer on 2 CPU cores, while other work shares them
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is not installed: .ci/run must install it")
-        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-            ],
-        )
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
