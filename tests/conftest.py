@@ -197,9 +197,11 @@ def run_cli(
 CHROMIUM = Path("/usr/bin/chromium")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser() -> Iterator[object]:
-    """Debian's Chromium under Playwright, headless, no network beyond loopback."""
+    """Debian's Chromium under Playwright, headless, no network beyond loopback. Per test:
+    Playwright's sync API keeps an event loop running in this thread until it stops, and
+    later tests call asyncio.run."""
     if not CHROMIUM.exists():
         if os.environ.get("CI"):
             pytest.fail("Chromium is not installed: .ci/run must install it")
