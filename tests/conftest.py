@@ -82,6 +82,16 @@ def start_gateway(args: list[str], log_path: Path, env: dict[str, str]) -> Gatew
     )
 
 
+def start_own_gateway(
+    folder: Path, models_yaml: str, test_env: dict[str, str], env: dict[str, str]
+) -> Gateway:
+    """A gateway of a test module's own: its models file, its own store, extra settings."""
+    models = folder / "models.yaml"
+    models.write_text(models_yaml)
+    env = {**test_env, "ALIGNGATE_DATABASE_URL": f"sqlite:///{folder / 'store.db'}", **env}
+    return start_gateway(["--config", str(models)], folder / "serve.log", env)
+
+
 def kill_gateway(gateway: Gateway) -> None:
     """kill -9 the gateway and its engine processes: a crash, not a shutdown."""
     with contextlib.suppress(ProcessLookupError):

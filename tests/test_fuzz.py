@@ -19,7 +19,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from server.default_model import DEFAULT_MODEL_NAME
-from tests.conftest import Gateway, start_gateway, stop_gateway
+from tests.conftest import Gateway, start_own_gateway, stop_gateway
 
 ADMIN = "fuzz-admin-0123456789abcdef"
 USER = "fuzz-user-0123456789abcdef"
@@ -34,20 +34,18 @@ def fuzz_gateway(
     test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
     folder = tmp_path_factory.mktemp("fuzz")
-    models = folder / "models.yaml"
-    models.write_text(
+    gw = start_own_gateway(
+        folder,
         "models:\n"
         f"  - {{name: {DEFAULT_MODEL_NAME}, path: 'builtin:{DEFAULT_MODEL_NAME}', store: true, "
-        "max_model_len: 512, lora: {}}\n"
+        "max_model_len: 512, lora: {}}\n",
+        test_env,
+        {
+            "ALIGNGATE_API_KEYS": USER,
+            "ALIGNGATE_ADMIN_KEY": ADMIN,
+            "ALIGNGATE_ADAPTERS_DIR": str(folder / "adapters"),
+        },
     )
-    env = {
-        **test_env,
-        "ALIGNGATE_DATABASE_URL": f"sqlite:///{folder / 'store.db'}",
-        "ALIGNGATE_API_KEYS": USER,
-        "ALIGNGATE_ADMIN_KEY": ADMIN,
-        "ALIGNGATE_ADAPTERS_DIR": str(folder / "adapters"),
-    }
-    gw = start_gateway(["--config", str(models)], folder / "serve.log", env)
     yield gw
     assert stop_gateway(gw) == 0, gw.log_tail()
 

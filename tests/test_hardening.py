@@ -17,7 +17,7 @@ import pytest
 
 from server.default_model import DEFAULT_MODEL_NAME
 from server.store import Store
-from tests.conftest import Gateway, start_gateway, stop_gateway
+from tests.conftest import Gateway, start_own_gateway, stop_gateway
 
 ALICE = "alice-0123456789abcdef"
 ADMIN = "admin-0123456789abcdef"
@@ -31,22 +31,19 @@ pytestmark = pytest.mark.slow
 def hardened(
     test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
-    folder = tmp_path_factory.mktemp("hardened")
-    models = folder / "models.yaml"
-    models.write_text(
+    gw = start_own_gateway(
+        tmp_path_factory.mktemp("hardened"),
         "models:\n"
         f"  - {{name: {DEFAULT_MODEL_NAME}, path: 'builtin:{DEFAULT_MODEL_NAME}', store: true, "
-        f"max_pending_requests: {CAPACITY}, max_model_len: 2048}}\n"
+        f"max_pending_requests: {CAPACITY}, max_model_len: 2048}}\n",
+        test_env,
+        {
+            "ALIGNGATE_API_KEYS": ALICE,
+            "ALIGNGATE_ADMIN_KEY": ADMIN,
+            "ALIGNGATE_SHUTDOWN_TIMEOUT_S": "60",
+            "ALIGNGATE_FEEDBACK_PER_MINUTE": str(FEEDBACK_PER_MINUTE),
+        },
     )
-    env = {
-        **test_env,
-        "ALIGNGATE_DATABASE_URL": f"sqlite:///{folder / 'store.db'}",
-        "ALIGNGATE_API_KEYS": ALICE,
-        "ALIGNGATE_ADMIN_KEY": ADMIN,
-        "ALIGNGATE_SHUTDOWN_TIMEOUT_S": "60",
-        "ALIGNGATE_FEEDBACK_PER_MINUTE": str(FEEDBACK_PER_MINUTE),
-    }
-    gw = start_gateway(["--config", str(models)], folder / "serve.log", env)
     yield gw
     stop_gateway(gw)
 

@@ -8,10 +8,11 @@ pages' rule of putting model and user text into the DOM as text only.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from fastapi import APIRouter
-from fastapi.responses import FileResponse, RedirectResponse
+from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
 STATIC = Path(__file__).resolve().parent.parent / "ui" / "static"
@@ -28,13 +29,22 @@ SECURITY_HEADERS = {
 router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
-def _page(name: str) -> FileResponse:
-    return FileResponse(STATIC / name, media_type="text/html", headers=SECURITY_HEADERS)
+@functools.cache
+def _render(page: str) -> str:
+    """``<page>.html`` with the pages' shared header (``header.html``) in place."""
+    current = {f"{name}_current": "" for name in ("chat", "feedback")}
+    current[f"{page}_current"] = ' aria-current="page"'
+    header = (STATIC / "header.html").read_text().format(**current)
+    return (STATIC / f"{page}.html").read_text().replace("  <!-- header -->\n", header)
+
+
+def _page(page: str) -> HTMLResponse:
+    return HTMLResponse(_render(page), headers=SECURITY_HEADERS)
 
 
 @router.get("")
-async def chat_page() -> FileResponse:
-    return _page("chat.html")
+async def chat_page() -> HTMLResponse:
+    return _page("chat")
 
 
 @router.get("/")
@@ -43,8 +53,8 @@ async def chat_page_slash() -> RedirectResponse:
 
 
 @router.get("/feedback")
-async def feedback_page() -> FileResponse:
-    return _page("feedback.html")
+async def feedback_page() -> HTMLResponse:
+    return _page("feedback")
 
 
 def static_files() -> StaticFiles:
