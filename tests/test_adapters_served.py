@@ -117,6 +117,23 @@ def test_adapter_paths_are_confined_and_checked(
     assert bad.status_code == 400 and "error" in bad.json()
 
 
+def _stored_completion(gateway: Gateway, question: str) -> dict:  # type: ignore[type-arg]
+    """A greedy answer of the default model, recorded in the store."""
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={
+            "model": gateway.model,
+            "messages": [{"role": "user", "content": question}],
+            "max_tokens": 24,
+            "temperature": 0,
+            "store": True,
+        },
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
 def _poll(gateway: Gateway, job_id: str, timeout: float = 600) -> dict:  # type: ignore[type-arg]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -131,17 +148,7 @@ def _poll(gateway: Gateway, job_id: str, timeout: float = 600) -> dict:  # type:
 def test_online_iteration_trains_and_hot_loads_without_restart(gateway: Gateway) -> None:
     since = time.time()
     question = "What is the chemical symbol for gold?"
-    completion = httpx.post(
-        f"{gateway.url}/v1/chat/completions",
-        json={
-            "model": gateway.model,
-            "messages": [{"role": "user", "content": question}],
-            "max_tokens": 24,
-            "temperature": 0,
-            "store": True,
-        },
-        timeout=60,
-    ).json()
+    completion = _stored_completion(gateway, question)
     feedback_ids = []
     for judgment in ("Say only the symbol: Au.", None):
         fb = {"completion_id": completion["id"], "annotator": "test"}
@@ -234,17 +241,7 @@ def hf_next_token_logprob(folder: Path, prompt: str, token: str) -> float:
 
 
 def _judged_completion(gateway: Gateway, question: str, judgment: str) -> None:
-    completion = httpx.post(
-        f"{gateway.url}/v1/chat/completions",
-        json={
-            "model": gateway.model,
-            "messages": [{"role": "user", "content": question}],
-            "max_tokens": 16,
-            "temperature": 0,
-            "store": True,
-        },
-        timeout=60,
-    ).json()
+    completion = _stored_completion(gateway, question)
     fb = {"completion_id": completion["id"], "annotator": "test", "judgment": judgment}
     assert httpx.post(f"{gateway.url}/v1/feedback", json=fb).status_code in (200, 201)
 
