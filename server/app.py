@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from server import __version__
 from server.admission import Admission
-from server.auth import AuthMiddleware, KeyRing, parse_keys
+from server.auth import ADMIN_KEY_ID, AuthMiddleware, KeyRing, parse_keys, quotas
 from server.draining import Drain, DrainMiddleware
 from server.errors import install_error_handlers
 from server.limits import RequestLimitMiddleware
@@ -71,7 +71,19 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
     app.state.metrics = metrics
     app.state.align_jobs = AlignJobs()
     app.state.admission = Admission()
+    user_keys = parse_keys(settings.api_keys, settings.api_keys_file)
     app.state.feedback_limiter = RateLimiter(settings.feedback_per_minute, "feedback requests")
+    # The operator's admin key is not limited.
+    app.state.request_limiter = RateLimiter(
+        settings.requests_per_minute,
+        "generation requests",
+        per_key={**quotas(user_keys, "requests_per_minute"), ADMIN_KEY_ID: 0},
+    )
+    app.state.token_limiter = RateLimiter(
+        settings.tokens_per_minute,
+        "tokens",
+        per_key={**quotas(user_keys, "tokens_per_minute"), ADMIN_KEY_ID: 0},
+    )
     install_error_handlers(app)
     app.include_router(openai.router)
     app.include_router(render.router)
@@ -80,7 +92,7 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(ui.router)
     app.mount("/ui/static", ui.static_files(), name="ui-static")
-    keys = KeyRing(parse_keys(settings.api_keys, settings.api_keys_file), settings.admin_key)
+    keys = KeyRing(user_keys, settings.admin_key)
     app.add_middleware(AuthMiddleware, keys=keys, metrics_public=settings.metrics_public)
     app.add_middleware(RequestLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.state.drain = Drain()

@@ -42,6 +42,9 @@ class KeyConfigError(ValueError):
 class ApiKey:
     key_id: str
     digest: bytes
+    # This key's own limits per minute (the keys file's `rpm=` / `tpm=`); None: the default.
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
 
 
 def digest(key: str) -> bytes:
@@ -53,12 +56,33 @@ def key_id_for(key: str) -> str:
     return "key-" + hashlib.sha256(digest(key)).hexdigest()[:12]
 
 
+QUOTA_FIELDS = {"rpm": "requests_per_minute", "tpm": "tokens_per_minute"}
+
+
+def _key_line(line: str, where: str) -> tuple[str | None, str, dict[str, int]]:
+    """``KEY`` | ``ID KEY`` | ``ID KEY rpm=N tpm=N`` → (id, key, quotas). Quotas come only
+    after the id and the key, so a key may itself hold ``=``."""
+    words = line.split()
+    if len(words) == 1:
+        return None, words[0], {}
+    quotas: dict[str, int] = {}
+    for word in words[2:]:
+        name, _, value = word.partition("=")
+        field = QUOTA_FIELDS.get(name)
+        if field is None or field in quotas or not (value.isascii() and value.isdigit()):
+            # Not echoed: a misplaced word may be a key.
+            raise KeyConfigError(f"{where}: expected `KEY`, `ID KEY` or `ID KEY rpm=N tpm=N`")
+        quotas[field] = int(value)
+    return words[0], words[1], quotas
+
+
 def parse_keys(inline: str | None, keys_file: Path | None) -> list[ApiKey]:
     """``ALIGNGATE_API_KEYS`` (comma-separated keys) and ``ALIGNGATE_API_KEYS_FILE`` (one key a
-    line: ``KEY`` or ``ID KEY``; ``#`` comments)."""
-    entries: list[tuple[str | None, str]] = []
+    line: ``KEY``, ``ID KEY``, or ``ID KEY rpm=N tpm=N`` for the key's own limits; ``#``
+    comments)."""
+    entries: list[tuple[str | None, str, dict[str, int]]] = []
     if inline:
-        entries += [(None, k.strip()) for k in inline.split(",") if k.strip()]
+        entries += [(None, k.strip(), {}) for k in inline.split(",") if k.strip()]
     if keys_file is not None:
         try:
             lines = keys_file.read_text().splitlines()
@@ -66,14 +90,10 @@ def parse_keys(inline: str | None, keys_file: Path | None) -> list[ApiKey]:
             raise KeyConfigError(f"cannot read the API keys file {keys_file}: {exc}") from exc
         for number, line in enumerate(lines, 1):
             line = line.strip()
-            if not line or line.startswith("#"):
-                continue
-            parts = line.split()
-            if len(parts) > 2:
-                raise KeyConfigError(f"{keys_file}:{number}: expected `KEY` or `ID KEY`")
-            entries.append((parts[0], parts[1]) if len(parts) == 2 else (None, parts[0]))
+            if line and not line.startswith("#"):
+                entries.append(_key_line(line, f"{keys_file}:{number}"))
     keys, seen_ids, seen = [], set(), set()
-    for name, key in entries:
+    for name, key, quotas in entries:
         if len(key) < MIN_KEY_CHARS:
             raise KeyConfigError(f"an API key is shorter than {MIN_KEY_CHARS} characters")
         key_id = name or key_id_for(key)
@@ -81,8 +101,14 @@ def parse_keys(inline: str | None, keys_file: Path | None) -> list[ApiKey]:
             raise KeyConfigError(f"API key id {key_id!r} is used twice or reserved")
         seen_ids.add(key_id)
         seen.add(key)
-        keys.append(ApiKey(key_id, digest(key)))
+        keys.append(ApiKey(key_id, digest(key), **quotas))
     return keys
+
+
+def quotas(keys: Iterable[ApiKey], field: str) -> dict[str, int]:
+    """The keys that have their own limit for ``field`` (``requests_per_minute`` /
+    ``tokens_per_minute``), by key id."""
+    return {k.key_id: getattr(k, field) for k in keys if getattr(k, field) is not None}
 
 
 class KeyRing:

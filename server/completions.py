@@ -97,8 +97,8 @@ async def create_completion(
     )
     spec = body.sampling_spec(max_tokens=max_tokens, logprobs=body.logprobs, family=family)
     request_id = new_id("cmpl")
-    tracker = tracker_for(request, model, ENDPOINT)
-    tracker.prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    prompt_tokens = sum(len(p.token_ids) for p in prompts)
+    tracker = tracker_for(request, model, ENDPOINT, prompt_tokens=prompt_tokens)
     steps = merged(
         [engine_steps(model, f"{request_id}-{i}", p.token_ids, spec) for i, p in enumerate(prompts)]
     )

@@ -29,12 +29,13 @@ from server.errors import (
     GatewayError,
     InvalidRequest,
     Overloaded,
+    RateLimited,
     error_body,
 )
 from server.metrics import GatewayMetrics
 from server.protocol import Usage
 from server.registry import ServedModel
-from server.store import ChoiceRecord, CompletionRecord, Store
+from server.store import ANONYMOUS_KEY, ChoiceRecord, CompletionRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class Tracker:
     metrics: GatewayMetrics
     received_at: float
     release: Callable[[], None] = lambda: None  # the engine slot (see ``admission``)
+    charge: Callable[[int], None] = lambda tokens: None  # completion tokens, to the key's limit
     prompt_tokens: int = 0
     completion_tokens: int = 0
     first_token_at: float | None = None
@@ -139,24 +141,42 @@ class Tracker:
             return
         self.closed = True
         self.release()
+        self.charge(self.completion_tokens)
         self.metrics.in_flight.labels(self.model).dec()
         self.metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
         self.metrics.completion_tokens.labels(self.model).inc(self.completion_tokens)
 
 
-def tracker_for(request: Request, model: ServedModel, endpoint: str) -> Tracker:
-    """Admit the request to its engine (429 past the bound) and start its bookkeeping."""
+def tracker_for(request: Request, model: ServedModel, endpoint: str, prompt_tokens: int) -> Tracker:
+    """Admit the request — the key's request and token limits, then a slot of its engine
+    (429 past any of them) — and start its bookkeeping."""
     request.state.model = model.name
-    metrics: GatewayMetrics = request.app.state.metrics
+    state = request.app.state
+    metrics: GatewayMetrics = state.metrics
+    key_id = getattr(request.state, "key_id", None) or ANONYMOUS_KEY
     engine = model.parent or model.name
-    limit = model.entry.max_pending_requests or request.app.state.settings.max_pending_requests
+    limit = model.entry.max_pending_requests or state.settings.max_pending_requests
     try:
-        release = request.app.state.admission.admit(engine, limit)
+        state.request_limiter.check(key_id)
+        state.token_limiter.check(key_id, cost=prompt_tokens)
+    except RateLimited:
+        metrics.rejected.labels(model.name, "rate_limited").inc()
+        raise
+    try:
+        release = state.admission.admit(engine, limit)
     except Overloaded:
         metrics.rejected.labels(model.name, "overloaded").inc()
         raise
     received_at = getattr(request.state, "received_at", time.perf_counter())
-    tracker = Tracker(model.name, endpoint, metrics, received_at, release)
+    tracker = Tracker(
+        model.name,
+        endpoint,
+        metrics,
+        received_at,
+        release,
+        lambda tokens: state.token_limiter.charge(key_id, tokens),
+        prompt_tokens=prompt_tokens,
+    )
     request.state.tracker = tracker  # closed by the metrics middleware if nothing else did
     return tracker
 

@@ -48,6 +48,11 @@ class Settings(BaseSettings):
     trusted_annotators: str = ""
     # Feedback per API key per minute (429 past it); 0: no limit.
     feedback_per_minute: int = Field(default=120, ge=0)
+    # Generation requests / tokens (prompt + completion) per API key per minute (429 past
+    # them); 0: no limit. A keys-file line's `rpm=` / `tpm=` overrides them for its key; the
+    # admin key has none.
+    requests_per_minute: int = Field(default=0, ge=0)
+    tokens_per_minute: int = Field(default=0, ge=0)
     # /metrics without a key (Prometheus scrapers); /health is always open.
     metrics_public: bool = False
     # SQLAlchemy URL of the store; default: SQLite at <home>/aligngate.db.

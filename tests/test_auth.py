@@ -49,6 +49,24 @@ def test_keys_from_the_environment_and_a_file(tmp_path: Path) -> None:
         parse_keys(None, tmp_path / "missing")
 
 
+def test_keys_file_lines_may_set_their_own_limits(tmp_path: Path) -> None:
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"bob {BOB} rpm=30 tpm=20000\ncarol {ALICE}== tpm=500\n{ADMIN}\n")
+    keys = parse_keys(None, keys_file)
+    assert [(k.key_id, k.requests_per_minute, k.tokens_per_minute) for k in keys] == [
+        ("bob", 30, 20000),
+        ("carol", None, 500),
+        (key_id_for(ADMIN), None, None),
+    ]
+    assert auth.quotas(keys, "tokens_per_minute") == {"bob": 20000, "carol": 500}
+    assert keys[1].digest == auth.digest(ALICE + "==")  # `=` inside a key is the key's
+    for bad in ("rpm=x", "rpm=-1", "rpm=1 rpm=2", "burst=5", BOB):
+        keys_file.write_text(f"bob {BOB} {bad}\n")
+        with pytest.raises(KeyConfigError, match="ID KEY rpm=N tpm=N") as refused:
+            parse_keys(None, keys_file)
+        assert BOB not in str(refused.value)
+
+
 def test_every_key_is_compared_with_compare_digest_without_early_exit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

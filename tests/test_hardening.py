@@ -21,6 +21,8 @@ from tests.conftest import Gateway, start_own_gateway, stop_gateway
 
 ALICE = "alice-0123456789abcdef"
 ADMIN = "admin-0123456789abcdef"
+BOB = "bob-0123456789abcdef"  # keys file: 3 generation requests a minute
+CAROL = "carol-0123456789abcdef"  # keys file: 120 tokens a minute
 CAPACITY = 4  # max_pending_requests of the model
 FEEDBACK_PER_MINUTE = 5
 
@@ -31,14 +33,18 @@ pytestmark = pytest.mark.slow
 def hardened(
     test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Gateway]:
+    folder = tmp_path_factory.mktemp("hardened")
+    keys_file = folder / "keys"
+    keys_file.write_text(f"bob {BOB} rpm=3\ncarol {CAROL} tpm=120\n")
     gw = start_own_gateway(
-        tmp_path_factory.mktemp("hardened"),
+        folder,
         "models:\n"
         f"  - {{name: {DEFAULT_MODEL_NAME}, path: 'builtin:{DEFAULT_MODEL_NAME}', store: true, "
         f"max_pending_requests: {CAPACITY}, max_model_len: 2048}}\n",
         test_env,
         {
             "ALIGNGATE_API_KEYS": ALICE,
+            "ALIGNGATE_API_KEYS_FILE": str(keys_file),
             "ALIGNGATE_ADMIN_KEY": ADMIN,
             "ALIGNGATE_SHUTDOWN_TIMEOUT_S": "60",
             "ALIGNGATE_FEEDBACK_PER_MINUTE": str(FEEDBACK_PER_MINUTE),
@@ -112,6 +118,42 @@ def test_feedback_is_rate_limited_per_key(hardened: Gateway) -> None:
         headers=auth(ADMIN),
     )
     assert other.status_code == 201
+
+
+def chat(gateway: Gateway, key: str, max_tokens: int) -> httpx.Response:
+    body = {
+        "model": gateway.model,
+        "messages": [{"role": "user", "content": "Count to a thousand."}],
+        "max_tokens": max_tokens,
+        "min_tokens": max_tokens,
+    }
+    url = f"{gateway.url}/v1/chat/completions"
+    return httpx.post(url, json=body, headers=auth(key), timeout=60)
+
+
+def test_generation_is_rate_limited_per_key_by_requests_and_tokens(hardened: Gateway) -> None:
+    before = metric(hardened, "aligngate_rejected_requests_total", reason="rate_limited")
+    # bob: rpm=3 in the keys file.
+    assert [chat(hardened, BOB, 2).status_code for _ in range(3)] == [200] * 3
+    refused = chat(hardened, BOB, 2)
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    error = refused.json()["error"]
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert "3 generation requests per minute" in error["message"]
+    # carol: tpm=120. The first request's prompt fits; its 100 completion tokens are charged
+    # when it ends, which leaves her in debt: the next one waits.
+    first = chat(hardened, CAROL, 100)
+    assert first.status_code == 200
+    assert first.json()["usage"]["total_tokens"] > 120
+    second = chat(hardened, CAROL, 2)
+    assert second.status_code == 429
+    assert "120 tokens per minute" in second.json()["error"]["message"]
+    assert int(second.headers["retry-after"]) >= 5
+    # Other keys keep their own budgets; the admin key has none.
+    assert chat(hardened, ALICE, 2).status_code == 200
+    assert all(chat(hardened, ADMIN, 1).status_code == 200 for _ in range(4))
+    after = metric(hardened, "aligngate_rejected_requests_total", reason="rate_limited")
+    assert after - before == 2
 
 
 async def _stream(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[int, float, str]:

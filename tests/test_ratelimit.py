@@ -28,3 +28,41 @@ def test_zero_means_no_limit() -> None:
     limiter = RateLimiter(0, "feedback requests")
     for _ in range(10_000):
         limiter.check("alice")
+
+
+def test_a_cost_is_taken_whole_and_charges_after_the_fact_put_the_key_in_debt() -> None:
+    now = [0.0]
+    tokens = RateLimiter(600, "tokens", clock=lambda: now[0])  # 10 a second
+    tokens.check("alice", cost=500)
+    with pytest.raises(RateLimited) as refused:
+        tokens.check("alice", cost=200)  # 100 left: 10 s until 200
+    assert refused.value.headers == {"retry-after": "10"}
+    tokens.check("alice", cost=100)
+    tokens.charge("alice", 300)  # the completion's tokens: 300 in debt
+    now[0] = 30.0
+    with pytest.raises(RateLimited):
+        tokens.check("alice", cost=1)  # back to 0 after 30 s, still short of 1
+    now[0] = 31.0
+    tokens.check("alice", cost=1)
+
+
+def test_a_cost_above_the_limit_needs_a_full_bucket() -> None:
+    now = [0.0]
+    tokens = RateLimiter(60, "tokens", clock=lambda: now[0])
+    tokens.check("alice", cost=1000)  # a full bucket admits it, 940 in debt
+    with pytest.raises(RateLimited) as refused:
+        tokens.check("alice", cost=1000)
+    assert refused.value.headers == {"retry-after": str(940 + 60)}
+
+
+def test_keys_with_their_own_limit() -> None:
+    limiter = RateLimiter(1, "generation requests", per_key={"bob": 3, "admin": 0})
+    limiter.check("alice")
+    with pytest.raises(RateLimited, match="1 generation requests per minute"):
+        limiter.check("alice")
+    for _ in range(3):
+        limiter.check("bob")
+    with pytest.raises(RateLimited, match="3 generation requests per minute"):
+        limiter.check("bob")
+    for _ in range(100):
+        limiter.check("admin")  # 0: no limit for this key
