@@ -18,26 +18,68 @@ log = logging.getLogger("aligngate")
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
-def _cut_config(args: argparse.Namespace) -> object:
+# CUT's settings as flags of `train cut` and `align`: (flag, CutConfig field, type, help).
+# Their defaults are CutConfig's (`train cut`) or the server's (`align`), never repeated here.
+CUT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--threshold", "threshold", float, "p_A / p_B above this flags a token as an error"),
+    ("--weight-unlike", "weight_unlike", float, "weight of the unlikelihood term"),
+    ("--downsample", "downsample", float, "fine responses kept per judged one (<0: all)"),
+    ("--lora-r", "lora_r", int, "LoRA rank"),
+    ("--lora-alpha", "lora_alpha", int, "LoRA alpha (with --lora-r alone: the rank)"),
+    ("--lora-dropout", "lora_dropout", float, "LoRA dropout"),
+    ("--target-modules", "target_modules", str, "LoRA modules, comma-separated"),
+    ("--lr", "learning_rate", float, "peak learning rate (cosine schedule)"),
+    ("--warmup-steps", "warmup_steps", int, "linear warm-up steps"),
+    ("--batch-size", "batch_size", int, "examples per optimizer step"),
+    ("--epochs", "epochs", int, "passes over the data"),
+    ("--cutoff", "cutoff", int, "tokens per sequence; longer ones are cut from the left"),
+    ("--seed", "seed", int, "random seed"),
+    ("--dtype", "dtype", str, "training precision"),
+    ("--threads", "threads", int, "torch CPU threads"),
+)
+
+
+def _add_cut_flags(parser: argparse.ArgumentParser, server_defaults: bool = False) -> None:
+    """The CUT flags, all defaulting to None so that only those given override."""
     from server.training.trainer import CutConfig
 
-    return CutConfig(
-        threshold=args.threshold,
-        weight_unlike=args.weight_unlike,
-        downsample=args.downsample,
-        lora_r=args.lora_r,
-        lora_alpha=args.lora_alpha if args.lora_alpha is not None else args.lora_r,
-        lora_dropout=args.lora_dropout,
-        target_modules=tuple(args.target_modules.split(",")),
-        learning_rate=args.lr,
-        warmup_steps=args.warmup_steps,
-        batch_size=args.batch_size,
-        epochs=args.epochs,
-        cutoff=args.cutoff,
-        seed=args.seed,
-        dtype=args.dtype,
-        threads=args.threads,
-    )
+    base = CutConfig()
+    for flag, dest, kind, text in CUT_FLAGS:
+        if server_defaults and dest == "target_modules":
+            continue  # not a setting of the server's iterations
+        default = getattr(base, dest)
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        if server_defaults:
+            shown = "the server's"
+        parser.add_argument(
+            flag,
+            dest=dest,
+            type=kind,
+            choices=["float32", "bfloat16"] if dest == "dtype" else None,
+            help=f"{text} (default: {shown})",
+        )
+
+
+def _cut_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The CUT settings given as flags, by CutConfig field."""
+    given = {d: getattr(args, d) for _, d, *_ in CUT_FLAGS if getattr(args, d, None) is not None}
+    if isinstance(given.get("target_modules"), str):
+        given["target_modules"] = tuple(given["target_modules"].split(","))  # type: ignore[union-attr]
+    return given
+
+
+def _cut_config(args: argparse.Namespace) -> object:
+    """CutConfig's defaults, then ``--hyperparameters FILE``, then the flags; LoRA alpha
+    follows the rank unless set."""
+    import dataclasses
+
+    from server.training.trainer import CutConfig
+
+    base = CutConfig.from_json(args.hyperparameters) if args.hyperparameters else CutConfig()
+    given = _cut_overrides(args)
+    if "lora_r" in given and "lora_alpha" not in given:
+        given["lora_alpha"] = given["lora_r"]
+    return dataclasses.replace(base, **given)  # type: ignore[arg-type]
 
 
 def _progress_writer(path: Path | None, bar: object):  # type: ignore[no-untyped-def]
@@ -63,7 +105,11 @@ def _cmd_train_cut(args: argparse.Namespace, settings: Settings) -> int:
     if args.out.exists() and not args.overwrite:
         log.error("%s exists; pass --overwrite to replace it", args.out)
         return 2
-    config = _cut_config(args)
+    try:
+        config = _cut_config(args)
+    except (OSError, ValueError, TypeError) as exc:
+        log.error("%s", exc)
+        return 2
     with tqdm(desc="CUT", unit="step", dynamic_ncols=True) as bar:
         try:
             out, report, dataset = train_cut_adapter(
@@ -99,22 +145,7 @@ def _cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _align_hyperparameters(args: argparse.Namespace) -> dict[str, object]:
-    return {
-        k: v
-        for k, v in {
-            "threshold": args.threshold,
-            "weight_unlike": args.weight_unlike,
-            "downsample": args.downsample,
-            "lora_r": args.lora_r,
-            "learning_rate": args.lr,
-            "warmup_steps": args.warmup_steps,
-            "batch_size": args.batch_size,
-            "epochs": args.epochs,
-            "dtype": args.dtype,
-            "threads": args.threads,
-        }.items()
-        if v is not None
-    }
+    return _cut_overrides(args)
 
 
 def _cmd_align(args: argparse.Namespace, settings: Settings) -> int:
@@ -251,21 +282,12 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
     cut.add_argument("--template", help="a template file replacing the family's")
     cut.add_argument("--base-name", help="the served model name of the base (metadata)")
     cut.add_argument("--init-adapter", type=Path, help="continue training this adapter")
-    cut.add_argument("--threshold", type=float, default=1.1)
-    cut.add_argument("--weight-unlike", type=float, default=1.0)
-    cut.add_argument("--downsample", type=float, default=0.25)
-    cut.add_argument("--lora-r", type=int, default=16)
-    cut.add_argument("--lora-alpha", type=int, help="default: --lora-r")
-    cut.add_argument("--lora-dropout", type=float, default=0.05)
-    cut.add_argument("--target-modules", default="gate_proj,down_proj,up_proj")
-    cut.add_argument("--lr", type=float, default=4e-4)
-    cut.add_argument("--warmup-steps", type=int, default=100)
-    cut.add_argument("--batch-size", type=int, default=8)
-    cut.add_argument("--epochs", type=int, default=1)
-    cut.add_argument("--cutoff", type=int, default=2048)
-    cut.add_argument("--seed", type=int, default=0)
-    cut.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    cut.add_argument("--threads", type=int, help="torch CPU threads")
+    cut.add_argument(
+        "--hyperparameters",
+        type=Path,
+        help="CUT settings as JSON (CutConfig's fields); flags override it",
+    )
+    _add_cut_flags(cut)
     cut.add_argument("--progress-file", type=Path, help="append one JSON line per step")
     cut.add_argument("--overwrite", action="store_true")
     cut.set_defaults(func=_cmd_train_cut)
@@ -310,17 +332,5 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
         help="train on every judgment, reviewed or not (poisoning risk: see README)",
     )
     align.add_argument("--admin-key", help="default: ALIGNGATE_ADMIN_KEY")
-    for flag, kind in (
-        ("--threshold", float),
-        ("--weight-unlike", float),
-        ("--downsample", float),
-        ("--lora-r", int),
-        ("--lr", float),
-        ("--warmup-steps", int),
-        ("--batch-size", int),
-        ("--epochs", int),
-        ("--threads", int),
-    ):
-        align.add_argument(flag, type=kind, help="CUT setting (default: the server's)")
-    align.add_argument("--dtype", choices=["float32", "bfloat16"])
+    _add_cut_flags(align, server_defaults=True)
     align.set_defaults(func=_cmd_align)

@@ -137,7 +137,7 @@ class AlignJob:
         return {"object": "align.job", **asdict(self)}
 
 
-def _train_command(plan: AlignPlan, data: Path, progress: Path, config: CutConfig) -> list[str]:
+def _train_command(plan: AlignPlan, data: Path, progress: Path, settings: Path) -> list[str]:
     cmd = [
         sys.executable,
         "-m",
@@ -154,37 +154,9 @@ def _train_command(plan: AlignPlan, data: Path, progress: Path, config: CutConfi
         plan.base_name,
         "--progress-file",
         str(progress),
-        "--threshold",
-        str(config.threshold),
-        "--weight-unlike",
-        str(config.weight_unlike),
-        "--downsample",
-        str(config.downsample),
-        "--lora-r",
-        str(config.lora_r),
-        "--lora-alpha",
-        str(config.lora_alpha),
-        "--lora-dropout",
-        str(config.lora_dropout),
-        "--target-modules",
-        ",".join(config.target_modules),
-        "--lr",
-        str(config.learning_rate),
-        "--warmup-steps",
-        str(config.warmup_steps),
-        "--batch-size",
-        str(config.batch_size),
-        "--epochs",
-        str(config.epochs),
-        "--cutoff",
-        str(config.cutoff),
-        "--seed",
-        str(config.seed),
-        "--dtype",
-        config.dtype,
+        "--hyperparameters",
+        str(settings),
     ]
-    if config.threads:
-        cmd += ["--threads", str(config.threads)]
     if plan.family:
         cmd += ["--family", plan.family]
     if plan.template:
@@ -248,9 +220,11 @@ async def run_iteration(
         started = time.perf_counter()
         progress = work / "progress.jsonl"
         log_path = work / "train.log"
+        settings = work / "hyperparameters.json"
+        config.to_json(settings)
         with log_path.open("wb") as log_file:
             process = await asyncio.create_subprocess_exec(
-                *_train_command(plan, data, progress, config),
+                *_train_command(plan, data, progress, settings),
                 stdout=asyncio.subprocess.PIPE,
                 stderr=log_file,
                 env={**os.environ, "TQDM_DISABLE": "1"},

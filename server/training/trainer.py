@@ -46,6 +46,21 @@ class CutConfig:
     dtype: str = "float32"  # or bfloat16 (CPUs with AVX-512 bf16, GPUs)
     threads: int | None = None  # torch CPU threads (None: torch's default)
 
+    @classmethod
+    def from_json(cls, path: Path) -> CutConfig:
+        """Settings written by ``to_json`` (or by hand): any subset of the fields."""
+        values = json.loads(path.read_text())
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(values, dict) or set(values) - known:
+            unknown = sorted(set(values) - known) if isinstance(values, dict) else values
+            raise ValueError(f"{path}: not a JSON object of CUT settings ({unknown!r})")
+        if "target_modules" in values:
+            values["target_modules"] = tuple(values["target_modules"])
+        return cls(**values)
+
+    def to_json(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
 
 @dataclass
 class TrainReport:
