@@ -23,7 +23,7 @@ from tests.conftest import Gateway, start_own_gateway, stop_gateway
 
 ADMIN = "fuzz-admin-0123456789abcdef"
 USER = "fuzz-user-0123456789abcdef"
-EXAMPLES = {GenerationMode.POSITIVE: 100, GenerationMode.NEGATIVE: 100}
+EXAMPLES = {GenerationMode.POSITIVE: 150, GenerationMode.NEGATIVE: 150}
 MAX_GENERATED_TOKENS = 8  # valid requests that reach the engine stay short
 
 pytestmark = pytest.mark.slow
