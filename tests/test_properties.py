@@ -1,6 +1,6 @@
 """Property tests (Hypothesis): the renderer never lets user text become a control token, in
 any family, for generated conversations; and the feedback store behaves like a simple model of
-it under any sequence of operations (stateful test)."""
+it under any sequence of calls (stateful test of its HTTP API)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import asyncio
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
-    Bundle,
     RuleBasedStateMachine,
     initialize,
     invariant,
@@ -21,9 +22,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from server.errors import IdempotencyConflict, InvalidRequest, NotFound
+from server.app import build_app
+from server.auth import key_id_for
 from server.render import Message, Renderer
-from server.store import FeedbackCreate, Store
+from server.settings import Settings
 from tests.test_render import INJECTIONS, build_renderers
 from tests.test_store import completion
 
@@ -76,105 +78,128 @@ def test_injected_markers_never_add_control_tokens(
     check()
 
 
-class FeedbackMachine(RuleBasedStateMachine):
-    """The store against a dict model: idempotent replays return the stored row, a changed
-    payload under a used key is refused, unknown completions are refused, listing pages
-    cover everything exactly once, review flags stick."""
+ALICE = "alice-stateful-0123456789"
+BOB = "bob-stateful-0123456789ab"
+ADMIN = "admin-stateful-0123456789"
 
-    keys = Bundle("keys")
+
+class FeedbackApiMachine(RuleBasedStateMachine):
+    """The feedback API — the whole app over ASGI (keys, limits, routes, store on SQLite;
+    no engine is needed to judge stored completions) — against a dict model: idempotent
+    replays return the stored record, a changed payload under a used key is 422, idempotency
+    keys are per API key, unknown completions 404, bad choices and empty feedback 400, every
+    record carries its caller's key id, listing pages cover everything exactly once, review
+    flags set by the admin stick."""
 
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.folder = Path(tempfile.mkdtemp(prefix="aligngate-stateful-"))
-        self.store = Store.open(f"sqlite:///{self.folder / 'store.db'}")
-        self.rows: dict[str, FeedbackCreate] = {}  # id -> what was stored
-        self.by_key: dict[str, tuple[str, FeedbackCreate]] = {}
+        settings = Settings(
+            home=self.folder,
+            database_url=f"sqlite:///{self.folder / 'store.db'}",
+            adapters_dir=self.folder / "adapters",
+            api_keys=f"{ALICE},{BOB}",
+            admin_key=ADMIN,
+            feedback_per_minute=0,
+        )
+        self.app = build_app(settings, [])
+        self.lifespan = self.app.router.lifespan_context(self.app)
+        self.run(self.lifespan.__aenter__())
+        transport = httpx.ASGITransport(app=self.app, client=("192.0.2.7", 40000))
+        self.http = httpx.AsyncClient(transport=transport, base_url="http://gw")
+        self.rows: dict[str, tuple[str, dict[str, Any]]] = {}  # id -> (API key, payload)
+        self.by_key: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         self.reviewed: set[str] = set()
-
-    @initialize()
-    def completions(self) -> None:
-        for cid in ("c1", "c2"):
-            self.store.record_completion(completion(cid, n=2)).result(timeout=10)
 
     def run(self, coro):  # type: ignore[no-untyped-def]
         return self.loop.run_until_complete(coro)
 
+    def call(self, method: str, path: str, key: str, **kwargs: Any) -> httpx.Response:
+        headers = {"authorization": f"Bearer {key}"}
+        return self.run(self.http.request(method, path, headers=headers, **kwargs))
+
+    @initialize()
+    def completions(self) -> None:
+        store = self.app.state.store
+        for cid in ("c1", "c2"):
+            store.record_completion(completion(cid, n=2)).result(timeout=10)
+
     @rule(
-        target=keys,
         cid=st.sampled_from(["c1", "c2", "missing"]),
         choice=st.integers(0, 2),
         rating=st.sampled_from([None, -1, 1, 3]),
         judgment=st.sampled_from([None, "too long", "wrong city"]),
-        key=st.sampled_from([None, "k1", "k2", "k3"]),
+        annotator=st.sampled_from([None, "ana"]),
+        idempotency_key=st.sampled_from([None, "k1", "k2"]),
+        key=st.sampled_from([ALICE, BOB]),
     )
-    def add(self, cid, choice, rating, judgment, key):  # type: ignore[no-untyped-def]
+    def post(self, cid, choice, rating, judgment, annotator, idempotency_key, key):  # type: ignore[no-untyped-def]
+        body = {"completion_id": cid, "choice_index": choice, "rating": rating}
+        body |= {"judgment": judgment, "annotator": annotator}
+        if idempotency_key is not None:
+            body["idempotency_key"] = idempotency_key
+        response = self.call("POST", "/v1/feedback", key, json=body)
+        error = response.json().get("error") if response.status_code >= 400 else None
+        payload = {k: v for k, v in body.items() if k != "idempotency_key"}
+        used = self.by_key.get((key, idempotency_key)) if idempotency_key else None
         if rating is None and judgment is None:
-            judgment = "needs a signal"
-        scale = None if rating is None else ("thumbs" if rating in (-1, 1) else "stars")
-        fb = FeedbackCreate(
-            completion_id=cid,
-            choice_index=choice,
-            rating=rating,
-            rating_scale=scale,
-            judgment=judgment,
-            idempotency_key=key,
-        )
-        try:
-            row, created = self.run(self.store.add_feedback(fb))
-        except NotFound:
-            assert cid == "missing"
-            return key
-        except InvalidRequest:
-            assert choice >= 2
-            return key
-        except IdempotencyConflict:
-            assert key in self.by_key and self.by_key[key][1].payload() != fb.payload()
-            return key
-        assert cid != "missing" and choice < 2
-        if key is not None and key in self.by_key:
-            assert not created and row.id == self.by_key[key][0]
+            assert response.status_code == 400, response.text
+        elif used is not None:
+            if used[1] == payload:
+                assert response.status_code == 200 and response.json()["id"] == used[0]
+            else:
+                assert response.status_code == 422 and error["param"] == "idempotency_key"
+        elif cid == "missing":
+            assert response.status_code == 404 and error["param"] == "completion_id"
+        elif choice >= 2:
+            assert response.status_code == 400 and error["param"] == "choice_index"
         else:
-            assert created
-            self.rows[row.id] = fb
-            if key is not None:
-                self.by_key[key] = (row.id, fb)
-        return key
+            assert response.status_code == 201, response.text
+            row = response.json()
+            assert row["key_id"] == key_id_for(key) and row["annotator"] == annotator
+            self.rows[row["id"]] = (key, payload)
+            if idempotency_key is not None:
+                self.by_key[(key, idempotency_key)] = (row["id"], payload)
+        if error is not None:
+            assert set(error) == {"message", "type", "param", "code"}
 
     @precondition(lambda self: bool(self.rows))
     @rule(data=st.data())
     def review(self, data: st.DataObject) -> None:
         chosen = data.draw(st.sets(st.sampled_from(sorted(self.rows)), min_size=1))
         flag = data.draw(st.booleans())
-        assert self.run(self.store.set_reviewed(sorted(chosen), flag)) == len(chosen)
+        body = {"ids": sorted(chosen), "reviewed": flag}
+        assert self.call("POST", "/admin/feedback/review", ALICE, json=body).status_code == 403
+        response = self.call("POST", "/admin/feedback/review", ADMIN, json=body)
+        assert response.status_code == 200 and response.json()["updated"] == len(chosen)
         self.reviewed = self.reviewed | chosen if flag else self.reviewed - chosen
 
     @invariant()
     def listing_matches_the_model(self) -> None:
-        seen, cursor = [], None
+        seen: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"limit": 3}
         while True:
-            page, cursor = self.run(self.store.list_feedback(after=cursor, limit=3))
-            seen += page
-            if cursor is None:
+            page = self.call("GET", "/v1/feedback", BOB, params=params).json()
+            seen += page["data"]
+            if page["next_cursor"] is None:
                 break
-        assert sorted(r.id for r in seen) == sorted(self.rows)
-        assert {r.id for r in seen if r.reviewed} == self.reviewed
+            params["after"] = page["next_cursor"]
+        assert sorted(r["id"] for r in seen) == sorted(self.rows)
+        assert {r["id"] for r in seen if r["reviewed"]} == self.reviewed
         for r in seen:
-            stored = self.rows[r.id]
-            assert (r.completion_id, r.choice_index, r.judgment, r.rating) == (
-                stored.completion_id,
-                stored.choice_index,
-                stored.judgment,
-                stored.rating,
-            )
+            key, payload = self.rows[r["id"]]
+            assert r["key_id"] == key_id_for(key)
+            assert {k: r[k] for k in payload} == payload
 
     def teardown(self) -> None:
-        self.store.close()
+        self.run(self.http.aclose())
+        self.run(self.lifespan.__aexit__(None, None, None))
         self.loop.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-FeedbackMachine.TestCase.settings = settings(
+FeedbackApiMachine.TestCase.settings = settings(
     max_examples=25,
     stateful_step_count=15,
     deadline=None,
@@ -182,4 +207,4 @@ FeedbackMachine.TestCase.settings = settings(
     database=None,
     suppress_health_check=list(HealthCheck),
 )
-test_feedback_store_is_a_simple_model = FeedbackMachine.TestCase
+test_feedback_api_is_a_simple_model = FeedbackApiMachine.TestCase
