@@ -158,13 +158,20 @@ def tracker_for(request: Request, model: ServedModel, endpoint: str, prompt_toke
     limit = model.entry.max_pending_requests or state.settings.max_pending_requests
     try:
         state.request_limiter.check(key_id)
-        state.token_limiter.check(key_id, cost=prompt_tokens)
+        try:
+            state.token_limiter.check(key_id, cost=prompt_tokens)
+        except RateLimited:
+            state.request_limiter.refund(key_id)
+            raise
     except RateLimited:
         metrics.rejected.labels(model.name, "rate_limited").inc()
         raise
     try:
         release = state.admission.admit(engine, limit)
     except Overloaded:
+        # A request the gateway had no room for does not count against its key.
+        state.request_limiter.refund(key_id)
+        state.token_limiter.refund(key_id, prompt_tokens)
         metrics.rejected.labels(model.name, "overloaded").inc()
         raise
     received_at = getattr(request.state, "received_at", time.perf_counter())

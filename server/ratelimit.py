@@ -64,6 +64,14 @@ class RateLimiter:
         tokens, now = self._level(key, limit)
         self._buckets[key] = (tokens - amount, now)
 
+    def refund(self, key: str, amount: float = 1.0) -> None:
+        """Give back what ``check`` took for a request refused later on."""
+        limit = self.limit(key)
+        if limit <= 0 or key not in self._buckets:
+            return
+        tokens, now = self._level(key, limit)
+        self._buckets[key] = (min(float(limit), tokens + amount), now)
+
     def _level(self, key: str, limit: int) -> tuple[float, float]:
         now = self._clock()
         tokens, at = self._buckets.get(key, (float(limit), now))

@@ -66,3 +66,17 @@ def test_keys_with_their_own_limit() -> None:
         limiter.check("bob")
     for _ in range(100):
         limiter.check("admin")  # 0: no limit for this key
+
+
+def test_a_refund_gives_back_what_a_refused_request_took() -> None:
+    now = [0.0]
+    limiter = RateLimiter(2, "generation requests", clock=lambda: now[0])
+    limiter.refund("alice")  # nothing taken yet: nothing to give
+    limiter.check("alice")
+    limiter.check("alice")
+    limiter.refund("alice")  # the second was refused further on
+    limiter.check("alice")
+    with pytest.raises(RateLimited):
+        limiter.check("alice")
+    limiter.refund("alice", 10)
+    assert limiter._level("alice", 2)[0] == 2.0  # never above the limit
