@@ -108,6 +108,7 @@ async def send(
             result.status = response.status_code
             if response.status_code != 200:
                 result.error = _error_message(await response.aread(), response.status_code)
+                result.latency = time.perf_counter() - sent  # how fast a refusal comes
                 return result
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):

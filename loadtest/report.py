@@ -26,6 +26,16 @@ def load_label(summary: Summary) -> str:
     return f"{load['rate']} req/s"
 
 
+def _errors_cell(s: Summary) -> str:
+    """``121 (63.0%; 429×121 in p99 12 ms)``: how many failed, with which status, how fast."""
+    cell = f"{s['errors']} ({100 * s['error_rate']:.1f}%"
+    by_status = s.get("errors_by_status") or {}
+    if by_status:
+        kinds = ", ".join(f"{code}×{n}" for code, n in sorted(by_status.items()))
+        cell += f"; {kinds} in p99 {_fmt(_ms(s, 'error_ms', 'p99'))} ms"
+    return cell + ")"
+
+
 def results_table(runs: Mapping[str, Sequence[Summary]]) -> str:
     """One row per server and load: rates, TTFT/TPOT/ITL/E2E percentiles (ms), errors."""
     header = (
@@ -45,7 +55,7 @@ def results_table(runs: Mapping[str, Sequence[Summary]]) -> str:
                 *(_fmt(_ms(s, "tpot_ms", p)) for p in ("p50", "p90", "p99")),
                 *(_fmt(_ms(s, "itl_ms", p)) for p in ("p50", "p99")),
                 *(_fmt(_ms(s, "e2e_ms", p), 0) for p in ("p50", "p99")),
-                f"{s['errors']} ({100 * s['error_rate']:.1f}%)",
+                _errors_cell(s),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

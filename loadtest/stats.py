@@ -8,6 +8,7 @@ goodput = requests per second that meet every given SLO.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -113,6 +114,10 @@ def summarize(
         "itl_ms": _distribution_ms([gap for r in ok for gap in r.itl]),
         "e2e_ms": _distribution_ms([r.latency for r in ok if r.latency is not None]),
         "error_samples": sorted({r.error for r in errors if r.error})[:5],
+        # Refusals (429, 503, …) by status, and how long they took to come back: an
+        # overloaded server should refuse fast, not hang.
+        "errors_by_status": dict(Counter(str(r.status or "none") for r in errors)),
+        "error_ms": _distribution_ms([r.latency for r in errors if r.latency is not None]),
     }
     if slo is not None:
         good = sum(1 for r in results if slo.met_by(r))

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from loadtest.client import Target, TargetError, request_body, require_loopback, send
+from loadtest.report import results_table
 from loadtest.runner import Load, run_load
 from loadtest.stats import RequestResult, Slo, percentile, summarize
 from loadtest.workload import Item, alpaca_eval, prompts_file, request_stream, token_counter
@@ -58,7 +59,9 @@ def test_summary_of_hand_computed_runs() -> None:
     results = [
         _result(0.100, [0.010, 0.010], tokens=3),
         _result(0.300, [0.030, 0.050], tokens=3),
-        RequestResult(started_at=0.5, error="HTTP 429: busy", status=429, expected_tokens=3),
+        RequestResult(
+            started_at=0.5, error="HTTP 429: busy", status=429, latency=0.004, expected_tokens=3
+        ),
     ]
     s = summarize(results, duration_s=2.0, slo=Slo(ttft_ms=200))
     assert (s["requests"], s["completed"], s["errors"]) == (3, 2, 1)
@@ -75,6 +78,11 @@ def test_summary_of_hand_computed_runs() -> None:
     # Goodput: only the first request meets TTFT ≤ 200 ms; the failure never does.
     assert s["goodput"] == pytest.approx(0.5)
     assert s["error_samples"] == ["HTTP 429: busy"]
+    # The refusal's time is kept apart from the answers' E2E.
+    assert s["errors_by_status"] == {"429": 1}
+    assert s["error_ms"]["p50"] == pytest.approx(4.0)
+    table = results_table({"gw": [{**s, "load": {"concurrency": 4}}]})
+    assert table.splitlines()[-1].endswith("| 1 (33.3%; 429×1 in p99 4.0 ms) |")
 
 
 def test_slo_checks_every_objective() -> None:
@@ -174,6 +182,8 @@ async def test_failures_are_recorded_not_raised(response: httpx.Response, expect
     assert not r.ok
     assert r.error == expected
     assert r.tpot is None
+    if r.status is not None and r.status >= 400:
+        assert r.latency is not None and r.latency >= 0  # how fast the refusal came
 
 
 async def test_malformed_stream_and_dead_server_are_recorded() -> None:
