@@ -12,14 +12,14 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server import __version__
-from server.admission import Admission
-from server.auth import ADMIN_KEY_ID, AuthMiddleware, KeyRing, parse_keys, quotas
-from server.draining import Drain, DrainMiddleware
 from server.errors import install_error_handlers
-from server.limits import RequestLimitMiddleware
+from server.guards.admission import Admission
+from server.guards.auth import ADMIN_KEY_ID, AuthMiddleware, KeyRing, parse_keys, quotas
+from server.guards.draining import Drain, DrainMiddleware
+from server.guards.limits import RequestLimitMiddleware
+from server.guards.ratelimit import RateLimiter
 from server.metrics import GatewayMetrics, RequestMetricsMiddleware
-from server.ratelimit import RateLimiter
-from server.registry import ModelEntry, Registry
+from server.models.registry import ModelEntry, Registry
 from server.routes import admin, feedback, health, openai, render, ui
 from server.settings import Settings
 from server.store import Store

@@ -22,7 +22,7 @@ from pydantic import (
 
 from server.engine.types import SamplingSpec
 from server.errors import InvalidRequest
-from server.families import FamilySpec
+from server.models.families import FamilySpec
 
 # Public caps; vLLM's own default for n is 16,384.
 MAX_N = 16

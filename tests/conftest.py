@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+from server.models.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

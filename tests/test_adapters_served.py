@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.render import Message, Renderer
+from server.models.render import Message, Renderer
 from server.training.trainer import train_cut_adapter
 from tests.conftest import Gateway, run_cli, start_gateway, stop_gateway
 from tests.test_training import EVIDENCE, EVIDENCE_CONFIG

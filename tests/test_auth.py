@@ -10,8 +10,8 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 
-from server import auth
-from server.auth import AuthMiddleware, KeyConfigError, KeyRing, key_id_for, parse_keys
+from server.guards import auth
+from server.guards.auth import AuthMiddleware, KeyConfigError, KeyRing, key_id_for, parse_keys
 
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdef"

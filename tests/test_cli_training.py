@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import build_parser
-from server.cli_training import _align_hyperparameters, _cut_config
+from server.cli.main import build_parser
+from server.cli.training import _align_hyperparameters, _cut_config
 from server.protocol import CutHyperparameters
 from server.training.trainer import CutConfig
 

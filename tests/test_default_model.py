@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from server.default_model import MARKER, cached_path, ensure_default_model
+from server.models.default_model import MARKER, cached_path, ensure_default_model
 from tests.conftest import REPO, TEST_HOME
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from server.export import assign_quantiles, to_cut, to_dpo, to_kto, to_quark, to_trl_kto
+from server.feedback.export import assign_quantiles, to_cut, to_dpo, to_kto, to_quark, to_trl_kto
 from server.store import ChoiceRecord, CompletionRecord, FeedbackRow
 
 PROMPT_TEXT = "<|im_start|>user\nName the capital of Australia.<|im_end|>\n<|im_start|>assistant\n"

@@ -12,7 +12,7 @@ import httpx
 import openai
 import pytest
 
-from server.render import Message, Renderer
+from server.models.render import Message, Renderer
 from tests.conftest import TEST_HOME, Gateway, run_cli, start_gateway, stop_gateway
 from tests.test_render import CAKE, TLDR, TULU_CAKE
 

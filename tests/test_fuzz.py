@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from server.default_model import DEFAULT_MODEL_NAME
+from server.models.default_model import DEFAULT_MODEL_NAME
 from tests.conftest import Gateway, start_own_gateway, stop_gateway
 
 ADMIN = "fuzz-admin-0123456789abcdef"

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from server.errors import ContextLengthExceeded
-from server.generation import merged, resolve_max_tokens
+from server.serving.generation import merged, resolve_max_tokens
 
 
 def test_max_tokens_defaults_to_the_room_left() -> None:

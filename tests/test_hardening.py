@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from server.default_model import DEFAULT_MODEL_NAME
+from server.models.default_model import DEFAULT_MODEL_NAME
 from server.store import Store
 from tests.conftest import Gateway, start_own_gateway, stop_gateway
 

@@ -23,8 +23,8 @@ from hypothesis.stateful import (
 )
 
 from server.app import build_app
-from server.auth import key_id_for
-from server.render import Message, Renderer
+from server.guards.auth import key_id_for
+from server.models.render import Message, Renderer
 from server.settings import Settings
 from tests.test_render import INJECTIONS, build_renderers
 from tests.test_store import completion

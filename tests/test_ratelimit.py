@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from server.errors import RateLimited
-from server.ratelimit import RateLimiter
+from server.guards.ratelimit import RateLimiter
 
 
 def test_a_key_gets_its_burst_then_waits_and_keys_are_independent() -> None:

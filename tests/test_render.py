@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.render import FamilyDetectionError, Message, Renderer, RenderError, detect_family
+from server.models.render import FamilyDetectionError, Message, Renderer, RenderError, detect_family
 
 ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "

@@ -14,8 +14,8 @@ from fastapi import FastAPI
 from sqlalchemy import create_engine, event, text
 
 from server.errors import install_error_handlers
+from server.guards.ratelimit import RateLimiter
 from server.metrics import GatewayMetrics
-from server.ratelimit import RateLimiter
 from server.routes import feedback
 from server.store import Store
 from tests.test_store import completion

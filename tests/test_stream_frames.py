@@ -13,7 +13,7 @@ from server.protocol import (
     Completion,
     CompletionChoice,
 )
-from server.stream_frames import StreamFrames, chat_text_choice, completion_text_choice
+from server.serving.stream_frames import StreamFrames, chat_text_choice, completion_text_choice
 
 EDGE_TEXTS = [
     "", " hello", 'quo"te', "back\\slash", "nl\n\t\r", "\x00\x01\x1f\x7f", "é中😀",

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.render import Message, Renderer
-from server.training.adapter_meta import META_FILE, base_fingerprint
+from server.models.adapter_meta import META_FILE, base_fingerprint
+from server.models.render import Message, Renderer
 from server.training.cut_data import (
     CutRecord,
     build_dataset,

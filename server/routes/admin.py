@@ -12,10 +12,9 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.align_service import start_align
 from server.errors import InvalidRequest, NotFound
-from server.export import FORMATS
-from server.feedback import parse_since
+from server.feedback.export import FORMATS
+from server.feedback.service import parse_since
 from server.protocol import (
     ERROR_RESPONSES,
     AdapterLoadRequest,
@@ -25,8 +24,9 @@ from server.protocol import (
 )
 from server.routes.deps import AlignJobsDep, RegistryDep, StoreDep
 from server.routes.openai import model_card
+from server.training.service import start_align
 
-# Guarded by server.auth.AuthMiddleware: the admin key, or loopback while none is set.
+# Guarded by server.guards.auth.AuthMiddleware: the admin key, or loopback while none is set.
 router = APIRouter(prefix="/admin", responses=ERROR_RESPONSES)
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.metrics import GatewayMetrics
-from server.registry import Registry
+from server.models.registry import Registry
 from server.store import Store
 from server.training.online import AlignJobs
 

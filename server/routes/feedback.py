@@ -7,8 +7,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
-from server import feedback
 from server.errors import InvalidRequest
+from server.feedback import service as feedback
 from server.protocol import (
     ERROR_RESPONSES,
     FeedbackList,

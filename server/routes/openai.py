@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server.chat import create_chat_completion
-from server.completions import create_completion
+from server.models.registry import ServedModel
 from server.protocol import (
     ERROR_RESPONSES,
     ChatCompletion,
@@ -16,8 +15,9 @@ from server.protocol import (
     ModelCard,
     ModelList,
 )
-from server.registry import ServedModel
 from server.routes.deps import RegistryDep
+from server.serving.chat import create_chat_completion
+from server.serving.completions import create_completion
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 

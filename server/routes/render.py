@@ -5,12 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from server.chat import to_messages
 from server.errors import InvalidRequest
-from server.generation import template_headers
+from server.models.render import RenderError
 from server.protocol import ERROR_RESPONSES, RenderRequest, RenderResponse
-from server.render import RenderError
 from server.routes.deps import RegistryDep
+from server.serving.chat import to_messages
+from server.serving.generation import template_headers
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.render import Message, RenderedPrompt, Renderer
+from server.models.render import Message, RenderedPrompt, Renderer
 
 # A score at or above this marks a response judged fine (the CUT repo's rule).
 FINE_SCORE = 7

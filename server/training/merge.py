@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from server.training.adapter_meta import (
+from server.models.adapter_meta import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MERGE_META_FILE,

@@ -27,9 +27,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from server.export import to_cut
+from server.feedback.export import to_cut
+from server.models.adapter_meta import META_FILE, read_meta, write_json_atomic
 from server.store import Store
-from server.training.adapter_meta import META_FILE, read_meta, write_json_atomic
 from server.training.trainer import CutConfig
 
 log = logging.getLogger(__name__)

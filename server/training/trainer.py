@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from server.render import Renderer
-from server.training.adapter_meta import META_FILE, base_fingerprint, write_json_atomic
+from server.models.adapter_meta import META_FILE, base_fingerprint, write_json_atomic
+from server.models.render import Renderer
 from server.training.cut_data import CutDataset, CutExample
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,10 @@ from fastapi.responses import Response, StreamingResponse
 
 from server.engine.types import TokenLogprob
 from server.errors import InvalidRequest
-from server.generation import (
+from server.models.registry import Registry, ServedModel
+from server.models.render import RenderedPrompt, RenderError
+from server.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
+from server.serving.generation import (
     ChoiceResult,
     ClientDisconnected,
     collect,
@@ -32,10 +35,7 @@ from server.generation import (
     unless_disconnected,
     usage,
 )
-from server.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
-from server.registry import Registry, ServedModel
-from server.render import RenderedPrompt, RenderError
-from server.stream_frames import StreamFrames, completion_text_choice
+from server.serving.stream_frames import StreamFrames, completion_text_choice
 
 ENDPOINT = "/v1/completions"
 MAX_PROMPTS = 64

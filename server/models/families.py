@@ -49,7 +49,7 @@ class FamilySpec(BaseModel):
 
 def templates_dir() -> Path:
     """``server/_templates`` in an installed wheel; the repo's ``templates/`` otherwise."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     for candidate in (package / "_templates", package.parent / "templates"):
         if (candidate / "families.yaml").is_file():
             return candidate

@@ -10,17 +10,17 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from server.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
 from server.errors import Conflict, InvalidRequest
-from server.feedback import parse_since
-from server.protocol import AlignRequest, CutHyperparameters
-from server.registry import (
+from server.feedback.service import parse_since
+from server.models.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
+from server.models.registry import (
     ModelEntry,
     ModelsFileError,
     Registry,
     build_renderer,
     resolve_path,
 )
+from server.protocol import AlignRequest, CutHyperparameters
 from server.settings import Settings
 from server.store import Store
 from server.training.online import AlignError, AlignJob, AlignJobs, AlignPlan, plan_iteration

@@ -20,16 +20,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from server.align_service import cut_config, plan_for
+from server.models.adapter_meta import META_FILE
+from server.models.registry import ModelEntry, Registry
+from server.models.render import Message
 from server.protocol import CutHyperparameters
-from server.registry import ModelEntry, Registry
-from server.render import Message
 from server.settings import Settings
 from server.store import Store
 from server.store.records import ChoiceRecord, CompletionRecord, FeedbackCreate
-from server.training.adapter_meta import META_FILE
 from server.training.cut_data import read_records
 from server.training.online import DATA_FILE, AlignJob, run_iteration
+from server.training.service import cut_config, plan_for
 from server.training.trainer import train_cut_adapter
 
 log = logging.getLogger(__name__)

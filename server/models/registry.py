@@ -18,8 +18,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from server.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
-from server.default_model import DEFAULT_MODEL_NAME, builtin_model
 from server.engine.types import AdapterRef
 from server.engine.vllm_engine import (
     AdapterLoadError,
@@ -28,9 +26,11 @@ from server.engine.vllm_engine import (
     apply_cpu_defaults,
 )
 from server.errors import Conflict, InvalidRequest, ModelNotFound
-from server.render import FamilyDetectionError, Renderer
+from server.models.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
+from server.models.adapter_meta import base_fingerprint
+from server.models.default_model import DEFAULT_MODEL_NAME, builtin_model
+from server.models.render import FamilyDetectionError, Renderer
 from server.settings import Settings
-from server.training.adapter_meta import base_fingerprint
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.batch import Item, batch_spec, engine_generator, run_batch
 from server.engine.vllm_engine import EngineOptions, offline_generate
-from server.registry import ModelEntry, Registry
-from server.render import Message
+from server.evaluation.batch import Item, batch_spec, engine_generator, run_batch
+from server.models.registry import ModelEntry, Registry
+from server.models.render import Message
 from server.settings import Settings
 
 log = logging.getLogger(__name__)

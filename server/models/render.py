@@ -21,7 +21,7 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from server.families import FamilySpec, family, resolve_template_file
+from server.models.families import FamilySpec, family, resolve_template_file
 
 log = logging.getLogger(__name__)
 

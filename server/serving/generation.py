@@ -33,8 +33,8 @@ from server.errors import (
     error_body,
 )
 from server.metrics import GatewayMetrics
+from server.models.registry import ServedModel
 from server.protocol import Usage
-from server.registry import ServedModel
 from server.store import ANONYMOUS_KEY, ChoiceRecord, CompletionRecord, Store
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from server.engine.types import SamplingSpec
-from server.generation import new_id
-from server.registry import ServedModel
-from server.render import Message
+from server.models.registry import ServedModel
+from server.models.render import Message
+from server.serving.generation import new_id
 
 log = logging.getLogger(__name__)
 

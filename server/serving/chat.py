@@ -15,7 +15,23 @@ from fastapi.responses import Response, StreamingResponse
 
 from server.engine.types import TokenLogprob
 from server.errors import InvalidRequest
-from server.generation import (
+from server.models.registry import Registry
+from server.models.render import Message, RenderError
+from server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    ChatLogprobs,
+    ChatMessage,
+    ChatTokenLogprob,
+    TopLogprobOut,
+    Usage,
+)
+from server.serving.generation import (
     ChoiceResult,
     ClientDisconnected,
     collect,
@@ -32,23 +48,7 @@ from server.generation import (
     unless_disconnected,
     usage,
 )
-from server.protocol import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletion,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatDelta,
-    ChatLogprobs,
-    ChatMessage,
-    ChatTokenLogprob,
-    TopLogprobOut,
-    Usage,
-)
-from server.registry import Registry
-from server.render import Message, RenderError
-from server.stream_frames import StreamFrames, chat_text_choice
+from server.serving.stream_frames import StreamFrames, chat_text_choice
 
 ENDPOINT = "/v1/chat/completions"
 

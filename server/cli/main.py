@@ -1,5 +1,5 @@
 """The ``aligngate`` command line: serve, render, export, alpaca-eval, bench, default-model
-(and, from ``cli_training``, train, merge, align).
+(and, from ``training``, train, merge, align).
 
 Owns: argument parsing and logging set-up. Starting vLLM spawns processes, which is why
 everything runs under ``main()`` (the console script is the ``__main__`` guard).
@@ -18,14 +18,14 @@ from types import FrameType
 
 import uvicorn
 
-from server.draining import Drain
+from server.guards.draining import Drain
 from server.settings import Settings
 
 log = logging.getLogger("aligngate")
 
 
 def _cmd_default_model(args: argparse.Namespace, settings: Settings) -> int:
-    from server.default_model import ensure_default_model
+    from server.models.default_model import ensure_default_model
 
     print(ensure_default_model(settings.models_dir))
     return 0
@@ -33,8 +33,8 @@ def _cmd_default_model(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from server.app import build_app
-    from server.auth import KeyConfigError
-    from server.registry import ModelsFileError
+    from server.guards.auth import KeyConfigError
+    from server.models.registry import ModelsFileError
 
     try:
         entries = _load_entries(args.config, settings)
@@ -88,7 +88,7 @@ class _GracefulServer(uvicorn.Server):
 
 
 def _load_entries(config: Path | None, settings: Settings):  # type: ignore[no-untyped-def]
-    from server.registry import default_entries, load_models_file
+    from server.models.registry import default_entries, load_models_file
 
     config = config or settings.config
     return load_models_file(config) if config else default_entries()
@@ -97,10 +97,10 @@ def _load_entries(config: Path | None, settings: Settings):  # type: ignore[no-u
 def _cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     from pydantic import TypeAdapter, ValidationError
 
-    from server.chat import to_messages
+    from server.models.registry import ModelsFileError, build_renderer, resolve_path
+    from server.models.render import RenderError
     from server.protocol import ChatMessage
-    from server.registry import ModelsFileError, build_renderer, resolve_path
-    from server.render import RenderError
+    from server.serving.chat import to_messages
 
     try:
         entries = _load_entries(args.config, settings)
@@ -143,8 +143,8 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     import os
     import tempfile
 
-    from server.export import FORMATS
-    from server.feedback import parse_since
+    from server.feedback.export import FORMATS
+    from server.feedback.service import parse_since
     from server.store import Store
 
     try:
@@ -182,7 +182,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_bench_store(args: argparse.Namespace, settings: Settings) -> int:
-    from server.bench_store import bench_store
+    from server.bench.store import bench_store
 
     rows = bench_store(args.database_url, writes=args.writes, concurrency=args.concurrency)
     print("| backend | writers | writes | s | acked writes/s | p50 ms | p99 ms |")
@@ -201,7 +201,7 @@ def _cmd_bench_store(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_alpaca_eval(args: argparse.Namespace, settings: Settings) -> int:
     import asyncio
 
-    from server.batch import (
+    from server.evaluation.batch import (
         BatchInputError,
         batch_spec,
         engine_generator,
@@ -209,7 +209,7 @@ def _cmd_alpaca_eval(args: argparse.Namespace, settings: Settings) -> int:
         run_batch,
         server_generator,
     )
-    from server.registry import ModelsFileError, Registry
+    from server.models.registry import ModelsFileError, Registry
 
     try:
         items = load_instructions(args.instructions, args.limit)
@@ -259,7 +259,7 @@ def _cmd_alpaca_eval(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_bench_align(args: argparse.Namespace, settings: Settings) -> int:
-    from server.bench_align import bench_align
+    from server.bench.align import bench_align
     from server.protocol import CutHyperparameters
 
     entries = _load_entries(args.config, settings)
@@ -282,8 +282,8 @@ def _cmd_bench_align(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_bench_alpaca(args: argparse.Namespace, settings: Settings) -> int:
-    from server.batch import BatchInputError, load_instructions
-    from server.bench_alpaca import bench_alpaca_eval
+    from server.bench.alpaca_eval import bench_alpaca_eval
+    from server.evaluation.batch import BatchInputError, load_instructions
 
     try:
         items = load_instructions(args.instructions, args.n)
@@ -416,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     default.set_defaults(func=_cmd_default_model)
 
-    from server.cli_training import add_training_commands
+    from server.cli.training import add_training_commands
 
     add_training_commands(sub)
     return parser

@@ -214,13 +214,13 @@ def _align_offline(args: argparse.Namespace, settings: Settings) -> tuple[int, d
 
     from pydantic import ValidationError
 
-    from server.align_service import cut_config, plan_offline, trusted_for
-    from server.feedback import parse_since
+    from server.feedback.service import parse_since
+    from server.models.registry import ModelsFileError, load_models_file
     from server.protocol import CutHyperparameters
-    from server.registry import ModelsFileError, load_models_file
     from server.store import Store
     from server.training.merge import MergeError, merge_adapter
     from server.training.online import AlignJob, run_iteration
+    from server.training.service import cut_config, plan_offline, trusted_for
 
     try:
         config = cut_config(CutHyperparameters(**_align_hyperparameters(args)))

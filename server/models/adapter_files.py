@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from server.training.adapter_meta import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_meta
+from server.models.adapter_meta import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_meta
 
 
 class AdapterFileError(ValueError):
