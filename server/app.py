@@ -19,7 +19,8 @@ from server.guards.draining import Drain, DrainMiddleware
 from server.guards.limits import RequestLimitMiddleware
 from server.guards.ratelimit import RateLimiter
 from server.metrics import GatewayMetrics, RequestMetricsMiddleware
-from server.models.registry import ModelEntry, Registry
+from server.models.models_file import ModelEntry, Resources
+from server.models.registry import Registry
 from server.routes import admin, feedback, health, openai, render, ui
 from server.settings import Settings
 from server.store import Store
@@ -28,7 +29,9 @@ from server.training.online import AlignJobs
 log = logging.getLogger(__name__)
 
 
-def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
+def build_app(
+    settings: Settings, entries: list[ModelEntry], resources: Resources | None = None
+) -> FastAPI:
     metrics = GatewayMetrics()
     registry = Registry(adapters_root=settings.adapters_dir.resolve())
 
@@ -41,7 +44,7 @@ def build_app(settings: Settings, entries: list[ModelEntry]) -> FastAPI:
         )
         app.state.store = store
         try:
-            await registry.start(entries, settings)
+            await registry.start(entries, settings, resources)
         except BaseException:
             registry.shutdown()
             store.close()

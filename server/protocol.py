@@ -484,7 +484,7 @@ class CutHyperparameters(BaseModel):
     epochs: int = Field(default=1, ge=1, le=100)
     cutoff: int = Field(default=2048, ge=16, le=131_072)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
     threads: int | None = Field(default=None, ge=1, le=256)
 
 

@@ -17,7 +17,7 @@ LAYERS: list[set[str]] = [
     {"bench"},
     {"serving", "feedback", "training", "evaluation"},
     {"models", "store", "protocol"},
-    {"engine", "guards", "metrics"},
+    {"engine", "guards", "metrics", "resources"},
     {"errors", "settings"},
 ]
 PEER_IMPORTS = {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.models.registry import BUILTIN_DEFAULT, ModelsFileError, load_models_file
+from server.models.models_file import BUILTIN_DEFAULT, ModelsFileError, load_models_file
 
 
 def write(tmp_path: Path, text: str) -> Path:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from server.models.adapter_meta import META_FILE
-from server.models.registry import ModelEntry, Registry
+from server.models.models_file import ModelEntry
+from server.models.registry import Registry
 from server.models.render import Message
 from server.protocol import CutHyperparameters
 from server.settings import Settings

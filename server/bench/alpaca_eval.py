@@ -19,8 +19,10 @@ from typing import Any
 
 from server.engine.vllm_engine import EngineOptions, offline_generate
 from server.evaluation.batch import Item, batch_spec, engine_generator, run_batch
-from server.models.registry import ModelEntry, Registry
+from server.models.models_file import ModelEntry
+from server.models.registry import Registry
 from server.models.render import Message
+from server.resources.platform import engine_defaults
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -90,8 +92,20 @@ def bench_alpaca_eval(
             registry.shutdown()
 
     gateway, prompts, spec, (path, eos) = asyncio.run(gateway_leg())
+    # The raw engine gets what the gateway's engine got: platform defaults, memory share.
+    assert registry.plan is not None
+    placed = registry.plan.engine(entry.name)
     options = EngineOptions(
-        model_path=path, max_model_len=entry.max_model_len, dtype=entry.dtype, seed=entry.seed
+        model_path=path,
+        max_model_len=entry.max_model_len,
+        dtype=entry.dtype,
+        seed=entry.seed,
+        extra={
+            **engine_defaults(registry.plan.platform),
+            "trust_remote_code": entry.trust_remote_code,
+            **placed.engine_args(),
+        },
+        environment=placed.environment(),
     )
     outputs, seconds = offline_generate(options, prompts, spec)
     raw = Leg("vLLM LLM.generate (offline)", len(prompts), sum(len(o) for o in outputs), seconds)

@@ -34,11 +34,11 @@ def _cmd_default_model(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from server.app import build_app
     from server.guards.auth import KeyConfigError
-    from server.models.registry import ModelsFileError
+    from server.models.models_file import ModelsFileError
 
     try:
-        entries = _load_entries(args.config, settings)
-        app = build_app(settings, entries)
+        deployment = _load_deployment(args.config, settings)
+        app = build_app(settings, deployment.models, deployment.resources)
     except (ModelsFileError, KeyConfigError) as exc:
         log.error("%s", exc)
         return 2
@@ -87,17 +87,21 @@ class _GracefulServer(uvicorn.Server):
             self._captured_signals.clear()
 
 
-def _load_entries(config: Path | None, settings: Settings):  # type: ignore[no-untyped-def]
-    from server.models.registry import default_entries, load_models_file
+def _load_deployment(config: Path | None, settings: Settings):  # type: ignore[no-untyped-def]
+    from server.models.models_file import default_deployment, load_deployment
 
     config = config or settings.config
-    return load_models_file(config) if config else default_entries()
+    return load_deployment(config) if config else default_deployment()
+
+
+def _load_entries(config: Path | None, settings: Settings):  # type: ignore[no-untyped-def]
+    return _load_deployment(config, settings).models
 
 
 def _cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     from pydantic import TypeAdapter, ValidationError
 
-    from server.models.registry import ModelsFileError, build_renderer, resolve_path
+    from server.models.models_file import ModelsFileError, build_renderer, resolve_path
     from server.models.render import RenderError
     from server.protocol import ChatMessage
     from server.serving.chat import to_messages
@@ -209,7 +213,8 @@ def _cmd_alpaca_eval(args: argparse.Namespace, settings: Settings) -> int:
         run_batch,
         server_generator,
     )
-    from server.models.registry import ModelsFileError, Registry
+    from server.models.models_file import ModelsFileError
+    from server.models.registry import Registry
 
     try:
         items = load_instructions(args.instructions, args.limit)
@@ -416,8 +421,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     default.set_defaults(func=_cmd_default_model)
 
+    from server.cli.check import add_check_command
     from server.cli.training import add_training_commands
 
+    add_check_command(sub)
     add_training_commands(sub)
     return parser
 

@@ -7,6 +7,7 @@ in ``server.training``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -34,9 +35,13 @@ CUT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
     ("--epochs", "epochs", int, "passes over the data"),
     ("--cutoff", "cutoff", int, "tokens per sequence; longer ones are cut from the left"),
     ("--seed", "seed", int, "random seed"),
-    ("--dtype", "dtype", str, "training precision"),
+    ("--dtype", "dtype", str, "training precision (auto: bfloat16 on GPUs, float32 on CPUs)"),
     ("--threads", "threads", int, "torch CPU threads"),
+    ("--device", "device", str, "auto (CUDA when present), cpu, cuda or cuda:N"),
+    ("--gradient-checkpointing", "gradient_checkpointing", bool, "recompute activations"),
 )
+# A server's iterations train where its resource plan says (models file `resources:`).
+_NOT_PER_REQUEST = {"target_modules", "device", "gradient_checkpointing"}
 
 
 def _add_cut_flags(parser: argparse.ArgumentParser, server_defaults: bool = False) -> None:
@@ -45,17 +50,26 @@ def _add_cut_flags(parser: argparse.ArgumentParser, server_defaults: bool = Fals
 
     base = CutConfig()
     for flag, dest, kind, text in CUT_FLAGS:
-        if server_defaults and dest == "target_modules":
+        if server_defaults and dest in _NOT_PER_REQUEST:
             continue  # not a setting of the server's iterations
         default = getattr(base, dest)
         shown = ",".join(default) if isinstance(default, tuple) else default
         if server_defaults:
             shown = "the server's"
+        if kind is bool:
+            parser.add_argument(
+                flag,
+                dest=dest,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=f"{text} (default: {shown})",
+            )
+            continue
         parser.add_argument(
             flag,
             dest=dest,
             type=kind,
-            choices=["float32", "bfloat16"] if dest == "dtype" else None,
+            choices=["auto", "float32", "bfloat16"] if dest == "dtype" else None,
             help=f"{text} (default: {shown})",
         )
 
@@ -100,14 +114,15 @@ def _cmd_train_cut(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     from server.training.cut_data import CutDataError
-    from server.training.trainer import train_cut_adapter
+    from server.training.trainer import TrainingMemoryError, placed, train_cut_adapter
 
     if args.out.exists() and not args.overwrite:
         log.error("%s exists; pass --overwrite to replace it", args.out)
         return 2
     try:
-        config = _cut_config(args)
-    except (OSError, ValueError, TypeError) as exc:
+        # The device is decided (and a missing GPU refused) before anything loads.
+        config = placed(_cut_config(args))  # type: ignore[arg-type]
+    except (OSError, ValueError, TypeError) as exc:  # PlatformError is a ValueError
         log.error("%s", exc)
         return 2
     with tqdm(desc="CUT", unit="step", dynamic_ncols=True) as bar:
@@ -122,8 +137,9 @@ def _cmd_train_cut(args: argparse.Namespace, settings: Settings) -> int:
                 base_name=args.base_name,
                 init_adapter=args.init_adapter,
                 progress=_progress_writer(args.progress_file, bar),
+                trust_remote_code=args.trust_remote_code,
             )
-        except (CutDataError, FileNotFoundError, ValueError) as exc:
+        except (CutDataError, FileNotFoundError, ValueError, TrainingMemoryError) as exc:
             log.error("%s", exc)
             return 2
     summary = {"adapter": str(out), **report.as_dict(), "judged": dataset.judged}
@@ -132,11 +148,20 @@ def _cmd_train_cut(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
+    from server.resources.platform import PlatformError, detect, training_device
     from server.training.merge import MergeError, merge_adapter
 
     try:
-        result = merge_adapter(args.base, args.adapter, args.out, dtype=args.dtype)
-    except MergeError as exc:
+        device = training_device(args.device, detect())
+        result = merge_adapter(
+            args.base,
+            args.adapter,
+            args.out,
+            dtype=args.dtype,
+            device=device.torch_device,
+            trust_remote_code=args.trust_remote_code,
+        )
+    except (MergeError, PlatformError) as exc:
         log.error("%s", exc)
         return 2
     log.info("%s %s", "merged into" if result.merged else "already merged:", result.out)
@@ -149,6 +174,9 @@ def _align_hyperparameters(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _cmd_align(args: argparse.Namespace, settings: Settings) -> int:
+    if args.device is not None and args.config is None:
+        log.error("--device needs --config; a server trains where its resource plan says")
+        return 2
     if args.config is not None:
         code, job = _align_offline(args, settings)
         if code == 0 and args.server:
@@ -215,18 +243,26 @@ def _align_offline(args: argparse.Namespace, settings: Settings) -> tuple[int, d
     from pydantic import ValidationError
 
     from server.feedback.service import parse_since
-    from server.models.registry import ModelsFileError, load_models_file
+    from server.models.models_file import ModelsFileError, load_deployment
     from server.protocol import CutHyperparameters
     from server.store import Store
     from server.training.merge import MergeError, merge_adapter
     from server.training.online import AlignJob, run_iteration
     from server.training.service import cut_config, plan_offline, trusted_for
+    from server.training.trainer import placed
 
     try:
-        config = cut_config(CutHyperparameters(**_align_hyperparameters(args)))
+        deployment = load_deployment(args.config)
+        training = deployment.resources.training
+        config = dataclasses.replace(
+            cut_config(CutHyperparameters(**_align_hyperparameters(args))),
+            device=args.device or training.device,
+            gradient_checkpointing=training.gradient_checkpointing,
+        )
+        config = placed(config)  # a missing GPU is refused here, before anything loads
         trusted = trusted_for(settings, args.trusted_annotator or [], args.include_unreviewed)
         plan = plan_offline(
-            load_models_file(args.config), settings, args.model, parse_since(args.since), trusted
+            deployment.models, settings, args.model, parse_since(args.since), trusted
         )
     except (ValidationError, ModelsFileError, ValueError) as exc:
         log.error("%s", exc)
@@ -241,7 +277,13 @@ def _align_offline(args: argparse.Namespace, settings: Settings) -> tuple[int, d
     result = job.public()
     if job.status == "succeeded" and args.merge_out is not None:
         try:
-            merged = merge_adapter(plan.base_path, plan.out, args.merge_out)
+            merged = merge_adapter(
+                plan.base_path,
+                plan.out,
+                args.merge_out,
+                device=config.device,
+                trust_remote_code=plan.trust_remote_code,
+            )
         except MergeError as exc:
             log.error("%s", exc)
             return 2, result
@@ -288,6 +330,11 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
         help="CUT settings as JSON (CutConfig's fields); flags override it",
     )
     _add_cut_flags(cut)
+    cut.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the checkpoint's own code (as its models-file entry allows)",
+    )
     cut.add_argument("--progress-file", type=Path, help="append one JSON line per step")
     cut.add_argument("--overwrite", action="store_true")
     cut.set_defaults(func=_cmd_train_cut)
@@ -297,6 +344,10 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
     merge.add_argument("--adapter", type=Path, required=True)
     merge.add_argument("--out", type=Path, required=True)
     merge.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    merge.add_argument(
+        "--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N"
+    )
+    merge.add_argument("--trust-remote-code", action="store_true")
     merge.set_defaults(func=_cmd_merge)
 
     align = sub.add_parser(
@@ -321,6 +372,11 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
     )
     align.add_argument("--since", help="judgments from this time on (default: since the last)")
     align.add_argument("--min-judged", type=int, default=1)
+    align.add_argument(
+        "--device",
+        help="with --config: auto, cpu, cuda or cuda:N (default: the models file's "
+        "resources.training.device)",
+    )
     align.add_argument(
         "--trusted-annotator",
         action="append",

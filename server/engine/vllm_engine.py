@@ -1,17 +1,18 @@
 """One vLLM ``AsyncLLM`` per served model: start, generate token deltas, abort, stop.
 
-Owns: every vLLM import, engine arguments and CPU defaults, the translation from
+Owns: every vLLM import, engine arguments, the translation from
 ``SamplingSpec`` to ``SamplingParams`` and from ``RequestOutput`` to ``ChoiceDelta``.
 Does not know: templates, tokenizers, HTTP.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,31 +32,34 @@ log = logging.getLogger(__name__)
 _LOGPROB_FLOOR = -9999.0
 
 
-def has_cuda() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
-def apply_cpu_defaults(kv_cache_gib: int) -> None:
-    """Environment vLLM reads on CPU; set before the first engine starts.
-
-    The uniprocess executor (VLLM_ENABLE_V1_MULTIPROCESSING=0) keeps the model worker inside
-    the engine-core process: ~5 s start instead of ~25 s and faster single-stream decode on
-    2 cores (DESIGN.md §5). An explicit value in the environment wins.
-    """
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-
-
 @dataclass(frozen=True, slots=True)
 class EngineOptions:
     model_path: str
     max_model_len: int | None = None
     dtype: str = "auto"
     seed: int = 0
-    # Any further vllm.AsyncEngineArgs field, passed through verbatim from the models file.
+    # Any further vllm.AsyncEngineArgs field: the platform's defaults, the resource plan's
+    # memory share and tensor parallelism, the models file's `engine_args` (decided by the
+    # caller; nothing here depends on the platform).
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Environment the engine's processes start with (the plan's CUDA_VISIBLE_DEVICES).
+    environment: Mapping[str, str] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` while an engine spawns its processes (which inherit it),
+    then as before. Engines that need it start one at a time (the resource plan's order)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 class EngineArgumentError(ValueError):
@@ -72,7 +76,7 @@ def _lora_request(ref: AdapterRef) -> Any:
     return LoRARequest(lora_name=ref.name, lora_int_id=ref.id, lora_path=ref.path)
 
 
-def _engine_args(options: EngineOptions, on_cpu: bool) -> Any:
+def _engine_args(options: EngineOptions) -> Any:
     import dataclasses
 
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -86,8 +90,6 @@ def _engine_args(options: EngineOptions, on_cpu: bool) -> Any:
         "dtype": options.dtype,
         "seed": options.seed,
         "disable_log_stats": True,  # our own stat logger below still receives stats
-        # Compilation costs ~90 s of start-up on CPU and gains nothing at this size.
-        "enforce_eager": on_cpu,
     }
     if options.max_model_len is not None:
         kwargs["max_model_len"] = options.max_model_len
@@ -192,10 +194,12 @@ class VllmEngine:
 
     @classmethod
     def start(cls, name: str, options: EngineOptions) -> VllmEngine:
-        on_cpu = not has_cuda()
-        args = _engine_args(options, on_cpu)
+        args = _engine_args(options)
         stats = EngineStats()
-        llm = _async_llm_class().from_engine_args(args, stat_loggers=[_stat_logger_factory(stats)])
+        with _environment(options.environment):
+            llm = _async_llm_class().from_engine_args(
+                args, stat_loggers=[_stat_logger_factory(stats)]
+            )
         return cls(name, llm, stats)
 
     @property
@@ -294,7 +298,7 @@ def offline_generate(
 
     from vllm import LLM
 
-    args = _engine_args(options, not has_cuda())
+    args = _engine_args(options)
     kwargs = {
         k: v
         for k, v in vars(args).items()
@@ -306,9 +310,12 @@ def offline_generate(
             "enforce_eager",
             "max_model_len",
             "trust_remote_code",
+            "gpu_memory_utilization",
+            "tensor_parallel_size",
         }
     }
-    llm = LLM(**kwargs, disable_log_stats=True)
+    with _environment(options.environment):
+        llm = LLM(**kwargs, disable_log_stats=True)
     params = _to_sampling_params(spec)
     from vllm.sampling_params import RequestOutputKind
 

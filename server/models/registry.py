@@ -1,9 +1,10 @@
-"""The served models: the models file, and each model's renderer and engine at run time.
+"""The served models at run time: each model's renderer and engine, started as the
+resource plan says, and the LoRA adapters served on them.
 
-Owns: the models-file schema (YAML), the embedded default entry, starting and stopping
-one engine per model, loading and unloading LoRA adapters (each served under its own name on
-its base model's engine, with the base's prompt format), and name → model look-ups.
-Does not know: HTTP routes or response shapes.
+Owns: starting and stopping one engine per model (in the plan's order, with its devices and
+memory share), loading and unloading LoRA adapters (each served under its own name on its
+base model's engine, with the base's prompt format), and name → model look-ups.
+Does not know: HTTP routes or response shapes; the models file's schema (``models_file``).
 """
 
 from __future__ import annotations
@@ -13,180 +14,33 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from typing import Any
 
 from server.engine.types import AdapterRef
-from server.engine.vllm_engine import (
-    AdapterLoadError,
-    EngineOptions,
-    VllmEngine,
-    apply_cpu_defaults,
-)
+from server.engine.vllm_engine import AdapterLoadError, EngineOptions, VllmEngine
 from server.errors import Conflict, InvalidRequest, ModelNotFound
 from server.models.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
 from server.models.adapter_meta import base_fingerprint
-from server.models.default_model import DEFAULT_MODEL_NAME, builtin_model
-from server.models.render import FamilyDetectionError, Renderer
+from server.models.models_file import (
+    LoraSettings,
+    ModelEntry,
+    ModelsFileError,
+    Resources,
+    build_renderer,
+    resolve_path,
+)
+from server.models.planning import PlanningError, plan_entries
+from server.models.render import Renderer
+from server.resources.plan import EnginePlan, Plan
+from server.resources.platform import (
+    Platform,
+    apply_engine_environment,
+    detect,
+    engine_defaults,
+)
 from server.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# A models-file path that names the embedded default model instead of a folder.
-BUILTIN_DEFAULT = f"builtin:{DEFAULT_MODEL_NAME}"
-
-
-class ModelsFileError(ValueError):
-    """The models file is missing, unreadable or invalid."""
-
-
-MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
-
-
-class LoraSettings(BaseModel):
-    """vLLM's LoRA support for one model: what any adapter served on it may be."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    max_rank: Literal[1, 8, 16, 32, 64, 128, 256] = 16
-    max_loras: int = Field(default=2, ge=1, le=64)  # adapters in one batch
-    max_cpu_loras: int = Field(default=8, ge=1, le=1024)  # adapters kept loaded
-
-
-class AdapterEntry(BaseModel):
-    """A LoRA adapter served from start-up: a folder under the adapters root."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=MODEL_NAME_PATTERN)
-    path: str  # relative to the adapters root
-
-
-class ModelEntry(BaseModel):
-    """One served model, as written in the models file."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=MODEL_NAME_PATTERN)
-    path: str
-    # The prompt format (templates/families.yaml); detected from the checkpoint if omitted.
-    family: Literal["cut", "kto", "dpo", "quark", "chat"] | None = None
-    # A Jinja file replacing the family's template (a file in templates/ or a path).
-    template: str | None = None
-    # Quark: reward-quantile prefixes, best first (default: the 5 _QUANTILE_TOKEN_k_).
-    quantile_tokens: list[str] | None = Field(default=None, min_length=1)
-    default_quantile: int | None = Field(default=None, ge=0)
-    max_model_len: int | None = Field(default=None, ge=16)
-    dtype: str = "auto"
-    seed: int = 0
-    trust_remote_code: bool = False
-    # Record this model's completions in the store (a request's `store` field overrides).
-    store: bool = False
-    # Requests in flight on this model's engine before 429 (default: the setting).
-    max_pending_requests: int | None = Field(default=None, ge=1, le=1_000_000)
-    # LoRA adapters can be served on this model (at start-up: `adapters`; later: the admin
-    # API). Listing adapters turns it on with the defaults.
-    lora: LoraSettings | None = None
-    adapters: list[AdapterEntry] = Field(default_factory=list)
-    engine_args: dict[str, Any] = Field(default_factory=dict)
-
-    @property
-    def lora_settings(self) -> LoraSettings | None:
-        return self.lora or (LoraSettings() if self.adapters else None)
-
-    @field_validator("engine_args")
-    @classmethod
-    def _no_shadowing(cls, value: dict[str, Any]) -> dict[str, Any]:
-        shadowed = {
-            "model",
-            "max_model_len",
-            "dtype",
-            "seed",
-            "trust_remote_code",
-            "enable_lora",
-            "max_lora_rank",
-            "max_loras",
-            "max_cpu_loras",
-        } & set(value)
-        if shadowed:
-            raise ValueError(f"set {', '.join(sorted(shadowed))} as entry fields, not engine_args")
-        return value
-
-
-class ModelsFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    models: list[ModelEntry] = Field(min_length=1)
-
-    @field_validator("models")
-    @classmethod
-    def _unique_names(cls, value: list[ModelEntry]) -> list[ModelEntry]:
-        names = [m.name for m in value] + [a.name for m in value for a in m.adapters]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"duplicate model name(s): {', '.join(dupes)}")
-        return value
-
-
-def load_models_file(path: Path) -> list[ModelEntry]:
-    """Parse a models file; relative paths (checkpoints, templates) resolve against its folder."""
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise ModelsFileError(f"cannot read models file {path}: {exc}") from exc
-    try:
-        parsed = ModelsFile.model_validate(raw)
-    except ValidationError as exc:
-        raise ModelsFileError(f"invalid models file {path}:\n{exc}") from exc
-    base = path.resolve().parent
-    entries = []
-    for entry in parsed.models:
-        update: dict[str, str] = {}
-        if not entry.path.startswith("builtin:") and not Path(entry.path).is_absolute():
-            update["path"] = str(base / entry.path)
-        if entry.template and (base / entry.template).is_file():
-            update["template"] = str(base / entry.template)
-        entries.append(entry.model_copy(update=update) if update else entry)
-    return entries
-
-
-def default_entries() -> list[ModelEntry]:
-    return [
-        ModelEntry(
-            name=DEFAULT_MODEL_NAME,
-            path=BUILTIN_DEFAULT,
-            max_model_len=8192,
-            store=True,
-            lora=LoraSettings(),  # so `aligngate align` can hot-load what it trains
-        )
-    ]
-
-
-def resolve_path(entry: ModelEntry, settings: Settings) -> str:
-    if entry.path.startswith("builtin:"):
-        try:
-            return str(builtin_model(entry.path.removeprefix("builtin:"), settings.models_dir))
-        except KeyError as exc:
-            raise ModelsFileError(f"model {entry.name!r}: {exc.args[0]}") from exc
-    if not Path(entry.path).is_dir():
-        raise ModelsFileError(f"model {entry.name!r}: {entry.path} is not a folder")
-    return entry.path
-
-
-def build_renderer(entry: ModelEntry, path: str) -> Renderer:
-    try:
-        return Renderer.load(
-            path,
-            family_name=entry.family,
-            template=entry.template,
-            trust_remote_code=entry.trust_remote_code,
-            quantile_tokens=entry.quantile_tokens,
-            default_quantile=entry.default_quantile,
-        )
-    except (FamilyDetectionError, FileNotFoundError) as exc:
-        raise ModelsFileError(f"model {entry.name!r}: {exc}") from exc
 
 
 def lora_engine_args(lora: LoraSettings | None) -> dict[str, Any]:
@@ -263,6 +117,8 @@ class Registry:
         self._adapters_root = adapters_root
         self._next_adapter_id = 1
         self._adapter_lock = asyncio.Lock()
+        # The resource plan the engines were started with (``start``).
+        self.plan: Plan | None = None
 
     def register(self, model: ServedModel) -> None:
         self._models[model.name] = model
@@ -344,16 +200,38 @@ class Registry:
             log.info("Adapter %s unloaded", name)
             return served
 
-    async def start(self, entries: list[ModelEntry], settings: Settings) -> None:
-        """Build every renderer, then start the engines side by side: each spends most of
-        its start-up in its own engine-core process, so they overlap well."""
-        apply_cpu_defaults(settings.cpu_kv_cache_gib)
-        prepared = []
+    async def start(
+        self,
+        entries: list[ModelEntry],
+        settings: Settings,
+        resources: Resources | None = None,
+        platform: Platform | None = None,
+    ) -> None:
+        """Build every renderer, plan the resources (refusing an over-committed plan before
+        anything starts), then start the engines in the plan's order: on a CPU side by side
+        (each spends most of its start-up in its own work, so they overlap well), on CUDA
+        one after another."""
+        platform = platform or await asyncio.to_thread(detect)
+        apply_engine_environment(platform, settings.cpu_kv_cache_gib)
+        prepared = {}
         for entry in entries:
             path = resolve_path(entry, settings)
-            prepared.append((entry, path, build_renderer(entry, path)))
+            prepared[entry.name] = (entry, path, build_renderer(entry, path))
+        try:
+            plan = plan_entries(
+                [(entry, Path(path)) for entry, path, _ in prepared.values()],
+                resources or Resources(),
+                settings,
+                platform,
+            )
+        except PlanningError as exc:
+            raise ModelsFileError(str(exc)) from exc
+        if not plan.ok:
+            raise ModelsFileError("resource plan refused:\n  " + "\n  ".join(plan.problems))
+        self.plan = plan
+        defaults = engine_defaults(platform)
 
-        def start_engine(entry: ModelEntry, path: str) -> VllmEngine:
+        def start_engine(entry: ModelEntry, path: str, placed: EnginePlan) -> VllmEngine:
             started = time.perf_counter()
             options = EngineOptions(
                 model_path=path,
@@ -361,25 +239,37 @@ class Registry:
                 dtype=entry.dtype,
                 seed=entry.seed,
                 extra={
+                    **defaults,
                     "trust_remote_code": entry.trust_remote_code,
                     **lora_engine_args(entry.lora_settings),
+                    **placed.engine_args(),
                     **entry.engine_args,
                 },
+                environment=placed.environment(),
             )
             engine = VllmEngine.start(entry.name, options)
             log.info("Engine for %s up in %.1f s", entry.name, time.perf_counter() - started)
             return engine
 
-        results = await asyncio.gather(
-            *(asyncio.to_thread(start_engine, entry, path) for entry, path, _ in prepared),
-            return_exceptions=True,
-        )
-        for (entry, path, renderer), result in zip(prepared, results, strict=True):
-            if isinstance(result, VllmEngine):
-                self.register(ServedModel(entry=entry, path=path, renderer=renderer, engine=result))
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if errors:
-            raise errors[0]
+        errors: list[BaseException] = []
+        for group in plan.start_groups:
+            results = await asyncio.gather(
+                *(
+                    asyncio.to_thread(start_engine, *prepared[name][:2], plan.engine(name))
+                    for name in group
+                ),
+                return_exceptions=True,
+            )
+            for name, result in zip(group, results, strict=True):
+                entry, path, renderer = prepared[name]
+                if isinstance(result, VllmEngine):
+                    self.register(
+                        ServedModel(entry=entry, path=path, renderer=renderer, engine=result)
+                    )
+                else:
+                    errors.append(result)
+            if errors:
+                raise errors[0]
         for entry in entries:
             for adapter in entry.adapters:
                 try:

@@ -81,7 +81,18 @@ def check_adapter(base: Path, adapter: Path) -> dict[str, Any]:
     return peft_config
 
 
-def merge_adapter(base: Path, adapter: Path, out: Path, *, dtype: str = "auto") -> MergeResult:
+def merge_adapter(
+    base: Path,
+    adapter: Path,
+    out: Path,
+    *,
+    dtype: str = "auto",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> MergeResult:
+    """``base`` + ``adapter`` → a plain checkpoint in ``out`` (idempotent). ``device`` is a
+    torch device (``server.resources.platform.training_device`` decides it); the sum is
+    float32 wherever it runs, so a GPU needs 4 bytes per parameter free."""
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -106,17 +117,21 @@ def merge_adapter(base: Path, adapter: Path, out: Path, *, dtype: str = "auto") 
     # W + BA is summed in float32 and rounded once: merging in bf16 also rounds BA, and a
     # small LoRA delta then loses a visible part of its effect (measured in the README).
     saved_dtype = AutoConfig.from_pretrained(str(base)).dtype if dtype == "auto" else dtype
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base), dtype=torch.float32, trust_remote_code=trust_remote_code
+    ).to(device)
     try:
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as exc:
         # e.g. "size mismatch for ...lora_A.weight": trained on another architecture
         raise MergeError(f"{adapter} does not fit {base}: {exc}") from exc
     merged = merged.to(getattr(torch, str(saved_dtype).removeprefix("torch."), torch.float32))
+    merged = merged.to("cpu")  # saved from host memory
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(base)).save_pretrained(str(tmp))
+    tokenizer = AutoTokenizer.from_pretrained(str(base), trust_remote_code=trust_remote_code)
+    tokenizer.save_pretrained(str(tmp))
     # The prompt format travels with the weights: keep the adapter's metadata beside them.
     meta = read_meta(adapter)
     if meta is not None:

@@ -55,6 +55,7 @@ class AlignPlan:
     root: Path
     # Only reviewed judgments or these annotators' train; None: every judgment.
     trusted: tuple[str, ...] | None = ()
+    trust_remote_code: bool = False  # from the base's models-file entry
 
     @property
     def name(self) -> str:
@@ -93,6 +94,7 @@ def plan_iteration(
     root: Path,
     since: float | None = None,
     trusted: tuple[str, ...] | None = (),
+    trust_remote_code: bool = False,
 ) -> AlignPlan:
     history = previous_iterations(root, base_name)
     iteration = (history[-1]["iteration"] + 1) if history else 1
@@ -109,6 +111,7 @@ def plan_iteration(
         since=since,
         root=root,
         trusted=trusted,
+        trust_remote_code=trust_remote_code,
     )
 
 
@@ -163,6 +166,8 @@ def _train_command(plan: AlignPlan, data: Path, progress: Path, settings: Path) 
         cmd += ["--template", plan.template]
     if plan.init_adapter:
         cmd += ["--init-adapter", str(plan.init_adapter)]
+    if plan.trust_remote_code:
+        cmd += ["--trust-remote-code"]
     return cmd
 
 

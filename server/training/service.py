@@ -7,30 +7,56 @@ Owns: the mapping from served models to an ``AlignPlan``. Does not know: HTTP.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 from server.errors import Conflict, InvalidRequest
 from server.feedback.service import parse_since
 from server.models.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
-from server.models.registry import (
-    ModelEntry,
-    ModelsFileError,
-    Registry,
-    build_renderer,
-    resolve_path,
-)
+from server.models.models_file import ModelEntry, ModelsFileError, build_renderer, resolve_path
+from server.models.registry import Registry
 from server.protocol import AlignRequest, CutHyperparameters
+from server.resources.plan import Plan
+from server.resources.platform import GIB
 from server.settings import Settings
 from server.store import Store
 from server.training.online import AlignError, AlignJob, AlignJobs, AlignPlan, plan_iteration
-from server.training.trainer import CutConfig
+from server.training.trainer import CutConfig, memory_needed, placed
 
 
 def cut_config(h: CutHyperparameters) -> CutConfig:
     values = h.model_dump()
     values["lora_alpha"] = h.lora_alpha or h.lora_r
     return CutConfig(**values)
+
+
+def placed_by_plan(config: CutConfig, resources: Plan | None, base: Path) -> CutConfig:
+    """The server's iterations train where its resource plan says (the training GPU, or
+    the CPU), with its gradient-checkpointing setting; on a GPU an iteration whose estimate
+    exceeds the reserve is refused before it starts, with the numbers."""
+    if resources is None or resources.training is None:
+        return config
+    training = resources.training
+    config = placed(
+        dataclasses.replace(
+            config,
+            device=training.device,
+            gradient_checkpointing=training.gradient_checkpointing,
+        ),
+        resources.platform,
+    )
+    if training.device != "cpu":
+        needed = memory_needed(base, config)
+        if needed.total / GIB > training.reserve_gib:
+            raise InvalidRequest(
+                f"This iteration needs ~{needed.total / GIB:.1f} GiB on {training.device} "
+                f"({needed.describe()}), more than the training reserve of "
+                f"{training.reserve_gib:.1f} GiB; lower `cutoff` or raise "
+                "`resources.training.reserve_gib` in the models file.",
+                param="hyperparameters",
+            )
+    return config
 
 
 def trusted_for(
@@ -63,6 +89,7 @@ def plan_for(
         root=registry.adapters_root,
         since=since,
         trusted=trusted,
+        trust_remote_code=base.entry.trust_remote_code,
     )
 
 
@@ -81,8 +108,9 @@ def start_align(
     async def load(name: str, path: str) -> None:
         await registry.load_adapter(name, path, base=plan.base_name)
 
+    config = placed_by_plan(cut_config(body.hyperparameters), registry.plan, plan.base_path)
     try:
-        return jobs.start(plan, store, cut_config(body.hyperparameters), load, body.min_judged)
+        return jobs.start(plan, store, config, load, body.min_judged)
     except AlignError as exc:
         raise Conflict(str(exc)) from exc
 
@@ -131,4 +159,5 @@ def plan_offline(
         root=root,
         since=since,
         trusted=trusted,
+        trust_remote_code=entry.trust_remote_code,
     )

@@ -1,0 +1,240 @@
+"""The models file: its schema (YAML, every key checked), loading it, and where each
+entry's checkpoint and prompt format come from.
+
+Owns: `models:` entries (checkpoint, family, engine and LoRA settings, GPU placement) and
+the `resources:` section. Does not know: running engines (``registry``), HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from server.models.default_model import DEFAULT_MODEL_NAME, builtin_model
+from server.models.render import FamilyDetectionError, Renderer
+from server.settings import Settings
+
+# A models-file path that names the embedded default model instead of a folder.
+BUILTIN_DEFAULT = f"builtin:{DEFAULT_MODEL_NAME}"
+
+
+class ModelsFileError(ValueError):
+    """The models file is missing, unreadable or invalid."""
+
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+
+
+class LoraSettings(BaseModel):
+    """vLLM's LoRA support for one model: what any adapter served on it may be."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_rank: Literal[1, 8, 16, 32, 64, 128, 256] = 16
+    max_loras: int = Field(default=2, ge=1, le=64)  # adapters in one batch
+    max_cpu_loras: int = Field(default=8, ge=1, le=1024)  # adapters kept loaded
+
+
+class AdapterEntry(BaseModel):
+    """A LoRA adapter served from start-up: a folder under the adapters root."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    path: str  # relative to the adapters root
+
+
+class ModelEntry(BaseModel):
+    """One served model, as written in the models file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=MODEL_NAME_PATTERN)
+    path: str
+    # The prompt format (templates/families.yaml); detected from the checkpoint if omitted.
+    family: Literal["cut", "kto", "dpo", "quark", "chat"] | None = None
+    # A Jinja file replacing the family's template (a file in templates/ or a path).
+    template: str | None = None
+    # Quark: reward-quantile prefixes, best first (default: the 5 _QUANTILE_TOKEN_k_).
+    quantile_tokens: list[str] | None = Field(default=None, min_length=1)
+    default_quantile: int | None = Field(default=None, ge=0)
+    max_model_len: int | None = Field(default=None, ge=16)
+    dtype: str = "auto"
+    seed: int = 0
+    trust_remote_code: bool = False
+    # Record this model's completions in the store (a request's `store` field overrides).
+    store: bool = False
+    # Requests in flight on this model's engine before 429 (default: the setting).
+    max_pending_requests: int | None = Field(default=None, ge=1, le=1_000_000)
+    # LoRA adapters can be served on this model (at start-up: `adapters`; later: the admin
+    # API). Listing adapters turns it on with the defaults.
+    lora: LoraSettings | None = None
+    adapters: list[AdapterEntry] = Field(default_factory=list)
+    # GPUs (CUDA indices; more than one: tensor parallel) and this engine's memory on each,
+    # as a fraction of the card (vLLM's gpu_memory_utilization) or in GiB. Unset: the
+    # resource plan places the engine and gives it a share (`aligngate check` shows it).
+    devices: list[int] | None = Field(default=None, min_length=1, max_length=64)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    gpu_memory_gib: float | None = Field(default=None, gt=0)
+    # The KV cache this engine asks for when it shares a GPU (default: 8 full-length
+    # sequences); the plan divides the memory in proportion to weights + this.
+    kv_cache_tokens: int | None = Field(default=None, ge=16)
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def lora_settings(self) -> LoraSettings | None:
+        return self.lora or (LoraSettings() if self.adapters else None)
+
+    @field_validator("engine_args")
+    @classmethod
+    def _no_shadowing(cls, value: dict[str, Any]) -> dict[str, Any]:
+        shadowed = {
+            "model",
+            "max_model_len",
+            "dtype",
+            "seed",
+            "trust_remote_code",
+            "enable_lora",
+            "max_lora_rank",
+            "max_loras",
+            "max_cpu_loras",
+            "gpu_memory_utilization",
+            "tensor_parallel_size",
+        } & set(value)
+        if shadowed:
+            raise ValueError(f"set {', '.join(sorted(shadowed))} as entry fields, not engine_args")
+        return value
+
+    @model_validator(mode="after")
+    def _one_memory_share(self) -> ModelEntry:
+        if self.gpu_memory_utilization is not None and self.gpu_memory_gib is not None:
+            raise ValueError("give gpu_memory_utilization or gpu_memory_gib, not both")
+        if self.devices is not None and len(set(self.devices)) != len(self.devices):
+            raise ValueError("devices: each CUDA index once")
+        if self.devices is not None and min(self.devices) < 0:
+            raise ValueError("devices: CUDA indices are 0 or more")
+        return self
+
+
+class TrainingResources(BaseModel):
+    """Where the online loop's trainer runs and what it keeps for itself there."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$")
+    # GiB kept free on the training GPU (default: the planner's estimate for the largest
+    # model served with LoRA at CUT's defaults).
+    reserve_gib: float | None = Field(default=None, ge=0)
+    gradient_checkpointing: bool = False
+
+
+class Resources(BaseModel):
+    """The models file's `resources:` section (every field optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The share of each GPU's memory the engines and the training reserve may use.
+    gpu_memory_fraction: float = Field(default=0.90, gt=0, le=1)
+    training: TrainingResources = Field(default_factory=TrainingResources)
+
+
+class ModelsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelEntry] = Field(min_length=1)
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, value: list[ModelEntry]) -> list[ModelEntry]:
+        names = [m.name for m in value] + [a.name for m in value for a in m.adapters]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate model name(s): {', '.join(dupes)}")
+        return value
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """A models file: the models and the resources they share."""
+
+    models: list[ModelEntry]
+    resources: Resources = field(default_factory=Resources)
+
+
+def load_models_file(path: Path) -> list[ModelEntry]:
+    return load_deployment(path).models
+
+
+def load_deployment(path: Path) -> Deployment:
+    """Parse a models file; relative paths (checkpoints, templates) resolve against its folder."""
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ModelsFileError(f"cannot read models file {path}: {exc}") from exc
+    try:
+        parsed = ModelsFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelsFileError(f"invalid models file {path}:\n{exc}") from exc
+    base = path.resolve().parent
+    entries = []
+    for entry in parsed.models:
+        update: dict[str, str] = {}
+        if not entry.path.startswith("builtin:") and not Path(entry.path).is_absolute():
+            update["path"] = str(base / entry.path)
+        if entry.template and (base / entry.template).is_file():
+            update["template"] = str(base / entry.template)
+        entries.append(entry.model_copy(update=update) if update else entry)
+    return Deployment(models=entries, resources=parsed.resources)
+
+
+def default_entries() -> list[ModelEntry]:
+    return [
+        ModelEntry(
+            name=DEFAULT_MODEL_NAME,
+            path=BUILTIN_DEFAULT,
+            max_model_len=8192,
+            store=True,
+            lora=LoraSettings(),  # so `aligngate align` can hot-load what it trains
+        )
+    ]
+
+
+def default_deployment() -> Deployment:
+    return Deployment(models=default_entries())
+
+
+def resolve_path(entry: ModelEntry, settings: Settings) -> str:
+    if entry.path.startswith("builtin:"):
+        try:
+            return str(builtin_model(entry.path.removeprefix("builtin:"), settings.models_dir))
+        except KeyError as exc:
+            raise ModelsFileError(f"model {entry.name!r}: {exc.args[0]}") from exc
+    if not Path(entry.path).is_dir():
+        raise ModelsFileError(f"model {entry.name!r}: {entry.path} is not a folder")
+    return entry.path
+
+
+def build_renderer(entry: ModelEntry, path: str) -> Renderer:
+    try:
+        return Renderer.load(
+            path,
+            family_name=entry.family,
+            template=entry.template,
+            trust_remote_code=entry.trust_remote_code,
+            quantile_tokens=entry.quantile_tokens,
+            default_quantile=entry.default_quantile,
+        )
+    except (FamilyDetectionError, FileNotFoundError) as exc:
+        raise ModelsFileError(f"model {entry.name!r}: {exc}") from exc
