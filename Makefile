@@ -21,6 +21,9 @@ fmt:
 	$(BIN)/ruff format server tests loadtest
 
 # The headline benchmark: raw vLLM and the gateway side by side on the default model
-# (results, table and plots under loadtest/results/latest/).
+# (results, table and plots under loadtest/results/latest/), then the same with both engine
+# cores in their own processes, the path GPUs run (loadtest/results/multiprocess/).
 bench:
 	$(BIN)/python -m loadtest compare --concurrency 1,16 --max-tokens 128 --rounds 2 --out loadtest/results/latest
+	$(BIN)/python -m loadtest compare --concurrency 1,16 --max-tokens 128 --rounds 2 \
+	  --env VLLM_ENABLE_V1_MULTIPROCESSING=1 --out loadtest/results/multiprocess

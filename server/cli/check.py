@@ -29,6 +29,11 @@ def add_check_command(sub: Any) -> None:
     )
     check.add_argument("--gpus", type=int, default=1, help="with --gpu-memory-gib: how many")
     check.add_argument("--json", action="store_true", help="print the plan as JSON")
+    check.add_argument(
+        "--sizing",
+        action="store_true",
+        help="print the README's sizing table (the four families' reference checkpoints)",
+    )
     check.set_defaults(func=_cmd_check)
 
 
@@ -103,6 +108,11 @@ def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
     from server.models.planning import PlanningError, plan_deployment
     from server.resources.platform import PlatformError, assumed_gpus, detect
 
+    if args.sizing:
+        from server.resources.reference import sizing_markdown
+
+        print(sizing_markdown())
+        return 0
     try:
         config = args.config or settings.config
         deployment = load_deployment(config) if config else default_deployment()
