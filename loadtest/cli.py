@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import os
 import sys
 from pathlib import Path
 
@@ -29,7 +30,11 @@ from loadtest.workload import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / "shared" / "data" / "alpaca_eval"
+# The AlpacaEval files' default home: the data folder the test suite uses too
+# (ALIGNGATE_TEST_DATA, else ../shared/data beside the repo).
+DATA = Path(os.environ.get("ALIGNGATE_TEST_DATA") or REPO.parent / "shared" / "data")
+DEFAULT_EVAL_SET = DATA / "alpaca_eval" / "eval_set.json"
+DEFAULT_REFERENCE = DATA / "alpaca_eval" / "reference" / "cut-13b.json"
 
 
 def _ints(text: str) -> list[int]:
@@ -52,12 +57,15 @@ def _key_value(text: str) -> tuple[str, str]:
 def _workload_args(p: argparse.ArgumentParser) -> None:
     w = p.add_argument_group("workload")
     w.add_argument("--prompts", type=Path, help="prompts file instead of AlpacaEval")
-    w.add_argument("--eval-set", type=Path, default=SHARED_DATA / "eval_set.json")
+    w.add_argument(
+        "--eval-set",
+        type=Path,
+        help=f"AlpacaEval instructions (alpaca_eval's eval set; default {DEFAULT_EVAL_SET})",
+    )
     w.add_argument(
         "--reference",
         type=Path,
-        default=SHARED_DATA / "reference" / "cut-13b.json",
-        help="AlpacaEval outputs whose lengths the requests ask for",
+        help=f"AlpacaEval outputs whose lengths the requests ask for (default {DEFAULT_REFERENCE})",
     )
     w.add_argument("--max-tokens", type=int, default=128, help="cap on each request's length")
     w.add_argument(
@@ -75,7 +83,23 @@ def _items(args: argparse.Namespace, tokenizer: str | None) -> list[Item]:
         raise WorkloadError("--max-tokens must be at least 1")
     if args.prompts:
         return prompts_file(args.prompts, args.max_tokens)
-    return alpaca_eval(args.eval_set, args.reference, args.max_tokens, token_counter(tokenizer))
+    eval_set = args.eval_set or _default_file(DEFAULT_EVAL_SET, "--eval-set", "instructions")
+    reference = args.reference or _default_file(
+        DEFAULT_REFERENCE, "--reference", "model outputs whose lengths the requests ask for"
+    )
+    return alpaca_eval(eval_set, reference, args.max_tokens, token_counter(tokenizer))
+
+
+def _default_file(path: Path, flag: str, what: str) -> Path:
+    if path.is_file():
+        return path
+    raise WorkloadError(
+        f"no {path} (the default AlpacaEval {what}): pass {flag} FILE, set "
+        "ALIGNGATE_TEST_DATA to the folder holding alpaca_eval/, or use --prompts FILE. "
+        "The files come from the alpaca_eval repository: its evaluation set "
+        "(tatsu-lab/alpaca_eval, alpaca_eval.json) and a model's outputs "
+        "(results/<model>/model_outputs.json, e.g. cut-13b)"
+    )
 
 
 def _slo(args: argparse.Namespace) -> Slo | None:

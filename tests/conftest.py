@@ -20,7 +20,6 @@ import pytest
 from server.models.default_model import DEFAULT_MODEL_NAME, ensure_default_model
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 # Inside the repo (git-ignored): a rerun reuses the converted model; CI starts clean.
 TEST_HOME = REPO / ".cache" / "test-home"
 START_TIMEOUT_S = 300

@@ -15,22 +15,27 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import REPO, SHARED, Gateway, run_cli, start_gateway, stop_gateway
+from tests.conftest import REPO, Gateway, run_cli, start_gateway, stop_gateway
+from tests.data import write_eval_set
 from tests.test_render import ALPACA_NO_INPUT
 
-EVAL_SET = SHARED / "data" / "alpaca_eval" / "eval_set.json"
+
+@pytest.fixture(scope="module")
+def eval_set(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """40 AlpacaEval-style instructions: the batch tests need some, not the real 805."""
+    return write_eval_set(tmp_path_factory.mktemp("eval") / "eval_set.json", 40)
 
 
 def alpaca_eval_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return run_cli(["alpaca-eval", *args], env)
 
 
-def check_model_outputs(path: Path, n: int, generator: str) -> list[dict]:
+def check_model_outputs(path: Path, n: int, generator: str, eval_set: Path) -> list[dict]:
     """The file alpaca_eval reads: its own loader accepts it; input order; stripped."""
     from alpaca_eval import utils
 
     outputs = json.loads(path.read_text())
-    expected = json.loads(EVAL_SET.read_text())[:n]
+    expected = json.loads(eval_set.read_text())[:n]
     assert [o["instruction"] for o in outputs] == [e["instruction"] for e in expected]
     assert [o["dataset"] for o in outputs] == [e["dataset"] for e in expected]
     assert all(set(o) == {"instruction", "output", "generator", "dataset"} for o in outputs)
@@ -43,14 +48,16 @@ def check_model_outputs(path: Path, n: int, generator: str) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_resume_after_kill_keeps_finished_items(test_env: dict[str, str], tmp_path: Path) -> None:
+def test_resume_after_kill_keeps_finished_items(
+    test_env: dict[str, str], tmp_path: Path, eval_set: Path
+) -> None:
     out = tmp_path / "model_outputs.json"
     partial = out.with_name(out.name + ".partial.jsonl")
     args = [
         "--model",
         "smollm2-135m-instruct",
         "--instructions",
-        str(EVAL_SET),
+        str(eval_set),
         "--limit",
         "40",
         "--max-tokens",
@@ -84,7 +91,7 @@ def test_resume_after_kill_keeps_finished_items(test_env: dict[str, str], tmp_pa
     second = alpaca_eval_cli(args, test_env)
     assert second.returncode == 0, second.stderr
     assert f"{40 - len(kept)} generated, {len(kept)} resumed" in second.stderr
-    outputs = check_model_outputs(out, 40, "smollm2-135m-instruct")
+    outputs = check_model_outputs(out, 40, "smollm2-135m-instruct", eval_set)
     for index, text in kept.items():
         assert outputs[index]["output"] == text.strip()
     assert not partial.exists()
@@ -92,7 +99,7 @@ def test_resume_after_kill_keeps_finished_items(test_env: dict[str, str], tmp_pa
 
 
 def test_server_mode_against_a_running_gateway(
-    gateway: Gateway, test_env: dict[str, str], tmp_path: Path
+    gateway: Gateway, test_env: dict[str, str], tmp_path: Path, eval_set: Path
 ) -> None:
     out = tmp_path / "outputs.json"
     result = alpaca_eval_cli(
@@ -102,7 +109,7 @@ def test_server_mode_against_a_running_gateway(
             "--server",
             gateway.url,
             "--instructions",
-            str(EVAL_SET),
+            str(eval_set),
             "--limit",
             "16",
             "--max-tokens",
@@ -117,7 +124,7 @@ def test_server_mode_against_a_running_gateway(
         test_env,
     )
     assert result.returncode == 0, result.stderr
-    check_model_outputs(out, 16, "smol-http")
+    check_model_outputs(out, 16, "smol-http", eval_set)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +151,11 @@ def cut_gateway(
 
 @pytest.mark.slow
 def test_alpaca_template_model_gets_the_cut_prompts(
-    cut_config: Path, cut_gateway: Gateway, test_env: dict[str, str], tmp_path: Path
+    cut_config: Path,
+    cut_gateway: Gateway,
+    test_env: dict[str, str],
+    tmp_path: Path,
+    eval_set: Path,
 ) -> None:
     """Greedy output of a random model is a fingerprint of its exact input ids: the batch
     output equals a raw completion of the CUT Alpaca prompt, in both modes."""
@@ -153,7 +164,7 @@ def test_alpaca_template_model_gets_the_cut_prompts(
         "--model",
         "tiny-cut",
         "--instructions",
-        str(EVAL_SET),
+        str(eval_set),
         "--limit",
         "4",
         "--max-tokens",

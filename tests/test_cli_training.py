@@ -54,3 +54,14 @@ def test_align_sends_only_the_settings_given() -> None:
     assert CutHyperparameters(**sent).learning_rate == 0.001  # the server's model accepts them
     with pytest.raises(SystemExit):
         build_parser().parse_args(["align", "--model", "m", "--target-modules", "up_proj"])
+
+
+def test_bench_align_without_its_data_says_what_to_pass(
+    test_env: dict[str, str], tmp_path: Path
+) -> None:
+    from tests.conftest import run_cli
+
+    result = run_cli(["bench", "align", "--data", str(tmp_path / "absent.json")], test_env)
+    assert result.returncode == 2
+    assert "pass --data FILE: a CUT-format JSON list" in result.stderr
+    assert "Traceback" not in result.stderr

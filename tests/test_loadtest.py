@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -17,9 +18,25 @@ from loadtest.report import results_table
 from loadtest.runner import Load, run_load
 from loadtest.stats import RequestResult, Slo, percentile, summarize
 from loadtest.workload import Item, alpaca_eval, prompts_file, request_stream, token_counter
-from tests.conftest import SHARED, Gateway, free_port, run_cli
+from tests.conftest import Gateway, free_port, run_cli
+from tests.data import (
+    CUT_13B_OUTPUTS,
+    EVAL_SET,
+    instructions,
+    real_file,
+    write_eval_set,
+    write_reference,
+)
 
-ALPACA = SHARED / "data" / "alpaca_eval"
+
+@pytest.fixture
+def workload(tmp_path: Path) -> list[str]:
+    """A small AlpacaEval workload (12 instructions and reference outputs): the runs need
+    some requests, not the real set."""
+    items = instructions(12)
+    eval_set = write_eval_set(tmp_path / "eval_set.json", 12)
+    reference = write_reference(tmp_path / "reference.json", items)
+    return ["--eval-set", str(eval_set), "--reference", str(reference)]
 
 
 # --- statistics -------------------------------------------------------------------------------
@@ -275,22 +292,21 @@ def test_load_validation() -> None:
 
 
 def test_alpaca_eval_workload_uses_reference_lengths(tokenizer, default_model_path) -> None:  # type: ignore[no-untyped-def]
+    eval_set, cut_13b = real_file(EVAL_SET), real_file(CUT_13B_OUTPUTS)
     items = alpaca_eval(
-        ALPACA / "eval_set.json",
-        ALPACA / "reference" / "cut-13b.json",
+        eval_set,
+        cut_13b,
         max_tokens=10_000,
         count_tokens=token_counter(str(default_model_path)),
     )
     assert len(items) == 805
-    reference = json.loads((ALPACA / "reference" / "cut-13b.json").read_text())
+    reference = json.loads(cut_13b.read_text())
     first = reference[0]
     assert items[0].prompt == first["instruction"]
     assert items[0].max_tokens == len(
         tokenizer(first["output"], add_special_tokens=False)["input_ids"]
     )
-    capped = alpaca_eval(
-        ALPACA / "eval_set.json", ALPACA / "reference" / "cut-13b.json", 128, token_counter(None)
-    )
+    capped = alpaca_eval(eval_set, cut_13b, 128, token_counter(None))
     assert max(i.max_tokens for i in capped) == 128
     assert min(i.max_tokens for i in capped) >= 1
     # Without a tokenizer: ~4 characters per token.
@@ -311,13 +327,13 @@ def _loadtest(args: list[str], env: dict[str, str] | None = None):  # type: igno
 
 
 def test_run_against_live_gateway(
-    gateway: Gateway, tmp_path: Path, default_model_path: Path
+    gateway: Gateway, tmp_path: Path, default_model_path: Path, workload: list[str]
 ) -> None:
     out = tmp_path / "run"
     proc = _loadtest(
         ["run", "--url", gateway.url, "--model", gateway.model, "--concurrency", "1,3",
          "--num-requests", "6", "--max-tokens", "8", "--tokenizer", str(default_model_path),
-         "--slo-ttft-ms", "60000", "--out", str(out)]
+         "--slo-ttft-ms", "60000", "--out", str(out), *workload]
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
@@ -343,13 +359,13 @@ def test_run_refuses_non_loopback_target() -> None:
 
 @pytest.mark.slow
 def test_side_by_side_against_raw_vllm(
-    test_env: dict[str, str], default_model_path: Path, tmp_path: Path
+    test_env: dict[str, str], default_model_path: Path, tmp_path: Path, workload: list[str]
 ) -> None:
     out = tmp_path / "compare"
     proc = _loadtest(
         ["compare", "--model-path", str(default_model_path), "--concurrency", "1,2",
          "--num-requests", "4", "--overhead-requests", "5", "--max-tokens", "8",
-         "--kv-cache-gib", "1", "--rounds", "2", "--out", str(out)],
+         "--kv-cache-gib", "1", "--rounds", "2", "--out", str(out), *workload],
         env=test_env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -371,3 +387,11 @@ def test_side_by_side_against_raw_vllm(
     assert [row["load"] for row in payload["ratios"]] == ["c=1", "c=2"]
     assert all(row["output tok/s"] > 0 for row in payload["ratios"])
     assert "overhead" in (out / "results.md").read_text()
+
+
+def test_missing_default_workload_says_what_to_pass(tmp_path: Path) -> None:
+    env = {**os.environ, "ALIGNGATE_TEST_DATA": str(tmp_path / "absent")}
+    proc = _loadtest(["run", "--url", "http://127.0.0.1:9", "--model", "m"], env)
+    assert proc.returncode == 2
+    assert "pass --eval-set FILE" in proc.stderr and "ALIGNGATE_TEST_DATA" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -28,9 +28,7 @@ from server.training.trainer import (
     response_logprobs,
     train_cut_adapter,
 )
-from tests.conftest import SHARED
-
-CUT_FILE = SHARED / "data" / "cut" / "train-alpaca-sample-iter1.json"
+from tests.data import CUT_TRAIN_FILE, cut_records, real_file, write_cut_records
 
 # Wrong answers with judgments that name the error. Under the judgment prompt the 135M
 # model's probability of the wrong token rises (p_A / p_B > 1.1), so CUT flags it. (For
@@ -78,7 +76,7 @@ def renderer(default_model_path: Path) -> Renderer:
 
 
 def test_cut_repo_file_becomes_examples_through_the_served_renderer(renderer: Renderer) -> None:
-    records, sha = read_records(CUT_FILE)
+    records, sha = read_records(real_file(CUT_TRAIN_FILE))
     assert len(records) == 1000 and sum(r.judged for r in records) == 287
     data = build_dataset(renderer, records, sha256=sha, downsample_ratio=0.25, cutoff=2048, seed=0)
     assert data.fine == int(287 * 0.25) and data.fine_dropped == 713 - 71
@@ -121,8 +119,7 @@ def test_quark_family_cannot_train_cut(tiny_dir: Path) -> None:
 
 
 def test_training_changes_only_the_lora_and_writes_metadata(tiny_dir: Path, tmp_path: Path) -> None:
-    data = tmp_path / "cut.json"
-    data.write_text(json.dumps(json.loads(CUT_FILE.read_text())[:12]))
+    data = write_cut_records(tmp_path / "cut.json", 12)
     out = tmp_path / "tiny-cut"
     config = CutConfig(warmup_steps=0, batch_size=2, learning_rate=1e-2, lora_dropout=0.0)
     before = load_trainable(tiny_dir / "llama", config)
@@ -159,7 +156,7 @@ def test_merge_equals_base_plus_adapter_and_is_idempotent(tiny_dir: Path, tmp_pa
     from transformers import AutoModelForCausalLM
 
     data = tmp_path / "cut.json"
-    data.write_text(json.dumps(json.loads(CUT_FILE.read_text())[:6]))
+    data.write_text(json.dumps(cut_records(6)))
     adapter = tmp_path / "adapter"
     config = CutConfig(warmup_steps=0, batch_size=2, learning_rate=5e-2, lora_dropout=0.0)
     train_cut_adapter(base=tiny_dir / "llama", data=data, out=adapter, config=config, family="cut")

@@ -266,7 +266,17 @@ def _cmd_alpaca_eval(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_bench_align(args: argparse.Namespace, settings: Settings) -> int:
     from server.bench.align import bench_align
     from server.protocol import CutHyperparameters
+    from server.training.cut_data import CutDataError, read_records
 
+    try:
+        read_records(args.data)  # a missing or bad file is refused before anything starts
+    except CutDataError as exc:
+        log.error(
+            "%s; pass --data FILE: a CUT-format JSON list with judgments, e.g. the CUT "
+            "repository's data/iter/train-alpaca-sample-iter1.json",
+            exc,
+        )
+        return 2
     entries = _load_entries(args.config, settings)
     entry = next((e for e in entries if e.name == (args.model or entries[0].name)), None)
     if entry is None:
