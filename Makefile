@@ -20,10 +20,15 @@ lint:
 fmt:
 	$(BIN)/ruff format server tests loadtest
 
-# The headline benchmark: raw vLLM and the gateway side by side on the default model
-# (results, table and plots under loadtest/results/latest/), then the same with both engine
-# cores in their own processes, the path GPUs run (loadtest/results/multiprocess/).
+# The headline benchmark: raw vLLM and the gateway side by side on the default model, the
+# identical workload against each, alternating rounds (results, tables, plots under
+# loadtest/results/<row>/):
+#   default       `aligngate serve` as the README runs it (LoRA on, storing on) vs raw vLLM
+#                 with the same LoRA and length settings
+#   strict        both without LoRA or storing, the same plain engine settings
+#   multiprocess  the default row with both engine cores in their own processes (the GPU path)
+BENCH := $(BIN)/python -m loadtest compare --concurrency 1,16 --max-tokens 128 --rounds 2
 bench:
-	$(BIN)/python -m loadtest compare --concurrency 1,16 --max-tokens 128 --rounds 2 --out loadtest/results/latest
-	$(BIN)/python -m loadtest compare --concurrency 1,16 --max-tokens 128 --rounds 2 \
-	  --env VLLM_ENABLE_V1_MULTIPROCESSING=1 --out loadtest/results/multiprocess
+	$(BENCH) --setup default --out loadtest/results/default
+	$(BENCH) --setup strict --out loadtest/results/latest
+	$(BENCH) --setup default --env VLLM_ENABLE_V1_MULTIPROCESSING=1 --out loadtest/results/multiprocess

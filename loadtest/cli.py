@@ -177,6 +177,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         slo=_slo(args),
         servers=args.servers,
         rounds=args.rounds,
+        setup=args.setup,
     )
     payload = run_compare(config)
     print(markdown(payload))
@@ -224,6 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--rounds", type=int, default=1, help="alternate the servers' order (ABBA); pooled"
+    )
+    compare.add_argument(
+        "--setup",
+        choices=("strict", "default"),
+        default="strict",
+        help="strict: both from the same plain settings (no LoRA, no storing); default: "
+        "`aligngate serve` as users run it (LoRA on, storing on) vs raw vLLM with the same "
+        "LoRA and length settings",
     )
     compare.add_argument("--out", type=Path)
     _workload_args(compare)

@@ -17,6 +17,8 @@ from loadtest import report
 from loadtest.client import Target
 from loadtest.runner import Load, RunResult, run_load
 from loadtest.servers import (
+    DEFAULT_LORA_FLAGS,
+    DEFAULT_MAX_MODEL_LEN,
     RunningServer,
     ServerSpec,
     engine_env,
@@ -46,6 +48,10 @@ class CompareConfig:
     servers: Sequence[str] = ("raw-vllm", "aligngate")
     rounds: int = 1
     gateway_command: Sequence[str] | None = None
+    # strict: the gateway from a models file without LoRA or storing, raw vLLM alike;
+    # default: `aligngate serve` as users run it (LoRA on, storing on, 8,192 tokens) and raw
+    # vLLM with the same LoRA and length settings.
+    setup: str = "strict"
 
 
 def default_model_path() -> Path:
@@ -61,10 +67,21 @@ def default_model_path() -> Path:
 
 def _specs(config: CompareConfig) -> list[ServerSpec]:
     env = engine_env(config.kv_cache_gib, config.extra_env)
+    if config.setup not in ("strict", "default"):
+        raise ValueError(f"unknown setup {config.setup!r} (strict, default)")
     specs = []
     for name in config.servers:
-        if name == "raw-vllm":
+        if name == "raw-vllm" and config.setup == "default":
+            specs.append(
+                raw_vllm(config.model_path, config.served_name, DEFAULT_MAX_MODEL_LEN, env,
+                         DEFAULT_LORA_FLAGS)
+            )  # fmt: skip
+        elif name == "raw-vllm":
             specs.append(raw_vllm(config.model_path, config.served_name, config.max_model_len, env))
+        elif name == "aligngate" and config.setup == "default":
+            # Storing stays on, into a scratch database beside the results.
+            store = {"ALIGNGATE_DATABASE_URL": f"sqlite:///{config.out_dir.resolve()}/store.db"}
+            specs.append(gateway(None, {**env, **store}, config.gateway_command))
         elif name == "aligngate":
             models = write_models_file(
                 config.out_dir / "models.yaml",
@@ -187,6 +204,7 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         "model": str(config.model_path),
         "endpoint": config.endpoint,
         "rounds": config.rounds,
+        "setup": config.setup,
         "workload": {
             "items": len(config.items),
             "mean_max_tokens": sum(i.max_tokens for i in config.items) / len(config.items),

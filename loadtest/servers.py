@@ -80,12 +80,23 @@ def raw_vllm(
     return ServerSpec("raw-vllm", argv, port, env)
 
 
+# What `aligngate serve` runs without a models file (server/models/models_file.py:
+# default_entries and LoraSettings; tests/test_loadtest.py checks they agree), so that raw
+# vLLM can be given the same engine settings: LoRA on, so the online loop can hot-load.
+DEFAULT_MAX_MODEL_LEN = 8192
+DEFAULT_LORA_FLAGS = ("--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
+                      "--max-cpu-loras", "8")  # fmt: skip
+
+
 def gateway(
-    models_file: Path, env: Mapping[str, str], command: Sequence[str] | None = None
+    models_file: Path | None, env: Mapping[str, str], command: Sequence[str] | None = None
 ) -> ServerSpec:
+    """``aligngate serve`` with ``models_file``, or exactly as the README's first command runs
+    it (the embedded model, LoRA on, storing on) when there is none."""
     port = free_port()
     base = list(command) if command else [sys.executable, "-m", "server.cli"]
-    argv = [*base, "serve", "--config", str(models_file), "--host", LOOPBACK, "--port", str(port)]
+    config = ["--config", str(models_file)] if models_file is not None else []
+    argv = [*base, "serve", *config, "--host", LOOPBACK, "--port", str(port)]
     return ServerSpec("aligngate", argv, port, env)
 
 

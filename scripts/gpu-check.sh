@@ -92,7 +92,7 @@ trap - EXIT
 t0=$SECONDS
 make bench BIN=$BIN > "$OUT/bench.log" 2>&1 || true
 summary "make bench: $((SECONDS - t0)) s"
-for d in latest multiprocess; do
+for d in default latest multiprocess; do
   [[ -f loadtest/results/$d/results.md ]] && { summary "--- $d"; grep -A4 'aligngate / raw' loadtest/results/$d/results.md | tee -a "$OUT/summary.txt"; }
 done
 echo "summary in $OUT/summary.txt"

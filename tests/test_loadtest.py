@@ -395,3 +395,20 @@ def test_missing_default_workload_says_what_to_pass(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "pass --eval-set FILE" in proc.stderr and "ALIGNGATE_TEST_DATA" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_default_setup_gives_raw_vllm_the_gateways_default_settings() -> None:
+    from loadtest.servers import DEFAULT_LORA_FLAGS, DEFAULT_MAX_MODEL_LEN
+    from server.models.models_file import default_entries
+
+    (entry,) = default_entries()
+    lora = entry.lora_settings
+    assert entry.store and lora is not None
+    assert entry.max_model_len == DEFAULT_MAX_MODEL_LEN
+    flags = dict(zip(DEFAULT_LORA_FLAGS[1::2], DEFAULT_LORA_FLAGS[2::2], strict=True))
+    assert DEFAULT_LORA_FLAGS[0] == "--enable-lora"
+    assert flags == {
+        "--max-lora-rank": str(lora.max_rank),
+        "--max-loras": str(lora.max_loras),
+        "--max-cpu-loras": str(lora.max_cpu_loras),
+    }

@@ -186,3 +186,36 @@ def test_disconnect_storm_leaves_nothing_behind(gateway: Gateway, test_env: dict
         store.close()
     print("stored during the storm:", stored)
     assert stored.get("finished", 0) == 0
+
+
+def test_the_first_chunk_comes_with_the_first_token(gateway: Gateway) -> None:
+    """The role chunk waits for the engine's first output (as vLLM's server does), so a client
+    that times its first chunk, like vLLM's own `bench serve`, times the first token: the
+    first `data:` event with choices arrives no earlier than the server saw the first token."""
+    # A long prompt: the engine's prefill takes it a measurable time before the first token.
+    text = " ".join(["The quick brown fox jumps over the lazy dog."] * 150)
+    labels = {"model": gateway.model, "endpoint": "chat"}
+    count = metric(gateway, "aligngate_time_to_first_token_seconds_count", **labels)
+    total = metric(gateway, "aligngate_time_to_first_token_seconds_sum", **labels)
+    body = {
+        "model": gateway.model,
+        "messages": [{"role": "user", "content": f"Count the foxes: {text}"}],
+        "max_tokens": 2,
+        "stream": True,
+    }
+    first_choices_s = None
+    events = []
+    started = time.perf_counter()
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if first_choices_s is None and line.startswith("data: {") and '"choices":[{' in line:
+                first_choices_s = time.perf_counter() - started
+            if line.startswith("data: "):
+                events.append(line)
+    assert first_choices_s is not None and events[-1] == "data: [DONE]"
+    assert '"role":"assistant"' in events[0]  # still the first event, as OpenAI's
+    assert metric(gateway, "aligngate_time_to_first_token_seconds_count", **labels) == count + 1
+    server_ttft = metric(gateway, "aligngate_time_to_first_token_seconds_sum", **labels) - total
+    assert server_ttft > 0.02  # a real prefill, so the order below is not a coincidence
+    assert first_choices_s >= server_ttft

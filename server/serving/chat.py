@@ -135,16 +135,23 @@ async def create_chat_completion(
                 )
 
             frames = StreamFrames(chunk([]))
-            yield chunk(
-                [
-                    ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))
-                    for i in range(body.n)
-                ]
-            )
             results = [ChoiceResult(index=i) for i in range(body.n)]
+            announced = False
             async with contextlib.aclosing(steps):
                 async for _, deltas in steps:
                     tracker.saw(deltas)
+                    if not announced:
+                        # The role chunk goes out with the engine's first output, as vLLM's
+                        # does: a client timing its first chunk then times the first token.
+                        announced = True
+                        yield chunk(
+                            [
+                                ChatChunkChoice(
+                                    index=i, delta=ChatDelta(role="assistant", content="")
+                                )
+                                for i in range(body.n)
+                            ]
+                        )
                     for d in deltas:
                         results[d.index].add(d)
                     moved = [d for d in deltas if d.text or d.finish_reason or d.logprobs]
