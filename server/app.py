@@ -14,7 +14,14 @@ from fastapi import FastAPI
 from server import __version__
 from server.errors import install_error_handlers
 from server.guards.admission import Admission
-from server.guards.auth import ADMIN_KEY_ID, AuthMiddleware, KeyRing, parse_keys, quotas
+from server.guards.auth import (
+    ADMIN_KEY_ID,
+    AuthMiddleware,
+    KeyRing,
+    parse_allowed_hosts,
+    parse_keys,
+    quotas,
+)
 from server.guards.draining import Drain, DrainMiddleware
 from server.guards.limits import RequestLimitMiddleware
 from server.guards.ratelimit import RateLimiter
@@ -96,7 +103,12 @@ def build_app(
     app.include_router(ui.router)
     app.mount("/ui/static", ui.static_files(), name="ui-static")
     keys = KeyRing(user_keys, settings.admin_key)
-    app.add_middleware(AuthMiddleware, keys=keys, metrics_public=settings.metrics_public)
+    app.add_middleware(
+        AuthMiddleware,
+        keys=keys,
+        metrics_public=settings.metrics_public,
+        allowed_hosts=parse_allowed_hosts(settings.allowed_hosts),
+    )
     app.add_middleware(RequestLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.state.drain = Drain()
     app.add_middleware(DrainMiddleware, drain=app.state.drain)

@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     # admin key has none.
     requests_per_minute: int = Field(default=0, ge=0)
     tokens_per_minute: int = Field(default=0, ge=0)
+    # Without keys (loopback trust), Host names accepted beside loopback ones (comma-separated;
+    # "*": any). Guards against DNS rebinding; irrelevant once keys are configured.
+    allowed_hosts: str = ""
     # /metrics without a key (Prometheus scrapers); /health is always open.
     metrics_public: bool = False
     # SQLAlchemy URL of the store; default: SQLite at <home>/aligngate.db.

@@ -12,6 +12,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.guards import auth
 from server.guards.auth import AuthMiddleware, KeyConfigError, KeyRing, key_id_for, parse_keys
+from tests.conftest import Gateway
 
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdef"
@@ -25,11 +26,16 @@ async def echo_key_id(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 def client(
-    keys: KeyRing, host: str = "127.0.0.1", metrics_public: bool = False
+    keys: KeyRing,
+    host: str = "127.0.0.1",
+    metrics_public: bool = False,
+    allowed_hosts: frozenset[str] = frozenset(),
 ) -> httpx.AsyncClient:
-    app = AuthMiddleware(echo_key_id, keys=keys, metrics_public=metrics_public)
+    app = AuthMiddleware(
+        echo_key_id, keys=keys, metrics_public=metrics_public, allowed_hosts=allowed_hosts
+    )
     transport = httpx.ASGITransport(app=app, client=(host, 40000))
-    return httpx.AsyncClient(transport=transport, base_url="http://gw")
+    return httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000")
 
 
 def test_keys_from_the_environment_and_a_file(tmp_path: Path) -> None:
@@ -151,3 +157,47 @@ async def test_user_keys_without_an_admin_key_keep_admin_on_loopback() -> None:
 def test_short_admin_key_is_refused() -> None:
     with pytest.raises(KeyConfigError, match="admin key"):
         KeyRing([], "short")
+
+
+async def test_loopback_trust_refuses_a_foreign_host_header() -> None:
+    """DNS rebinding: a page on evil.example resolved to 127.0.0.1 reaches a keyless gateway
+    from loopback but names its own host; the gateway refuses it."""
+    ring = KeyRing([], None)
+    async with client(ring) as local:
+        for host in (
+            "127.0.0.1:8000",
+            "localhost:8000",
+            "LOCALHOST",
+            "app.localhost",
+            "[::1]:8000",
+        ):
+            r = await local.get("/v1/models", headers={"host": host})
+            assert r.status_code == 200 and r.text == "loopback", host
+        for path in ("/v1/models", "/admin/whoami", "/v1/feedback"):
+            r = await local.get(path, headers={"host": "evil.example:8000"})
+            assert r.status_code == 403, path
+            error = r.json()["error"]
+            assert error["code"] == "host_not_allowed" and "evil.example" in error["message"]
+        assert (await local.get("/health", headers={"host": "evil.example"})).status_code == 200
+    allowed = frozenset({"gateway.lan"})
+    async with client(ring, allowed_hosts=allowed) as local:
+        assert (
+            await local.get("/v1/models", headers={"host": "gateway.lan:8000"})
+        ).status_code == 200
+        assert (await local.get("/v1/models", headers={"host": "evil.example"})).status_code == 403
+    async with client(ring, allowed_hosts=frozenset({"*"})) as local:
+        assert (await local.get("/v1/models", headers={"host": "evil.example"})).status_code == 200
+    # With keys the key is the trust: a browser page cannot present it, so any Host passes.
+    keyed = KeyRing(parse_keys(ALICE, None), ADMIN)
+    async with client(keyed) as local:
+        r = await local.get(
+            "/v1/models", headers={"host": "gateway.example", "authorization": f"Bearer {ALICE}"}
+        )
+        assert r.status_code == 200
+
+
+def test_live_keyless_gateway_refuses_a_rebound_host(gateway: Gateway) -> None:
+    rebound = httpx.get(f"{gateway.url}/v1/models", headers={"host": "evil.example"}, timeout=10)
+    assert rebound.status_code == 403
+    assert rebound.json()["error"]["code"] == "host_not_allowed"
+    assert httpx.get(f"{gateway.url}/v1/models", timeout=10).status_code == 200

@@ -107,7 +107,7 @@ class FeedbackApiMachine(RuleBasedStateMachine):
         self.lifespan = self.app.router.lifespan_context(self.app)
         self.run(self.lifespan.__aenter__())
         transport = httpx.ASGITransport(app=self.app, client=("192.0.2.7", 40000))
-        self.http = httpx.AsyncClient(transport=transport, base_url="http://gw")
+        self.http = httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000")
         self.rows: dict[str, tuple[str, dict[str, Any]]] = {}  # id -> (API key, payload)
         self.by_key: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         self.reviewed: set[str] = set()

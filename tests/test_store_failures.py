@@ -33,7 +33,7 @@ def feedback_app(store: Store) -> FastAPI:
 
 async def post_feedback(store: Store, body: dict[str, Any]) -> httpx.Response:
     transport = httpx.ASGITransport(app=feedback_app(store))
-    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as client:
         return await client.post("/v1/feedback", json=body)
 
 

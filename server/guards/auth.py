@@ -7,7 +7,11 @@ timing-attack advisory. Keys are compared byte for byte (never case-folded) and 
 the store records the key's id.
 
 Without any key configured, only loopback clients are served: a gateway is never open to the
-network by accident.
+network by accident. Trusting loopback alone would let a web page in the user's own browser
+reach the gateway through a DNS-rebinding domain (its requests come from 127.0.0.1 but name
+the attacker's host), so in that mode a request must also name a loopback host (``Host:
+localhost``, ``*.localhost``, a loopback address) or one of ``ALIGNGATE_ALLOWED_HOSTS`` — the
+rule Ollama adopted after its rebinding advisory.
 
 Owns: key parsing, the comparison, and the ASGI middleware that guards every route except an
 explicit allowlist. Does not know: routes' work, the store.
@@ -147,6 +151,30 @@ def bearer_token(scope: Scope) -> str | None:
     return None
 
 
+def request_host(scope: Scope) -> str | None:
+    """The ``Host`` header's name without its port, lower-cased (None: no header)."""
+    for name, value in scope.get("headers", []):
+        if name == b"host":
+            host = value.decode("latin-1").strip().lower()
+            if host.startswith("["):  # [::1]:8000
+                return host[1 : host.find("]")] if "]" in host else host
+            return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+    return None
+
+
+def is_loopback_name(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):  # RFC 6761
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_allowed_hosts(value: str) -> frozenset[str]:
+    return frozenset(h.strip().lower() for h in value.split(",") if h.strip())
+
+
 def is_loopback(scope: Scope) -> bool:
     client = scope.get("client")
     host = client[0] if client else ""
@@ -160,10 +188,17 @@ class AuthMiddleware:
     """Guards every HTTP route: ``/admin/*`` needs the admin key, everything else a user key
     (or the admin key); ``PUBLIC_PATHS`` (and ``/metrics`` when public) need none."""
 
-    def __init__(self, app: ASGIApp, keys: KeyRing, metrics_public: bool):
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: KeyRing,
+        metrics_public: bool,
+        allowed_hosts: frozenset[str] = frozenset(),
+    ):
         self.app = app
         self.keys = keys
         self.public = PUBLIC_PATHS | ({"/metrics"} if metrics_public else set())
+        self.allowed_hosts = allowed_hosts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -175,12 +210,31 @@ class AuthMiddleware:
             return
         admin_route = path == "/admin" or path.startswith("/admin/")
         key_id, refusal = self._decide(scope, admin_route)
+        if key_id == LOOPBACK_KEY_ID and not self._host_allowed(scope):
+            refusal = (403, self._host_refusal(scope))
         if refusal is not None:
             status, message = refusal
             await _refuse(send, status, message)
             return
         scope.setdefault("state", {})["key_id"] = key_id
         await self.app(scope, receive, send)
+
+    def _host_allowed(self, scope: Scope) -> bool:
+        """Trust from loopback alone also needs a loopback (or allowed) ``Host``; a request
+        without one cannot come from a browser."""
+        host = request_host(scope)
+        if host is None or "*" in self.allowed_hosts:
+            return True
+        return is_loopback_name(host) or host in self.allowed_hosts
+
+    @staticmethod
+    def _host_refusal(scope: Scope) -> str:
+        return (
+            f"Host {request_host(scope)!r} is not a loopback name. Without keys this gateway "
+            "trusts loopback clients, so it refuses other Host headers (a web page could "
+            "reach it by DNS rebinding); add the name to ALIGNGATE_ALLOWED_HOSTS or "
+            "configure keys."
+        )
 
     def _decide(self, scope: Scope, admin_route: bool) -> tuple[str | None, tuple[int, str] | None]:
         token = bearer_token(scope)
@@ -221,6 +275,8 @@ class AuthMiddleware:
 async def _refuse(send: Send, status: int, message: str) -> None:
     error_type = "authentication_error" if status == 401 else "permission_error"
     code = "invalid_api_key" if status == 401 else "admin_key_required"
+    if message.startswith("Host "):
+        code = "host_not_allowed"
     body = json.dumps(error_body(message, error_type, None, code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:
