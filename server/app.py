@@ -6,8 +6,11 @@ Owns: wiring (routers, error handlers, middleware) and the engines' start and st
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 
@@ -36,6 +39,17 @@ from server.training.online import AlignJobs
 log = logging.getLogger(__name__)
 
 
+def process_started() -> float:
+    """When this process started, on ``time.monotonic``'s clock (Linux: /proc; elsewhere:
+    now, so the figure reads 0)."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.monotonic()
+
+
 def build_app(
     settings: Settings, entries: list[ModelEntry], resources: Resources | None = None
 ) -> FastAPI:
@@ -50,6 +64,7 @@ def build_app(
             on_error=metrics.store_errors.inc,
         )
         app.state.store = store
+        started = time.perf_counter()
         try:
             await registry.start(entries, settings, resources)
         except BaseException:
@@ -66,6 +81,13 @@ def build_app(
                 )
                 for m in registry.all()
             ]
+        )
+        phases = ", ".join(f"{name} {s:.1f}" for name, s in registry.startup.items())
+        log.info(
+            "Models ready in %.1f s (%s); %.1f s since the process started",
+            time.perf_counter() - started,
+            phases,
+            time.monotonic() - process_started(),
         )
         try:
             yield

@@ -117,8 +117,10 @@ class Registry:
         self._adapters_root = adapters_root
         self._next_adapter_id = 1
         self._adapter_lock = asyncio.Lock()
-        # The resource plan the engines were started with (``start``).
+        # The resource plan the engines were started with, and the seconds each phase of
+        # ``start`` took.
         self.plan: Plan | None = None
+        self.startup: dict[str, float] = {}
 
     def register(self, model: ServedModel) -> None:
         self._models[model.name] = model
@@ -211,12 +213,23 @@ class Registry:
         anything starts), then start the engines in the plan's order: on a CPU side by side
         (each spends most of its start-up in its own work, so they overlap well), on CUDA
         one after another."""
+        clock = time.perf_counter()
+
+        def lap(phase: str) -> None:
+            nonlocal clock
+            now = time.perf_counter()
+            self.startup[phase] = self.startup.get(phase, 0.0) + now - clock
+            clock = now
+
         platform = platform or await asyncio.to_thread(detect)
         apply_engine_environment(platform, settings.cpu_kv_cache_gib)
+        lap("platform")
         prepared = {}
         for entry in entries:
             path = resolve_path(entry, settings)
+            lap("checkpoints")
             prepared[entry.name] = (entry, path, build_renderer(entry, path))
+            lap("renderers")
         try:
             plan = plan_entries(
                 [(entry, Path(path)) for entry, path, _ in prepared.values()],
@@ -230,6 +243,7 @@ class Registry:
             raise ModelsFileError("resource plan refused:\n  " + "\n  ".join(plan.problems))
         self.plan = plan
         defaults = engine_defaults(platform)
+        lap("plan")
 
         def start_engine(entry: ModelEntry, path: str, placed: EnginePlan) -> VllmEngine:
             started = time.perf_counter()
@@ -270,12 +284,14 @@ class Registry:
                     errors.append(result)
             if errors:
                 raise errors[0]
+        lap("engines")
         for entry in entries:
             for adapter in entry.adapters:
                 try:
                     await self.load_adapter(adapter.name, adapter.path, base=entry.name)
                 except (InvalidRequest, ModelNotFound) as exc:
                     raise ModelsFileError(f"adapter {adapter.name!r}: {exc.message}") from exc
+        lap("adapters")
 
     def shutdown(self) -> None:
         for model in self._models.values():
