@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from server.engine.vllm_engine import EngineOptions, offline_generate
+from server.engine.vllm_engine import offline_generate
 from server.evaluation.batch import Item, batch_spec, engine_generator, run_batch
 from server.models.models_file import ModelEntry
-from server.models.registry import Registry
+from server.models.registry import Registry, engine_options
 from server.models.render import Message
 from server.resources.platform import engine_defaults
 from server.settings import Settings
@@ -95,18 +95,7 @@ def bench_alpaca_eval(
     # The raw engine gets what the gateway's engine got: platform defaults, memory share.
     assert registry.plan is not None
     placed = registry.plan.engine(entry.name)
-    options = EngineOptions(
-        model_path=path,
-        max_model_len=entry.max_model_len,
-        dtype=entry.dtype,
-        seed=entry.seed,
-        extra={
-            **engine_defaults(registry.plan.platform),
-            "trust_remote_code": entry.trust_remote_code,
-            **placed.engine_args(),
-        },
-        environment=placed.environment(),
-    )
+    options = engine_options(entry, path, placed, engine_defaults(registry.plan.platform))
     outputs, seconds = offline_generate(options, prompts, spec)
     raw = Leg("vLLM LLM.generate (offline)", len(prompts), sum(len(o) for o in outputs), seconds)
     hf = _hf_loop(path, prompts[:hf_items], max_tokens, eos)

@@ -263,6 +263,15 @@ def _cmd_alpaca_eval(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _bench_entry(args: argparse.Namespace, settings: Settings):  # type: ignore[no-untyped-def]
+    """The models-file entry a bench command runs (``--model``, default the first)."""
+    entries = _load_entries(args.config, settings)
+    entry = next((e for e in entries if e.name == (args.model or entries[0].name)), None)
+    if entry is None:
+        log.error("no model %r in the models file", args.model)
+    return entry
+
+
 def _cmd_bench_align(args: argparse.Namespace, settings: Settings) -> int:
     from server.bench.align import bench_align
     from server.protocol import CutHyperparameters
@@ -277,10 +286,8 @@ def _cmd_bench_align(args: argparse.Namespace, settings: Settings) -> int:
             exc,
         )
         return 2
-    entries = _load_entries(args.config, settings)
-    entry = next((e for e in entries if e.name == (args.model or entries[0].name)), None)
+    entry = _bench_entry(args, settings)
     if entry is None:
-        log.error("no model %r in the models file", args.model)
         return 2
     result = bench_align(
         entry,
@@ -305,10 +312,8 @@ def _cmd_bench_alpaca(args: argparse.Namespace, settings: Settings) -> int:
     except BatchInputError as exc:
         log.error("%s", exc)
         return 2
-    entries = _load_entries(args.config, settings)
-    entry = next((e for e in entries if e.name == (args.model or entries[0].name)), None)
+    entry = _bench_entry(args, settings)
     if entry is None:
-        log.error("no model %r in the models file", args.model)
         return 2
     result = bench_alpaca_eval(
         entry, settings, items, max_tokens=args.max_tokens, hf_items=args.hf_n

@@ -54,6 +54,27 @@ def lora_engine_args(lora: LoraSettings | None) -> dict[str, Any]:
     }
 
 
+def engine_options(
+    entry: ModelEntry, path: str, placed: EnginePlan, defaults: dict[str, object]
+) -> EngineOptions:
+    """What vLLM gets for ``entry``: the platform's defaults, LoRA, the plan's memory share
+    and devices, then the models file's own `engine_args` (which win)."""
+    return EngineOptions(
+        model_path=path,
+        max_model_len=entry.max_model_len,
+        dtype=entry.dtype,
+        seed=entry.seed,
+        extra={
+            **defaults,
+            "trust_remote_code": entry.trust_remote_code,
+            **lora_engine_args(entry.lora_settings),
+            **placed.engine_args(),
+            **entry.engine_args,
+        },
+        environment=placed.environment(),
+    )
+
+
 def check_adapter_fits(parent: ServedModel, meta: dict[str, Any] | None, rank: int) -> None:
     """Refuse an adapter the parent's engine cannot serve, or that was trained on another
     base or prompt family (its metadata says which)."""
@@ -247,21 +268,7 @@ class Registry:
 
         def start_engine(entry: ModelEntry, path: str, placed: EnginePlan) -> VllmEngine:
             started = time.perf_counter()
-            options = EngineOptions(
-                model_path=path,
-                max_model_len=entry.max_model_len,
-                dtype=entry.dtype,
-                seed=entry.seed,
-                extra={
-                    **defaults,
-                    "trust_remote_code": entry.trust_remote_code,
-                    **lora_engine_args(entry.lora_settings),
-                    **placed.engine_args(),
-                    **entry.engine_args,
-                },
-                environment=placed.environment(),
-            )
-            engine = VllmEngine.start(entry.name, options)
+            engine = VllmEngine.start(entry.name, engine_options(entry, path, placed, defaults))
             log.info("Engine for %s up in %.1f s", entry.name, time.perf_counter() - started)
             return engine
 
