@@ -498,6 +498,8 @@ class AlignRequest(_Strict):
     hyperparameters: CutHyperparameters = Field(default_factory=CutHyperparameters)
     # Poisoning guard (OWASP LLM04): only reviewed judgments train, or those of these
     # annotators (added to ALIGNGATE_TRUSTED_ANNOTATORS) — unless include_unreviewed.
+    # API key ids whose judgments train unreviewed (besides ALIGNGATE_TRUSTED_ANNOTATORS and
+    # the keys file's `trusted` keys); the name is kept from when it matched annotator labels.
     trusted_annotators: list[Text] = Field(default_factory=list, max_length=1000)
     include_unreviewed: bool = False
 

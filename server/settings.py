@@ -44,7 +44,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     # SIGTERM: how long running requests may finish (new ones get 503) before the stop.
     shutdown_timeout_s: int = Field(default=30, ge=0, le=3600)
-    # Annotators whose judgments the online loop trains on without review (comma-separated).
+    # API key ids whose judgments the online loop trains on without review (comma-separated;
+    # "loopback" is the keyless mode's one tenant). Trust comes from keys, never from the
+    # `annotator` label a request carries.
     trusted_annotators: str = ""
     # Feedback per API key per minute (429 past it); 0: no limit.
     feedback_per_minute: int = Field(default=120, ge=0)

@@ -263,7 +263,7 @@ def test_offline_align_from_the_models_file_merges_and_hot_loads(
     merged = tmp_path / "merged"
     args = ["align", "--config", str(models), "--model", gateway.model, "--since", str(since)]
     args += ["--epochs", "1", "--batch-size", "1", "--warmup-steps", "0"]
-    args += ["--trusted-annotator", "test"]
+    args += ["--trusted-key", "loopback"]  # the keyless gateway's one tenant
     args += ["--merge-out", str(merged), "--server", gateway.url]
     done = run_cli(args, test_env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -68,7 +68,7 @@ def test_keys_file_lines_may_set_their_own_limits(tmp_path: Path) -> None:
     assert keys[1].digest == auth.digest(ALICE + "==")  # `=` inside a key is the key's
     for bad in ("rpm=x", "rpm=-1", "rpm=1 rpm=2", "burst=5", BOB):
         keys_file.write_text(f"bob {BOB} {bad}\n")
-        with pytest.raises(KeyConfigError, match="ID KEY rpm=N tpm=N") as refused:
+        with pytest.raises(KeyConfigError, match=r"ID KEY \[rpm=N\] \[tpm=N\]") as refused:
             parse_keys(None, keys_file)
         assert BOB not in str(refused.value)
 
@@ -201,3 +201,56 @@ def test_live_keyless_gateway_refuses_a_rebound_host(gateway: Gateway) -> None:
     assert rebound.status_code == 403
     assert rebound.json()["error"]["code"] == "host_not_allowed"
     assert httpx.get(f"{gateway.url}/v1/models", timeout=10).status_code == 200
+
+
+def test_keys_file_marks_trusted_keys_and_their_annotator_names(tmp_path: Path) -> None:
+    from server.guards.auth import trusted_key_ids
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"judge {ALICE} trusted annotator=gpt-4-judge\nbob {BOB} rpm=5\n")
+    keys = parse_keys(None, keys_file)
+    assert [(k.key_id, k.trusted, k.annotator) for k in keys] == [
+        ("judge", True, "gpt-4-judge"),
+        ("bob", False, None),
+    ]
+    assert trusted_key_ids(keys) == ["judge"]
+    for bad in (f"x {ALICE} trusted trusted", f"x {ALICE} annotator=", f"x {ALICE} trusty"):
+        keys_file.write_text(bad + "\n")
+        with pytest.raises(KeyConfigError, match="trusted"):
+            parse_keys(None, keys_file)
+
+
+async def test_a_keys_annotator_name_reaches_the_request() -> None:
+    keys_file_keys = [auth.ApiKey("judge", auth.digest(ALICE), trusted=True, annotator="gpt-4")]
+
+    async def echo_annotator(scope: Scope, receive: Receive, send: Send) -> None:
+        state = scope.get("state", {})
+        body = f"{state.get('key_id')}/{state.get('annotator')}".encode()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    app = AuthMiddleware(echo_annotator, keys=KeyRing(keys_file_keys, ADMIN), metrics_public=False)
+    transport = httpx.ASGITransport(app=app, client=("127.0.0.1", 40000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1:8000") as c:
+        judged = await c.get("/v1/feedback", headers={"authorization": f"Bearer {ALICE}"})
+        assert judged.text == "judge/gpt-4"
+        admin = await c.get("/v1/feedback", headers={"authorization": f"Bearer {ADMIN}"})
+        assert admin.text == "admin/None"
+
+
+def test_the_online_loop_trusts_keys_named_in_settings_and_the_keys_file(
+    tmp_path: Path,
+) -> None:
+    from server.settings import Settings
+    from server.training.service import trusted_for
+
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"judge {ALICE} trusted\nbob {BOB}\n")
+    settings = Settings(api_keys_file=keys_file, trusted_annotators="loopback, ops")
+    assert trusted_for(settings, ["extra"], include_unreviewed=False) == (
+        "loopback",
+        "ops",
+        "judge",
+        "extra",
+    )
+    assert trusted_for(settings, [], include_unreviewed=True) is None

@@ -186,3 +186,18 @@ def test_sqlite_is_durable_by_configuration(tmp_path) -> None:  # type: ignore[n
         assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
         assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
     s.close()
+
+
+async def test_trust_comes_from_the_key_not_the_annotator_label(store: Store) -> None:
+    """A key that posts under a trusted annotator's name does not pass the online loop's
+    gate; the trusted key's judgments do, whatever label they carry."""
+    store.record_completion(completion("c1")).result(timeout=10)
+    await store.add_feedback(
+        FeedbackCreate(completion_id="c1", judgment="Poison.", annotator="alice", key_id="mallory")
+    )
+    await store.add_feedback(
+        FeedbackCreate(completion_id="c1", judgment="Too vague.", annotator="x", key_id="alice")
+    )
+    rows, _ = store.export_rows(trusted=["alice"])
+    assert [(r.judgment, r.key_id) for r in rows] == [("Too vague.", "alice")]
+    assert store.export_rows(trusted=[])[0] == []  # reviewed only: none are

@@ -378,9 +378,11 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
         "resources.training.device)",
     )
     align.add_argument(
+        "--trusted-key",
         "--trusted-annotator",
+        dest="trusted_annotator",
         action="append",
-        help="train on this annotator's judgments without review (repeat)",
+        help="train on the judgments posted with this API key id without review (repeat)",
     )
     align.add_argument(
         "--include-unreviewed",

@@ -54,7 +54,8 @@ async def create_feedback(body: FeedbackRequest, request: Request, store: Store)
             rating_scale=body.rating_scale,
             label=body.label,
             preferred_over=body.preferred_over,
-            annotator=body.annotator,
+            # A display label: the body's, else the name the keys file gives the key.
+            annotator=body.annotator or getattr(request.state, "annotator", None),
             idempotency_key=body.idempotency_key,
             key_id=key_id,
         )

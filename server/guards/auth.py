@@ -49,6 +49,10 @@ class ApiKey:
     # This key's own limits per minute (the keys file's `rpm=` / `tpm=`); None: the default.
     requests_per_minute: int | None = None
     tokens_per_minute: int | None = None
+    # The keys file's `trusted`: the online loop trains on this key's judgments unreviewed.
+    trusted: bool = False
+    # The keys file's `annotator=NAME`: the label on its feedback when the body gives none.
+    annotator: str | None = None
 
 
 def digest(key: str) -> bytes:
@@ -63,28 +67,36 @@ def key_id_for(key: str) -> str:
 QUOTA_FIELDS = {"rpm": "requests_per_minute", "tpm": "tokens_per_minute"}
 
 
-def _key_line(line: str, where: str) -> tuple[str | None, str, dict[str, int]]:
-    """``KEY`` | ``ID KEY`` | ``ID KEY rpm=N tpm=N`` → (id, key, quotas). Quotas come only
-    after the id and the key, so a key may itself hold ``=``."""
+KEY_LINE_FORMS = "`KEY`, `ID KEY` or `ID KEY [rpm=N] [tpm=N] [trusted] [annotator=NAME]`"
+
+
+def _key_line(line: str, where: str) -> tuple[str | None, str, dict[str, object]]:
+    """``KEY`` | ``ID KEY`` | ``ID KEY rpm=N tpm=N trusted annotator=NAME`` → (id, key,
+    settings). Settings come only after the id and the key, so a key may itself hold ``=``."""
     words = line.split()
     if len(words) == 1:
         return None, words[0], {}
-    quotas: dict[str, int] = {}
+    settings: dict[str, object] = {}
     for word in words[2:]:
-        name, _, value = word.partition("=")
+        name, sep, value = word.partition("=")
         field = QUOTA_FIELDS.get(name)
-        if field is None or field in quotas or not (value.isascii() and value.isdigit()):
+        if word == "trusted" and "trusted" not in settings:
+            settings["trusted"] = True
+        elif name == "annotator" and sep and value and "annotator" not in settings:
+            settings["annotator"] = value
+        elif field is not None and field not in settings and value.isascii() and value.isdigit():
+            settings[field] = int(value)
+        else:
             # Not echoed: a misplaced word may be a key.
-            raise KeyConfigError(f"{where}: expected `KEY`, `ID KEY` or `ID KEY rpm=N tpm=N`")
-        quotas[field] = int(value)
-    return words[0], words[1], quotas
+            raise KeyConfigError(f"{where}: expected {KEY_LINE_FORMS}")
+    return words[0], words[1], settings
 
 
 def parse_keys(inline: str | None, keys_file: Path | None) -> list[ApiKey]:
     """``ALIGNGATE_API_KEYS`` (comma-separated keys) and ``ALIGNGATE_API_KEYS_FILE`` (one key a
-    line: ``KEY``, ``ID KEY``, or ``ID KEY rpm=N tpm=N`` for the key's own limits; ``#``
-    comments)."""
-    entries: list[tuple[str | None, str, dict[str, int]]] = []
+    line: ``KEY``, ``ID KEY``, or ``ID KEY`` followed by the key's own limits ``rpm=N``
+    ``tpm=N``, ``trusted`` and ``annotator=NAME``; ``#`` comments)."""
+    entries: list[tuple[str | None, str, dict[str, object]]] = []
     if inline:
         entries += [(None, k.strip(), {}) for k in inline.split(",") if k.strip()]
     if keys_file is not None:
@@ -97,7 +109,7 @@ def parse_keys(inline: str | None, keys_file: Path | None) -> list[ApiKey]:
             if line and not line.startswith("#"):
                 entries.append(_key_line(line, f"{keys_file}:{number}"))
     keys, seen_ids, seen = [], set(), set()
-    for name, key, quotas in entries:
+    for name, key, settings in entries:
         if len(key) < MIN_KEY_CHARS:
             raise KeyConfigError(f"an API key is shorter than {MIN_KEY_CHARS} characters")
         key_id = name or key_id_for(key)
@@ -105,8 +117,13 @@ def parse_keys(inline: str | None, keys_file: Path | None) -> list[ApiKey]:
             raise KeyConfigError(f"API key id {key_id!r} is used twice or reserved")
         seen_ids.add(key_id)
         seen.add(key)
-        keys.append(ApiKey(key_id, digest(key), **quotas))
+        keys.append(ApiKey(key_id, digest(key), **settings))  # type: ignore[arg-type]
     return keys
+
+
+def trusted_key_ids(keys: Iterable[ApiKey]) -> list[str]:
+    """The keys marked ``trusted`` in the keys file."""
+    return [k.key_id for k in keys if k.trusted]
 
 
 def quotas(keys: Iterable[ApiKey], field: str) -> dict[str, int]:
@@ -134,6 +151,9 @@ class KeyRing:
             match = hmac.compare_digest(given, key.digest)
             found = key if match else found
         return found
+
+    def by_id(self, key_id: str) -> ApiKey:
+        return next(k for k in self.user_keys if k.key_id == key_id)
 
     def is_admin(self, presented: str) -> bool:
         if self._admin is None:
@@ -209,14 +229,16 @@ class AuthMiddleware:
             await self.app(scope, receive, send)
             return
         admin_route = path == "/admin" or path.startswith("/admin/")
-        key_id, refusal = self._decide(scope, admin_route)
+        key_id, refusal, annotator = self._decide(scope, admin_route)
         if key_id == LOOPBACK_KEY_ID and not self._host_allowed(scope):
             refusal = (403, self._host_refusal(scope))
         if refusal is not None:
             status, message = refusal
             await _refuse(send, status, message)
             return
-        scope.setdefault("state", {})["key_id"] = key_id
+        state = scope.setdefault("state", {})
+        state["key_id"] = key_id
+        state["annotator"] = annotator
         await self.app(scope, receive, send)
 
     def _host_allowed(self, scope: Scope) -> bool:
@@ -236,7 +258,19 @@ class AuthMiddleware:
             "configure keys."
         )
 
-    def _decide(self, scope: Scope, admin_route: bool) -> tuple[str | None, tuple[int, str] | None]:
+    def _decide(
+        self, scope: Scope, admin_route: bool
+    ) -> tuple[str | None, tuple[int, str] | None, str | None]:
+        """(key id, refusal, the key's annotator name)."""
+        key_id, refusal = self._decide_key(scope, admin_route)
+        annotator = None
+        if key_id is not None and key_id not in (ADMIN_KEY_ID, LOOPBACK_KEY_ID):
+            annotator = self.keys.by_id(key_id).annotator
+        return key_id, refusal, annotator
+
+    def _decide_key(
+        self, scope: Scope, admin_route: bool
+    ) -> tuple[str | None, tuple[int, str] | None]:
         token = bearer_token(scope)
         if token is not None and self.keys.is_admin(token):
             return ADMIN_KEY_ID, None

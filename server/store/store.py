@@ -319,7 +319,8 @@ class Store:
     ) -> tuple[list[FeedbackRow], dict[str, CompletionRecord]]:
         """Feedback (oldest first, ``since`` ≤ created < ``until``) and every completion it
         names, for exports. ``annotators`` / ``key_ids``: only theirs. ``trusted``: only
-        reviewed feedback or feedback of these annotators (``[]``: reviewed only)."""
+        reviewed feedback or feedback posted with these key ids (``[]``: reviewed only) —
+        trust comes from the key, never from the ``annotator`` label a body carries."""
         conditions = []
         if model is not None:
             conditions.append(feedback.c.model == model)
@@ -333,7 +334,7 @@ class Store:
             conditions.append(feedback.c.key_id.in_(list(key_ids)))
         if trusted is not None:
             conditions.append(
-                or_(feedback.c.reviewed.is_(True), feedback.c.annotator.in_(list(trusted)))
+                or_(feedback.c.reviewed.is_(True), feedback.c.key_id.in_(list(trusted)))
             )
         with self.engine.connect() as conn:
             rows = conn.execute(

@@ -211,7 +211,7 @@ async def run_iteration(
         job.feedback_rows, job.records = len(rows), len(items)
         job.judged = sum(1 for i in items if i["judgment"] is not None)
         if job.judged < min_records:
-            which = "" if plan.trusted is None else " reviewed or by trusted annotators"
+            which = "" if plan.trusted is None else " reviewed or by trusted keys"
             raise AlignError(
                 f"{job.judged} judged response(s){which} of `{plan.model}` since the last "
                 f"iteration; at least {min_records} needed"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from server.errors import Conflict, InvalidRequest
 from server.feedback.service import parse_since
+from server.guards.auth import parse_keys, trusted_key_ids
 from server.models.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
 from server.models.models_file import ModelEntry, ModelsFileError, build_renderer, resolve_path
 from server.models.registry import Registry
@@ -60,12 +61,22 @@ def placed_by_plan(config: CutConfig, resources: Plan | None, base: Path) -> Cut
 
 
 def trusted_for(
-    settings: Settings, annotators: list[str], include_unreviewed: bool
+    settings: Settings, key_ids: list[str], include_unreviewed: bool
 ) -> tuple[str, ...] | None:
-    """Whose judgments train: reviewed ones and the trusted annotators' (None: everyone's)."""
+    """Whose judgments train unreviewed, by API key id: ``ALIGNGATE_TRUSTED_ANNOTATORS``,
+    the keys file's ``trusted`` keys and ``key_ids`` (None: everyone's). Never the
+    ``annotator`` label, which any key holder sets."""
     if include_unreviewed:
         return None
-    return tuple(dict.fromkeys([*settings.trusted_annotator_list(), *annotators]))
+    return tuple(
+        dict.fromkeys([*settings.trusted_annotator_list(), *trusted_keys(settings), *key_ids])
+    )
+
+
+def trusted_keys(settings: Settings) -> list[str]:
+    """The keys file's ``trusted`` keys (the file is the trust, so it is read again here:
+    ``align --config`` runs without a server)."""
+    return trusted_key_ids(parse_keys(settings.api_keys, settings.api_keys_file))
 
 
 def plan_for(
