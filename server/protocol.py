@@ -480,6 +480,7 @@ class CutHyperparameters(BaseModel):
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
     learning_rate: float = Field(default=4e-4, gt=0, le=1)
     warmup_steps: int = Field(default=0, ge=0, le=100_000)
+    warmup_ratio: float = Field(default=0.1, ge=0, le=1)
     batch_size: int = Field(default=8, ge=1, le=1024)
     epochs: int = Field(default=1, ge=1, le=100)
     cutoff: int = Field(default=2048, ge=16, le=131_072)

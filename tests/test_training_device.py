@@ -151,3 +151,42 @@ def test_assumed_gpus_are_a_plan_not_a_device() -> None:
     assert platform.assumed and [g.index for g in platform.gpus] == [0, 1]
     with pytest.raises(PlatformError):
         assumed_gpus(0)
+
+
+def test_warm_up_is_a_fraction_of_the_run() -> None:
+    from server.training.trainer import warmup_for
+
+    config = CutConfig()  # CUT's 100 steps at most, 0.1 of the run
+    assert warmup_for(config, 8) == 0  # a small online window trains from its first step
+    assert warmup_for(config, 125) == 12
+    assert warmup_for(config, 5000) == 100  # long runs keep CUT's 100 steps
+    assert warmup_for(dataclasses.replace(config, warmup_ratio=0.0), 5000) == 0
+
+
+def test_small_windows_move_the_model_and_the_job_reports_by_how_much(
+    tiny_dir: Path, tmp_path: Path
+) -> None:
+    """With the defaults (batch 8, warm-up 100 steps before) 8 records never left warm-up and
+    no logit moved; now the run reports the adapter's effect on its own judged tokens."""
+    from tests.data import write_cut_records
+
+    data = write_cut_records(tmp_path / "cut.json", 8)
+    _, report, dataset = train_cut_adapter(
+        base=tiny_dir / "llama",
+        data=data,
+        out=tmp_path / "adapter",
+        config=CutConfig(device="cpu", learning_rate=1e-2, epochs=3),
+        family="cut",
+    )
+    assert report.warmup_steps == 0
+    effect = report.effect
+    assert effect is not None and effect["examples"] == dataset.judged > 0
+    flagged, unflagged = effect["flagged"], effect["unflagged"]
+    assert flagged["tokens"] > 0 and unflagged["tokens"] > 0
+    assert abs(unflagged["delta"]) > 1e-3  # the adapter moved its own tokens
+    # Unlikelihood on the flagged tokens, likelihood on the rest: the flagged ones gain less
+    # (this random model's every token is unlikely, so both rise; the default model's
+    # flagged tokens fall, see test_training.py's evidence test).
+    assert flagged["delta"] < unflagged["delta"]
+    meta = json.loads((tmp_path / "adapter" / META_FILE).read_text())
+    assert meta["train"]["effect"] == effect

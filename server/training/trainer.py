@@ -40,7 +40,11 @@ class CutConfig:
     lora_dropout: float = 0.05
     target_modules: tuple[str, ...] = ("gate_proj", "down_proj", "up_proj")
     learning_rate: float = 4e-4
+    # Warm-up: this fraction of the run's optimizer steps, at most ``warmup_steps`` (CUT's
+    # 100 for long runs). A fixed 100 steps would keep a small online window (8-60 judged
+    # responses: 1-8 steps) in warm-up for its whole run, and the adapter would not move.
     warmup_steps: int = 100
+    warmup_ratio: float = 0.1
     batch_size: int = 8  # examples per optimizer step (micro-batch 1, accumulated)
     epochs: int = 1
     cutoff: int = 2048  # tokens per sequence; longer ones lose prompt tokens from the left
@@ -78,6 +82,9 @@ class TrainReport:
     flagged_tokens: int = 0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)  # per optimizer step
+    warmup_steps: int = 0
+    # The adapter's measured effect on its own judged data (``measure_effect``).
+    effect: dict[str, Any] | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -94,6 +101,8 @@ class TrainReport:
             "tokens_per_s": round(self.tokens_per_s, 1),
             "first_loss": self.losses[0] if self.losses else None,
             "final_loss": self.losses[-1] if self.losses else None,
+            "warmup_steps": self.warmup_steps,
+            "effect": self.effect,
         }
 
 
@@ -222,6 +231,58 @@ def response_logprobs(model: Any, sequences: list[list[int]], response_len: int)
     return [token_logprobs(logits[row], targets[row]) for row in range(len(sequences))]
 
 
+def warmup_for(config: CutConfig, total_steps: int) -> int:
+    """``warmup_ratio`` of the run, rounded down (a linear warm-up's first step has learning
+    rate 0, so a short run gets none), at most ``warmup_steps``."""
+    return min(config.warmup_steps, math.floor(config.warmup_ratio * total_steps))
+
+
+# Judged examples the effect is measured on (two no-grad forwards each, before and after).
+EFFECT_EXAMPLES = 32
+
+
+def flagged_logprobs(model: Any, examples: list[CutExample], config: CutConfig) -> list[Any]:
+    """Per judged example: (log p of its response tokens under the plain prompt, which of
+    them CUT flags) — the model as it is now, no gradient."""
+    import torch
+
+    from server.training.cut_loss import cut_loss
+
+    measured = []
+    with torch.no_grad():
+        for example in examples:
+            judge, plain = response_logprobs(
+                model, [example.judge_ids, example.plain_ids], example.response_len
+            )
+            out = cut_loss(
+                judge, plain, threshold=config.threshold, weight_unlike=config.weight_unlike
+            )
+            measured.append((plain.float().cpu(), out.flagged.cpu()))
+    return measured
+
+
+def measure_effect(before: list[Any], after: list[Any]) -> dict[str, Any]:
+    """Mean log p of the tokens flagged before training, and of the others, before → after:
+    what the adapter did to the very tokens its judgments named."""
+    import torch
+
+    def mean(rows: list[Any], flagged: bool) -> float | None:
+        picked = [lp[mask == flagged] for (lp, _), (_, mask) in zip(rows, before, strict=True)]
+        values = torch.cat(picked) if picked else torch.empty(0)
+        return round(float(values.mean()), 4) if values.numel() else None
+
+    effect: dict[str, Any] = {"examples": len(before)}
+    for name, flagged in (("flagged", True), ("unflagged", False)):
+        b, a = mean(before, flagged), mean(after, flagged)
+        effect[name] = {
+            "tokens": int(sum(int((m == flagged).sum()) for _, m in before)),
+            "logp_before": b,
+            "logp_after": a,
+            "delta": round(a - b, 4) if a is not None and b is not None else None,
+        }
+    return effect
+
+
 def example_loss(model: Any, example: CutExample, config: CutConfig) -> Any:
     from server.training.cut_loss import cut_loss, likelihood_loss
 
@@ -247,8 +308,9 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
     total_steps = math.ceil(len(examples) / config.batch_size) * config.epochs
-    schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, total_steps)
-    report = TrainReport()
+    warmup = warmup_for(config, total_steps)
+    schedule = get_cosine_schedule_with_warmup(optimizer, warmup, total_steps)
+    report = TrainReport(warmup_steps=warmup)
     started = time.perf_counter()
     for _ in range(config.epochs):
         for start in range(0, len(examples), config.batch_size):
@@ -367,7 +429,11 @@ def train_cut_adapter(
         dataset.skipped,
     )
     model = load_trainable(base, config, init_adapter, trust_remote_code=trust_remote_code)
+    judged = [e for e in dataset.examples if e.judge_ids is not None][:EFFECT_EXAMPLES]
+    before = flagged_logprobs(model, judged, config)
     report = train(model, dataset.examples, config, progress)
+    report.effect = measure_effect(before, flagged_logprobs(model, judged, config))
+    log.info("Effect on its own judged data: %s", report.effect)
     save_adapter(
         model,
         out,
