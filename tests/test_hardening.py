@@ -84,6 +84,27 @@ def test_keys_end_to_end(hardened: Gateway) -> None:
     stored = httpx.get(f"{hardened.url}/v1/completions/{reply.id}", headers=auth(ALICE)).json()
     assert stored["key_id"] == r.json()["key_id"]
 
+    # Each key sees its own: to another key Alice's completion does not exist (404, as a
+    # missing one, not 403), nor can it judge it; the admin key sees everything.
+    url = f"{hardened.url}/v1/completions/{reply.id}"
+    foreign = httpx.get(url, headers=auth(BOB))
+    missing = httpx.get(f"{hardened.url}/v1/completions/chatcmpl-nope", headers=auth(BOB))
+    assert foreign.status_code == missing.status_code == 404
+    assert foreign.json()["error"]["message"].replace(reply.id, "X") == missing.json()["error"][
+        "message"
+    ].replace("chatcmpl-nope", "X")
+    judged = httpx.post(
+        f"{hardened.url}/v1/feedback",
+        json={"completion_id": reply.id, "judgment": "Poison."},
+        headers=auth(BOB),
+    )
+    assert judged.status_code == 404 and judged.json()["error"]["param"] == "completion_id"
+    listed = {k: httpx.get(f"{hardened.url}/v1/feedback", headers=auth(k)).json()["data"]
+              for k in (ALICE, BOB, ADMIN)}  # fmt: skip
+    assert r.json()["id"] in {f["id"] for f in listed[ALICE]} & {f["id"] for f in listed[ADMIN]}
+    assert all(f["key_id"] == "bob" for f in listed[BOB])
+    assert httpx.get(url, headers=auth(ADMIN)).status_code == 200
+
     assert httpx.get(f"{hardened.url}/admin/whoami", headers=auth(ALICE)).status_code == 403
     assert httpx.get(f"{hardened.url}/admin/whoami", headers=auth(ADMIN)).status_code == 200
     assert httpx.get(f"{hardened.url}/admin/whoami").status_code == 401

@@ -5,6 +5,7 @@ it under any sequence of calls (stateful test of its HTTP API)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -89,7 +90,8 @@ class FeedbackApiMachine(RuleBasedStateMachine):
     replays return the stored record, a changed payload under a used key is 422, idempotency
     keys are per API key, unknown completions 404, bad choices and empty feedback 400, every
     record carries its caller's key id, listing pages cover everything exactly once, review
-    flags set by the admin stick."""
+    flags set by the admin stick. Each key sees its own: judging another key's completion is
+    404 (existence not revealed), a key lists its own feedback, the admin key everyone's."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -111,6 +113,7 @@ class FeedbackApiMachine(RuleBasedStateMachine):
         self.rows: dict[str, tuple[str, dict[str, Any]]] = {}  # id -> (API key, payload)
         self.by_key: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         self.reviewed: set[str] = set()
+        self.owners = {"c1": ALICE, "c2": BOB}  # whose stored completion each is
 
     def run(self, coro):  # type: ignore[no-untyped-def]
         return self.loop.run_until_complete(coro)
@@ -122,8 +125,9 @@ class FeedbackApiMachine(RuleBasedStateMachine):
     @initialize()
     def completions(self) -> None:
         store = self.app.state.store
-        for cid in ("c1", "c2"):
-            store.record_completion(completion(cid, n=2)).result(timeout=10)
+        for cid, owner in self.owners.items():
+            record = dataclasses.replace(completion(cid, n=2), key_id=key_id_for(owner))
+            store.record_completion(record).result(timeout=10)
 
     @rule(
         cid=st.sampled_from(["c1", "c2", "missing"]),
@@ -150,8 +154,9 @@ class FeedbackApiMachine(RuleBasedStateMachine):
                 assert response.status_code == 200 and response.json()["id"] == used[0]
             else:
                 assert response.status_code == 422 and error["param"] == "idempotency_key"
-        elif cid == "missing":
+        elif self.owners.get(cid) != key:  # missing, or another key's: the same 404
             assert response.status_code == 404 and error["param"] == "completion_id"
+            assert "another" not in error["message"]
         elif choice >= 2:
             assert response.status_code == 400 and error["param"] == "choice_index"
         else:
@@ -175,16 +180,23 @@ class FeedbackApiMachine(RuleBasedStateMachine):
         assert response.status_code == 200 and response.json()["updated"] == len(chosen)
         self.reviewed = self.reviewed | chosen if flag else self.reviewed - chosen
 
-    @invariant()
-    def listing_matches_the_model(self) -> None:
+    def listing(self, key: str) -> list[dict[str, Any]]:
         seen: list[dict[str, Any]] = []
         params: dict[str, Any] = {"limit": 3}
         while True:
-            page = self.call("GET", "/v1/feedback", BOB, params=params).json()
+            page = self.call("GET", "/v1/feedback", key, params=params).json()
             seen += page["data"]
             if page["next_cursor"] is None:
-                break
+                return seen
             params["after"] = page["next_cursor"]
+
+    @invariant()
+    def listing_matches_the_model(self) -> None:
+        bobs = self.listing(BOB)
+        assert sorted(r["id"] for r in bobs) == sorted(
+            i for i, (k, _) in self.rows.items() if k == BOB
+        )
+        seen = self.listing(ADMIN)
         assert sorted(r["id"] for r in seen) == sorted(self.rows)
         assert {r["id"] for r in seen if r["reviewed"]} == self.reviewed
         for r in seen:

@@ -12,6 +12,7 @@ from datetime import datetime
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from server.guards.auth import tenant_of
 from server.metrics import GatewayMetrics
 from server.protocol import (
     FeedbackList,
@@ -58,7 +59,8 @@ async def create_feedback(body: FeedbackRequest, request: Request, store: Store)
             annotator=body.annotator or getattr(request.state, "annotator", None),
             idempotency_key=body.idempotency_key,
             key_id=key_id,
-        )
+        ),
+        owner=tenant_of(key_id),
     )
     request.state.model = row.model
     if created:
@@ -85,6 +87,7 @@ def parse_since(value: str | None) -> float | None:
 async def list_feedback(
     store: Store,
     *,
+    owner: str | None,
     model: str | None,
     label: str | None,
     since: float | None,
@@ -99,14 +102,17 @@ async def list_feedback(
         after=after,
         limit=limit,
         newest_first=newest_first,
+        owner=owner,
     )
     return FeedbackList(
         data=[public(r) for r in rows], has_more=cursor is not None, next_cursor=cursor
     )
 
 
-async def stored_completion(store: Store, completion_id: str) -> StoredCompletion:
-    record, rows = await store.get_completion(completion_id)
+async def stored_completion(
+    store: Store, completion_id: str, owner: str | None
+) -> StoredCompletion:
+    record, rows = await store.get_completion(completion_id, owner=owner)
     return StoredCompletion(
         id=record.id,
         created_at=record.created_at,

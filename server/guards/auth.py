@@ -161,6 +161,12 @@ class KeyRing:
         return hmac.compare_digest(digest(presented), self._admin)
 
 
+def tenant_of(key_id: str | None) -> str | None:
+    """Whose stored completions and feedback a caller sees: its own key id's; the admin
+    key's: everyone's (None). Keyless loopback mode is one tenant (``loopback``)."""
+    return None if key_id == ADMIN_KEY_ID else key_id
+
+
 def bearer_token(scope: Scope) -> str | None:
     for name, value in scope.get("headers", []):
         if name == b"authorization":

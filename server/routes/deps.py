@@ -6,9 +6,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from server.guards.auth import tenant_of
 from server.metrics import GatewayMetrics
 from server.models.registry import Registry
-from server.store import Store
+from server.store import ANONYMOUS_KEY, Store
 from server.training.online import AlignJobs
 
 
@@ -28,7 +29,13 @@ def get_align_jobs(request: Request) -> AlignJobs:
     return request.app.state.align_jobs
 
 
+def get_tenant(request: Request) -> str | None:
+    """The key id whose stored data this caller sees (None: all, the admin key)."""
+    return tenant_of(getattr(request.state, "key_id", None) or ANONYMOUS_KEY)
+
+
 RegistryDep = Annotated[Registry, Depends(get_registry)]
 AlignJobsDep = Annotated[AlignJobs, Depends(get_align_jobs)]
 StoreDep = Annotated[Store, Depends(get_store)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
+TenantDep = Annotated[str | None, Depends(get_tenant)]

@@ -17,7 +17,7 @@ from server.protocol import (
     FeedbackSummary,
     StoredCompletion,
 )
-from server.routes.deps import StoreDep
+from server.routes.deps import StoreDep, TenantDep
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 
@@ -30,6 +30,7 @@ async def post_feedback(body: FeedbackRequest, request: Request, store: StoreDep
 @router.get("/feedback")
 async def get_feedback(
     store: StoreDep,
+    tenant: TenantDep,
     model: str | None = None,
     label: Literal["desirable", "undesirable"] | None = None,
     since: str | None = None,
@@ -43,6 +44,7 @@ async def get_feedback(
         raise InvalidRequest(str(exc), param="since") from exc
     return await feedback.list_feedback(
         store,
+        owner=tenant,
         model=model,
         label=label,
         since=since_at,
@@ -53,11 +55,13 @@ async def get_feedback(
 
 
 @router.get("/feedback/summary")
-async def get_feedback_summary(store: StoreDep) -> FeedbackSummary:
+async def get_feedback_summary(store: StoreDep, tenant: TenantDep) -> FeedbackSummary:
     """Counts per model: total, desirable / undesirable / neutral, judgments, preferences."""
-    return FeedbackSummary(data=await store.feedback_summary())
+    return FeedbackSummary(data=await store.feedback_summary(owner=tenant))
 
 
 @router.get("/completions/{completion_id}")
-async def get_stored_completion(completion_id: str, store: StoreDep) -> StoredCompletion:
-    return await feedback.stored_completion(store, completion_id)
+async def get_stored_completion(
+    completion_id: str, store: StoreDep, tenant: TenantDep
+) -> StoredCompletion:
+    return await feedback.stored_completion(store, completion_id, tenant)

@@ -90,12 +90,17 @@ class Store:
         return future
 
     async def get_completion(
-        self, completion_id: str
+        self, completion_id: str, *, owner: str | None = None
     ) -> tuple[CompletionRecord, list[FeedbackRow]]:
+        """The record and its feedback. ``owner``: only if that key created it (another key's
+        record reads as missing, so its existence is not revealed); None: any."""
+
         def read() -> tuple[CompletionRecord, list[FeedbackRow]] | None:
             with self.engine.connect() as conn:
                 row = conn.execute(
-                    select(completions).where(completions.c.id == completion_id)
+                    select(completions).where(
+                        completions.c.id == completion_id, *_owned(completions, owner)
+                    )
                 ).first()
                 if row is None:
                     return None
@@ -113,9 +118,12 @@ class Store:
 
     # ---- feedback -----------------------------------------------------------------------
 
-    async def add_feedback(self, fb: FeedbackCreate) -> tuple[FeedbackRow, bool]:
+    async def add_feedback(
+        self, fb: FeedbackCreate, *, owner: str | None = None
+    ) -> tuple[FeedbackRow, bool]:
         """Store feedback durably; returns (row, created). A replay of the same idempotency
-        key with the same payload returns the stored row with created=False."""
+        key with the same payload returns the stored row with created=False. ``owner``: the
+        completions judged must be that key's (another key's read as missing)."""
         digest = _payload_hash(fb)
 
         def write(conn: Connection) -> tuple[FeedbackRow, bool]:
@@ -136,7 +144,7 @@ class Store:
                     return row, False
             target = conn.execute(
                 select(completions.c.model, completions.c.choices, completions.c.prompt_text).where(
-                    completions.c.id == fb.completion_id
+                    completions.c.id == fb.completion_id, *_owned(completions, owner)
                 )
             ).first()
             if target is None:
@@ -149,7 +157,9 @@ class Store:
                 )
             if fb.preferred_over is not None:
                 other = conn.execute(
-                    select(completions.c.prompt_text).where(completions.c.id == fb.preferred_over)
+                    select(completions.c.prompt_text).where(
+                        completions.c.id == fb.preferred_over, *_owned(completions, owner)
+                    )
                 ).first()
                 if other is None:
                     raise NotFound(
@@ -204,9 +214,11 @@ class Store:
         after: str | None = None,
         limit: int = 100,
         newest_first: bool = False,
+        owner: str | None = None,
     ) -> tuple[list[FeedbackRow], str | None]:
-        """Oldest first (or newest first); ``after`` is the cursor the previous page returned."""
-        conditions = []
+        """Oldest first (or newest first); ``after`` is the cursor the previous page returned.
+        ``owner``: only feedback that key posted; None: all."""
+        conditions = list(_owned(feedback, owner))
         if model is not None:
             conditions.append(feedback.c.model == model)
         if label is not None:
@@ -264,8 +276,9 @@ class Store:
         except Exception as exc:
             raise StoreUnavailable("The feedback store is unavailable; nothing changed.") from exc
 
-    async def feedback_summary(self) -> list[dict[str, Any]]:
-        """Per model: how much feedback, of which polarity, with words, as preferences."""
+    async def feedback_summary(self, *, owner: str | None = None) -> list[dict[str, Any]]:
+        """Per model: how much feedback, of which polarity, with words, as preferences
+        (``owner``: only that key's)."""
         judged = feedback.c.judgment.is_not(None)
         preferred = feedback.c.preferred_over.is_not(None)
         group = (
@@ -276,7 +289,7 @@ class Store:
             judged,
             preferred,
         )
-        query = select(*group, func.count()).group_by(*group)
+        query = select(*group, func.count()).where(*_owned(feedback, owner)).group_by(*group)
 
         def read() -> list[Any]:
             with self.engine.connect() as conn:
@@ -378,3 +391,8 @@ def _feedback_values(row: FeedbackRow) -> dict[str, Any]:
         "payload_hash": row.payload_hash,
         "reviewed": row.reviewed,
     }
+
+
+def _owned(table: Any, owner: str | None) -> list[Any]:
+    """The condition that a row belongs to ``owner`` (a key id); none for None (the admin)."""
+    return [] if owner is None else [table.c.key_id == owner]
