@@ -5,7 +5,6 @@ it under any sequence of calls (stateful test of its HTTP API)."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -126,7 +125,7 @@ class FeedbackApiMachine(RuleBasedStateMachine):
     def completions(self) -> None:
         store = self.app.state.store
         for cid, owner in self.owners.items():
-            record = dataclasses.replace(completion(cid, n=2), key_id=key_id_for(owner))
+            record = completion(cid, n=2, key_id=key_id_for(owner))
             store.record_completion(record).result(timeout=10)
 
     @rule(

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from server.errors import IdempotencyConflict, InvalidRequest, NotFound
-from server.store import ChoiceRecord, CompletionRecord, FeedbackCreate, Store
+from server.store import ANONYMOUS_KEY, ChoiceRecord, CompletionRecord, FeedbackCreate, Store
 from server.store.database import migrate
 
 
@@ -21,7 +21,11 @@ def store(store_url: str) -> Iterator[Store]:
     s.close()
 
 
-def completion(cid: str, prompt: str = "P", model: str = "m", n: int = 1) -> CompletionRecord:
+def completion(
+    cid: str, prompt: str = "P", model: str = "m", n: int = 1, key_id: str = ANONYMOUS_KEY
+) -> CompletionRecord:
+    """A stored completion; ``key_id``: whose (the caller of an app without keys is
+    ``anonymous``)."""
     return CompletionRecord(
         id=cid,
         created_at=time.time(),
@@ -36,6 +40,7 @@ def completion(cid: str, prompt: str = "P", model: str = "m", n: int = 1) -> Com
         prompt_tokens=5,
         completion_tokens=3 * n,
         latency_ms=12.5,
+        key_id=key_id,
     )
 
 
