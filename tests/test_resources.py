@@ -282,3 +282,30 @@ def test_check_plans_the_four_families_on_this_cpu_and_on_an_assumed_gpu(
     bad = run_cli(["check", "--config", str(invalid)], test_env)
     assert bad.returncode == 2
     assert "gpu_memory_utilization or gpu_memory_gib" in bad.stderr
+
+
+NVIDIA_SMI = """0, GPU-aaaa, 81559, NVIDIA H100 80GB HBM3
+1, GPU-bbbb, 81559, NVIDIA H100 80GB HBM3
+2, GPU-cccc, 46068, NVIDIA L40S
+"""
+
+
+def test_gpus_are_read_without_a_cuda_context_and_respect_cuda_visible_devices() -> None:
+    from server.resources.platform import visible_gpus
+
+    every = visible_gpus(NVIDIA_SMI, None)
+    assert [(g.index, g.visible_id, round(g.total_gib, 1)) for g in every] == [
+        (0, "0", 79.6), (1, "1", 79.6), (2, "2", 45.0)
+    ]  # fmt: skip
+    # The gateway itself restricted to GPUs 2 and 0 (by index or UUID): they are its 0 and
+    # 1, and an engine planned on its device 0 must be started with CUDA_VISIBLE_DEVICES=2.
+    some = visible_gpus(NVIDIA_SMI, "2,GPU-aaaa")
+    assert [(g.index, g.visible_id, g.name) for g in some] == [
+        (0, "2", "NVIDIA L40S"), (1, "GPU-aaaa", "NVIDIA H100 80GB HBM3")
+    ]  # fmt: skip
+    platform = Platform(kind="cuda", ram_gib=64, gpus=some)
+    plan = make_plan([demand("m", 4.0)], platform)
+    assert plan.ok and plan.engine("m").devices in ((0,), (1,))
+    placed = plan.engine("m")
+    assert placed.environment() == {"CUDA_VISIBLE_DEVICES": some[placed.devices[0]].visible_id}
+    assert visible_gpus(NVIDIA_SMI, "7,0") == ()  # CUDA stops at the first unusable entry

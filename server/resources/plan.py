@@ -89,6 +89,8 @@ class EnginePlan:
     lora_gib: float
     gpu_memory_utilization: float | None = None
     explicit: bool = False  # the share was given in the models file
+    # What CUDA_VISIBLE_DEVICES names for ``devices`` (the platform's ``Gpu.visible_id``).
+    visible_ids: tuple[str, ...] = ()
 
     def engine_args(self) -> dict[str, object]:
         if self.gpu_memory_utilization is None:
@@ -102,7 +104,8 @@ class EnginePlan:
         """Which GPUs the engine's processes see (vLLM numbers them from 0)."""
         if not self.devices:
             return {}
-        return {"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in self.devices)}
+        ids = self.visible_ids or tuple(str(d) for d in self.devices)
+        return {"CUDA_VISIBLE_DEVICES": ",".join(ids)}
 
 
 @dataclass(slots=True)
@@ -300,6 +303,7 @@ def _plan_cuda(plan: Plan, demands: list[EngineDemand], training: TrainingDemand
                 # Rounded down, so that shares never add up past the card.
                 gpu_memory_utilization=int(share / total * 10_000) / 10_000,
                 explicit=d.name in explicit,
+                visible_ids=tuple(plan.platform.gpu(i).visible_id for i in devices),
             )
         )
     plan.start_groups = [[d.name] for d in demands]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,9 +18,16 @@ GIB = 1024**3
 
 @dataclass(frozen=True, slots=True)
 class Gpu:
-    index: int
+    index: int  # as this process sees it (0, 1, … under CUDA_VISIBLE_DEVICES)
     total_gib: float
     name: str = "GPU"
+    # What CUDA_VISIBLE_DEVICES must name for a child process to see this GPU (the physical
+    # index, or the UUID/index the parent's own CUDA_VISIBLE_DEVICES gave); None: ``index``.
+    visible_as: str | None = None
+
+    @property
+    def visible_id(self) -> str:
+        return self.visible_as if self.visible_as is not None else str(self.index)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,17 +66,62 @@ def _ram_gib() -> float:
 
 
 def detect() -> Platform:
-    """The real platform: CUDA devices as torch sees them, else the CPU."""
+    """The real platform: CUDA devices where this torch is a CUDA build and sees any, else
+    the CPU. Memory sizes come from ``nvidia-smi``, never from a CUDA context: a context in
+    the gateway's own process would hold GPU memory no plan counts and make vLLM spawn its
+    workers (it must when the parent has initialised CUDA)."""
     import torch
 
     ram = _ram_gib()
-    if not torch.cuda.is_available():
+    if torch.version.cuda is None or not torch.cuda.is_available():
         return Platform(kind="cpu", ram_gib=ram)
+    listed = _nvidia_smi()
+    if listed is not None:
+        gpus = visible_gpus(listed, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    else:  # no nvidia-smi: ask torch (this initialises CUDA in this process)
+        gpus = tuple(
+            Gpu(i, torch.cuda.get_device_properties(i).total_memory / GIB)
+            for i in range(torch.cuda.device_count())
+        )
+    return Platform(kind="cuda", ram_gib=ram, gpus=gpus)
+
+
+def _nvidia_smi() -> str | None:
+    try:
+        return subprocess.run(
+            [
+                "nvidia-smi",
+                "--query-gpu=index,uuid,memory.total,name",
+                "--format=csv,noheader,nounits",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def visible_gpus(listing: str, cuda_visible_devices: str | None) -> tuple[Gpu, ...]:
+    """``nvidia-smi --query-gpu=index,uuid,memory.total,name`` lines, as this process sees
+    them: in ``CUDA_VISIBLE_DEVICES``'s order (indices or UUIDs), numbered from 0, each
+    remembering what a child's CUDA_VISIBLE_DEVICES must name to see it."""
+    physical = []
+    for line in listing.strip().splitlines():
+        index, uuid, mib, name = (part.strip() for part in line.split(",", 3))
+        physical.append((index, uuid, float(mib) / 1024, name))
+    if cuda_visible_devices is None:
+        return tuple(
+            Gpu(i, gib, name, visible_as=index) for i, (index, _, gib, name) in enumerate(physical)
+        )
     gpus = []
-    for index in range(torch.cuda.device_count()):
-        props = torch.cuda.get_device_properties(index)
-        gpus.append(Gpu(index=index, total_gib=props.total_memory / GIB, name=props.name))
-    return Platform(kind="cuda", ram_gib=ram, gpus=tuple(gpus))
+    for wanted in (w.strip() for w in cuda_visible_devices.split(",") if w.strip()):
+        match = next((p for p in physical if wanted in (p[0], p[1])), None)
+        if match is None:
+            break  # CUDA stops at the first entry it cannot use
+        gpus.append(Gpu(len(gpus), match[2], match[3], visible_as=wanted))
+    return tuple(gpus)
 
 
 def assumed_gpus(memory_gib: float, count: int = 1, ram_gib: float | None = None) -> Platform:
