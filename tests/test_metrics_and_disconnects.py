@@ -194,7 +194,7 @@ def test_the_first_chunk_comes_with_the_first_token(gateway: Gateway) -> None:
     first `data:` event with choices arrives no earlier than the server saw the first token."""
     # A long prompt: the engine's prefill takes it a measurable time before the first token.
     text = " ".join(["The quick brown fox jumps over the lazy dog."] * 150)
-    labels = {"model": gateway.model, "endpoint": "chat"}
+    labels = {"model": gateway.model, "endpoint": "/v1/chat/completions"}
     count = metric(gateway, "aligngate_time_to_first_token_seconds_count", **labels)
     total = metric(gateway, "aligngate_time_to_first_token_seconds_sum", **labels)
     body = {
