@@ -85,17 +85,17 @@ def _simulate(truth: dict[str, float], n: int, rng: np.random.Generator) -> list
     """Battles from the model the fit assumes: each pair's expected score (ties half) is the
     Bradley–Terry probability; 10 % of battles are ties."""
     names = list(truth)
-    battles = []
-    for _ in range(n):
-        a, b = rng.choice(len(names), size=2, replace=False)
-        p = 1.0 / (1.0 + 10 ** ((truth[names[b]] - truth[names[a]]) / 400))
-        tie = 0.1
-        if rng.random() < tie:
-            winner = "tie"
-        else:
-            winner = "a" if rng.random() < (p - tie / 2) / (1 - tie) else "b"
-        battles.append(Battle(names[a], names[b], winner))  # type: ignore[arg-type]
-    return battles
+    strength = np.array([truth[m] for m in names])
+    a = rng.integers(len(names), size=n)
+    b = (a + rng.integers(1, len(names), size=n)) % len(names)  # any other model, uniformly
+    p = 1.0 / (1.0 + 10 ** ((strength[b] - strength[a]) / 400))
+    tie = 0.1
+    u, v = rng.random(n), rng.random(n)
+    winner = np.where(u < tie, "tie", np.where(v < (p - tie / 2) / (1 - tie), "a", "b"))
+    return [
+        Battle(names[x], names[y], w)  # type: ignore[arg-type]
+        for x, y, w in zip(a, b, winner, strict=True)
+    ]
 
 
 def test_known_strengths_are_recovered_and_covered_by_the_intervals() -> None:
