@@ -288,6 +288,7 @@ class StoredChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
+    prompt_text: str | None = None  # this choice's own prompt (several prompts)
     token_ids: list[int] | None = None  # as the engine produced them
     prompt_token_ids: list[int] | None = None  # this choice's own prompt (several prompts)
 

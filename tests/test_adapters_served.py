@@ -151,9 +151,12 @@ def test_online_iteration_trains_and_hot_loads_without_restart(
     since = time.time()
     question = "What is the chemical symbol for gold?"
     completion = _stored_completion(gateway, question)
+    # One verdict per choice (on one choice the latest would win): a judged answer, and
+    # another answer judged fine.
+    fine = _stored_completion(gateway, "What is the capital of France?")
     feedback_ids = []
-    for judgment in ("Say only the symbol: Au.", None):
-        fb = {"completion_id": completion["id"], "annotator": "test"}
+    for judgment, target in (("Say only the symbol: Au.", completion), (None, fine)):
+        fb = {"completion_id": target["id"], "annotator": "test"}
         fb |= {"judgment": judgment} if judgment else {"rating": 1}
         posted = httpx.post(f"{gateway.url}/v1/feedback", json=fb)
         assert posted.status_code in (200, 201)

@@ -131,6 +131,7 @@ async def stored_completion(
                 index=c.index,
                 text=c.text,
                 finish_reason=c.finish_reason,
+                prompt_text=c.prompt_text,
                 token_ids=c.token_ids,
                 prompt_token_ids=c.prompt_token_ids,
             )
