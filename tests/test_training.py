@@ -319,3 +319,27 @@ def test_token_ids_in_a_training_file_are_checked() -> None:
         parse_records([{**base, "prompt_token_ids": [1, "x"], "output_token_ids": [3]}])
     with pytest.raises(CutDataError, match="role"):
         parse_records([{**base, "messages": [{"role": "tool", "content": "x"}]}])
+
+
+def test_judgment_prompts_keep_the_conversation_as_served(tiny_dir: Path) -> None:
+    """CUT's judgment prompt over a whole conversation is the served prompt with the
+    judgment put before the last response: a system message that replaced the Alpaca
+    preamble stays, and so do earlier turns (CUT and KTO families)."""
+    messages = [Message(m["role"], m["content"]) for m in CONVERSATION]
+    judgment = "Name the city first."
+    cut = Renderer.load(tiny_dir / "llama", family_name="cut")
+    plain = cut.render_chat(messages).text
+    judged = cut.render_extra("judge", messages, judgment=judgment).text
+    assert plain.startswith("Answer in one short sentence.\n\n### Instruction:\n")
+    assert plain.endswith("\n\n### Response:\n")
+    assert judged == plain.removesuffix("\n\n### Response:\n") + (
+        f"\n\n### Judgment:\n{judgment}\n\n### Response:\n"
+    )
+    kto = Renderer.load(tiny_dir / "mistral", family_name="kto")
+    plain = kto.render_chat(messages).text
+    judged = kto.render_extra("judge", messages, judgment=judgment).text
+    earlier = plain.removesuffix("<|user|>\nAnd of France?\n<|assistant|>\n")
+    assert earlier.startswith("<|system|>\nAnswer in one short sentence.\n<|user|>\n")
+    assert judged.startswith(earlier) and judged.endswith(
+        f"### Instruction:\nAnd of France?\n\n### Judgment:\n{judgment}\n<|assistant|>\n"
+    )
