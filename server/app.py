@@ -67,6 +67,8 @@ def build_app(
         started = time.perf_counter()
         try:
             await registry.start(entries, settings, resources)
+            for alias, version in registry.aliases.items():
+                metrics.promoted(alias, version, None)
         except BaseException:
             registry.shutdown()
             store.close()

@@ -422,6 +422,8 @@ class ModelCard(BaseModel):
     # An adapter: the base model it runs on, and its metadata (method, data, hyper-parameters).
     parent: str | None = None
     adapter: dict[str, Any] | None = None
+    # An alias (``NAME@latest``): the version it serves now.
+    alias_of: str | None = None
 
 
 class ModelList(BaseModel):
@@ -510,6 +512,14 @@ class AlignRequest(_Strict):
     # the keys file's `trusted` keys); the name is kept from when it matched annotator labels.
     trusted_annotators: list[Text] = Field(default_factory=list, max_length=1000)
     include_unreviewed: bool = False
+
+
+class PromoteRequest(_Strict):
+    """``POST /admin/promote``: point ``NAME@latest`` at a version (promote or roll back)."""
+
+    alias: str = Field(min_length=1, max_length=160)
+    version: str = Field(min_length=1, max_length=128)
+    reason: Text = Field(default="", max_length=1000)
 
 
 class ReviewRequest(_Strict):
