@@ -36,14 +36,18 @@ class CompletionRecord:
     adapter: str | None = None
     key_id: str | None = None
     user: str | None = None
+    # The request's ``metadata`` (OpenAI's Stored Completions); rows of its own table.
+    metadata: dict[str, str] | None = None
 
     def prompt_of(self, choice_index: int) -> str:
         choice = self.choices[choice_index]
         return choice.prompt_text if choice.prompt_text is not None else self.prompt_text
 
     def row(self) -> dict[str, Any]:
+        """The ``completions`` row (metadata is not a column of it)."""
         values = asdict(self)
         values["choices"] = [asdict(c) for c in self.choices]
+        values.pop("metadata")
         return values
 
     @classmethod

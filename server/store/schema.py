@@ -72,6 +72,18 @@ feedback = Table(
     Index("ix_feedback_completion", "completion_id"),
 )
 
+# A completion's ``metadata`` (OpenAI's Stored Completions), one row per pair: exact-match
+# filters on key and value read the same on SQLite and PostgreSQL, whatever a key contains
+# (a JSON path would need quoting each database spells its own way).
+completion_metadata = Table(
+    "completion_metadata",
+    metadata,
+    Column("completion_id", String(64), ForeignKey("completions.id"), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("value", String(512), nullable=False),
+    Index("ix_completion_metadata_pair", "key", "value"),
+)
+
 migrations_table = Table(
     "aligngate_migrations",
     metadata,
@@ -85,7 +97,12 @@ def _m001_initial(conn: Connection) -> None:
     feedback.create(conn)
 
 
+def _m002_completion_metadata(conn: Connection) -> None:
+    completion_metadata.create(conn, checkfirst=True)
+
+
 # Append only. Each entry: (name, function applied inside one transaction).
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("m001_completions_and_feedback", _m001_initial),
+    ("m002_completion_metadata", _m002_completion_metadata),
 ]
