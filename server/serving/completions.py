@@ -123,6 +123,7 @@ async def create_completion(
                 choice_prompts=[prompts[i // n].text for i in range(len(results))]
                 if several
                 else None,
+                metadata=body.metadata,
             )
 
     def echo_text(prompt_index: int) -> str:

@@ -205,6 +205,7 @@ def record_completion(
     tracker: Tracker,
     user: str | None,
     choice_prompts: list[str] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Queue the completion for the store; never delays or fails the response."""
     store: Store | None = getattr(request.app.state, "store", None)
@@ -236,6 +237,7 @@ def record_completion(
                 latency_ms=(time.perf_counter() - tracker.received_at) * 1000,
                 key_id=getattr(request.state, "key_id", None),
                 user=user,
+                metadata=metadata,
             )
         )
     except Exception:
