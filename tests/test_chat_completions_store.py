@@ -4,7 +4,9 @@ server: metadata stored with a record, listed by cursor and filter, replaced, an
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -146,3 +148,19 @@ async def test_a_database_from_before_metadata_gains_the_table(
         assert [r.id for r in records] == ["c1"]
     finally:
         s.close()
+
+
+async def test_a_read_waits_for_the_record_queued_before_it(store: Store) -> None:
+    """The gateway answers before its record commits; a client that retrieves or lists right
+    after its answer still finds it."""
+    gate = threading.Event()
+    store._writer.submit(lambda conn: gate.wait(10))  # the writer is busy
+    put_queued = dataclasses.replace(completion("c1"), metadata={"a": "1"})
+    store.record_completion(put_queued)
+    read = asyncio.create_task(store.get_chat_completion("c1"))
+    listed = asyncio.create_task(store.list_chat_completions(metadata={"a": "1"}))
+    await asyncio.sleep(0.2)
+    assert not read.done() and not listed.done()
+    gate.set()
+    assert (await read).metadata == {"a": "1"}
+    assert [r.id for r in (await listed)[0]] == ["c1"]

@@ -66,6 +66,9 @@ class Store:
         self.engine = engine
         self._on_error = on_error or (lambda: None)
         self._writer = GroupCommitWriter(engine, on_commit=on_commit, on_error=on_error)
+        # Records queued but not yet committed, by id: a read of one waits for its commit,
+        # so a client that retrieves the completion it was just answered finds it.
+        self._queued: dict[str, Future[None]] = {}
 
     @classmethod
     def open(cls, url: str, **callbacks: Any) -> Store:
@@ -88,14 +91,27 @@ class Store:
             chat.insert_metadata(conn, record.id, record.metadata or {})
 
         future = self._writer.submit(write)
+        self._queued[record.id] = future
 
         def report(done: Future[None]) -> None:
+            self._queued.pop(record.id, None)
             if done.exception() is not None:
                 log.error("Could not store completion %s: %s", record.id, done.exception())
                 self._on_error()
 
         future.add_done_callback(report)
         return future
+
+    async def _committed(self, completion_id: str | None = None) -> None:
+        """Wait until the record ``completion_id`` (None: every record queued now) is
+        committed or has failed. Writes need not wait: the writer runs them in order."""
+        if completion_id is not None:
+            one = self._queued.get(completion_id)
+            waiting = [one] if one is not None else []
+        else:
+            waiting = list(self._queued.values())
+        if waiting:
+            await asyncio.wait([asyncio.wrap_future(f) for f in waiting])
 
     async def get_completion(
         self, completion_id: str, *, owner: str | None = None
@@ -121,6 +137,7 @@ class Store:
                 record.metadata = chat.metadata_of(conn, [record.id])[record.id]
                 return record, [FeedbackRow.from_row(r) for r in rows]
 
+        await self._committed(completion_id)
         result = await self._read(read)
         if result is None:
             raise NotFound(f"No stored completion `{completion_id}`.", param="completion_id")
@@ -137,6 +154,7 @@ class Store:
             with self.engine.connect() as conn:
                 return chat.get_chat(conn, completion_id, owner)
 
+        await self._committed(completion_id)
         return await self._read(read)
 
     async def list_chat_completions(
@@ -164,6 +182,7 @@ class Store:
                     newest_first=newest_first,
                 )
 
+        await self._committed()
         return await self._read(read)
 
     async def update_chat_metadata(
