@@ -52,7 +52,7 @@ MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 512
 
 
-def _check_metadata(value: Any) -> Any:
+def check_metadata(value: Any) -> Any:
     # Before pydantic's own dict[str, str] check, so every error names `metadata` itself.
     if value is None:
         return None
@@ -74,7 +74,7 @@ def _check_metadata(value: Any) -> Any:
     return value
 
 
-Metadata = Annotated[dict[str, str], BeforeValidator(_check_metadata)]
+Metadata = Annotated[dict[str, str], BeforeValidator(check_metadata)]
 
 
 class _Strict(BaseModel):

@@ -11,12 +11,12 @@ from fastapi import APIRouter, Query, Request
 from server.errors import InvalidRequest
 from server.protocol import (
     ERROR_RESPONSES,
-    MAX_METADATA_PAIRS,
     ChatCompletionDeleted,
     ChatCompletionUpdate,
     StoredChatCompletion,
     StoredChatCompletionList,
     StoredMessageList,
+    check_metadata,
 )
 from server.routes.deps import StoreDep, TenantDep
 from server.serving import stored
@@ -34,11 +34,10 @@ def metadata_filter(request: Request) -> dict[str, str]:
         for name, value in request.query_params.multi_items()
         if name.startswith("metadata[") and name.endswith("]")
     }
-    if len(pairs) > MAX_METADATA_PAIRS:
-        raise InvalidRequest(
-            f"at most {MAX_METADATA_PAIRS} metadata filters are allowed", param="metadata"
-        )
-    return pairs
+    try:
+        return check_metadata(pairs)  # a filter within the limits a stored pair obeys
+    except ValueError as exc:
+        raise InvalidRequest(f"metadata: {exc}", param="metadata") from exc
 
 
 @router.get("")
