@@ -213,3 +213,20 @@ def test_metadata_limits(client: openai.OpenAI, gateway: Gateway) -> None:
     assert refused.value.body["param"] == "metadata"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.list(limit=101)
+
+
+def test_nul_in_an_id_or_filter_is_a_400(gateway: Gateway) -> None:
+    """PostgreSQL cannot compare text holding NUL: refused before the store is asked."""
+    base = f"{gateway.url}/v1/chat/completions"
+    cases = [
+        ("GET", f"{base}/chatcmpl-%00", {}, "completion_id"),
+        ("DELETE", f"{base}/chatcmpl-%00", {}, "completion_id"),
+        ("GET", f"{base}/chatcmpl-%00/messages", {}, "completion_id"),
+        ("GET", base, {"after": "chatcmpl-\x00"}, "after"),
+        ("GET", base, {"model": "m\x00"}, "model"),
+        ("GET", base, {"metadata[k]": "v\x00"}, "metadata"),
+    ]
+    for method, url, params, param in cases:
+        response = httpx.request(method, url, params=params, timeout=30)
+        assert response.status_code == 400, (method, url, params, response.text)
+        assert response.json()["error"]["param"] == param

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 
 from server.errors import InvalidRequest
 from server.protocol import (
@@ -16,6 +16,7 @@ from server.protocol import (
     StoredChatCompletion,
     StoredChatCompletionList,
     StoredMessageList,
+    Text,
     check_metadata,
 )
 from server.routes.deps import StoreDep, TenantDep
@@ -23,8 +24,10 @@ from server.serving import stored
 
 router = APIRouter(prefix="/v1/chat/completions", responses=ERROR_RESPONSES)
 
+# Ids and filters are text without NUL (PostgreSQL cannot compare one): a 400, not a 503.
+CompletionId = Annotated[Text, Path(max_length=128)]
 Limit = Annotated[int, Query(ge=1, le=100)]
-After = Annotated[str | None, Query(max_length=128)]
+After = Annotated[Text | None, Query(max_length=128)]
 
 
 def metadata_filter(request: Request) -> dict[str, str]:
@@ -45,7 +48,7 @@ async def list_chat_completions(
     request: Request,
     store: StoreDep,
     tenant: TenantDep,
-    model: Annotated[str | None, Query(max_length=256)] = None,
+    model: Annotated[Text | None, Query(max_length=256)] = None,
     after: After = None,
     limit: Limit = 20,
     order: Literal["asc", "desc"] = "asc",
@@ -63,14 +66,14 @@ async def list_chat_completions(
 
 @router.get("/{completion_id}")
 async def retrieve_chat_completion(
-    completion_id: str, store: StoreDep, tenant: TenantDep
+    completion_id: CompletionId, store: StoreDep, tenant: TenantDep
 ) -> StoredChatCompletion:
     return await stored.retrieve(store, completion_id, tenant)
 
 
 @router.get("/{completion_id}/messages")
 async def list_chat_completion_messages(
-    completion_id: str,
+    completion_id: CompletionId,
     store: StoreDep,
     tenant: TenantDep,
     after: After = None,
@@ -84,13 +87,13 @@ async def list_chat_completion_messages(
 
 @router.post("/{completion_id}")
 async def update_chat_completion(
-    completion_id: str, body: ChatCompletionUpdate, store: StoreDep, tenant: TenantDep
+    completion_id: CompletionId, body: ChatCompletionUpdate, store: StoreDep, tenant: TenantDep
 ) -> StoredChatCompletion:
     return await stored.update_metadata(store, completion_id, body.metadata, tenant)
 
 
 @router.delete("/{completion_id}")
 async def delete_chat_completion(
-    completion_id: str, store: StoreDep, tenant: TenantDep
+    completion_id: CompletionId, store: StoreDep, tenant: TenantDep
 ) -> ChatCompletionDeleted:
     return await stored.delete(store, completion_id, tenant)
