@@ -244,6 +244,8 @@ class FeedbackRequest(_Strict):
     rating_scale: Literal["thumbs", "stars"] | None = None
     label: Literal["desirable", "undesirable"] | None = None
     preferred_over: str | None = Field(default=None, min_length=1, max_length=64)
+    # Which choice of ``preferred_over`` lost (default 0).
+    preferred_over_choice: int | None = Field(default=None, ge=0, le=1024)
     annotator: Text | None = Field(default=None, min_length=1, max_length=256)
     idempotency_key: Text | None = Field(default=None, min_length=1, max_length=256)
 
@@ -286,6 +288,7 @@ class FeedbackPublic(BaseModel):
     rating_scale: str | None
     label: str | None
     preferred_over: str | None
+    preferred_over_choice: int | None = None
     annotator: str | None
     key_id: str  # which API key sent it (its id, never the key)
     reviewed: bool
@@ -323,6 +326,9 @@ class StoredChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
+    prompt_text: str | None = None  # this choice's own prompt (several prompts)
+    token_ids: list[int] | None = None  # as the engine produced them
+    prompt_token_ids: list[int] | None = None  # this choice's own prompt (several prompts)
 
 
 class StoredCompletion(BaseModel):
@@ -335,6 +341,7 @@ class StoredCompletion(BaseModel):
     template_fingerprint: str
     request: Any
     prompt_text: str
+    prompt_token_ids: list[int] | None = None  # as the engine received them
     sampling: dict[str, Any]
     choices: list[StoredChoice]
     usage: Usage

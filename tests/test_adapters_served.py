@@ -145,13 +145,18 @@ def _poll(gateway: Gateway, job_id: str, timeout: float = 600) -> dict:  # type:
 
 
 @pytest.mark.slow
-def test_online_iteration_trains_and_hot_loads_without_restart(gateway: Gateway) -> None:
+def test_online_iteration_trains_and_hot_loads_without_restart(
+    gateway: Gateway, adapters_root: Path
+) -> None:
     since = time.time()
     question = "What is the chemical symbol for gold?"
     completion = _stored_completion(gateway, question)
+    # One verdict per choice (on one choice the latest would win): a judged answer, and
+    # another answer judged fine.
+    fine = _stored_completion(gateway, "What is the capital of France?")
     feedback_ids = []
-    for judgment in ("Say only the symbol: Au.", None):
-        fb = {"completion_id": completion["id"], "annotator": "test"}
+    for judgment, target in (("Say only the symbol: Au.", completion), (None, fine)):
+        fb = {"completion_id": target["id"], "annotator": "test"}
         fb |= {"judgment": judgment} if judgment else {"rating": 1}
         posted = httpx.post(f"{gateway.url}/v1/feedback", json=fb)
         assert posted.status_code in (200, 201)
@@ -205,6 +210,14 @@ def test_online_iteration_trains_and_hot_loads_without_restart(gateway: Gateway)
     assert state["status"] in ("training", "loading", "succeeded")
 
     name = job["adapter"]
+    # Token-exact: the iteration trained on the ids the engine produced, not on re-tokenized
+    # text, and on the prompt exactly as served.
+    stored = httpx.get(f"{gateway.url}/v1/completions/{completion['id']}").json()
+    trained = json.loads((adapters_root / name / "train-data.json").read_text())
+    judged = next(item for item in trained if item["judgment"])
+    assert judged["output_token_ids"] == stored["choices"][0]["token_ids"]
+    assert judged["prompt_token_ids"] == stored["prompt_token_ids"]
+    assert judged["messages"] == [{"role": "user", "content": question}]
     card = httpx.get(f"{gateway.url}/v1/models/{name}").json()
     assert card["parent"] == gateway.model and card["adapter"]["online"]["iteration"] == 1
     answer = httpx.post(
@@ -222,7 +235,9 @@ def test_online_iteration_trains_and_hot_loads_without_restart(gateway: Gateway)
     # The next iteration starts where this one stopped: nothing new to learn from yet.
     r = httpx.post(f"{gateway.url}/admin/align", json={"model": gateway.model})
     follow = _poll(gateway, r.json()["id"])
-    assert follow["status"] == "failed" and follow["since"] == job["until"]
+    # By the store's commit-ordered watermark, not by wall-clock time.
+    assert follow["status"] == "failed" and follow["after_seq"] == job["through_seq"]
+    assert job["through_seq"] >= 2 and follow["since"] is None
     assert "0 judged" in follow["error"] and follow["iteration"] == 2
     assert httpx.get(f"{gateway.url}/admin/align/nope").status_code == 404
 

@@ -133,12 +133,12 @@ async def test_a_database_from_before_metadata_gains_the_table(
     store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = open_engine(store_url)
-    monkeypatch.setattr(store_schema, "MIGRATIONS", store_schema.MIGRATIONS[:1])
-    monkeypatch.setattr("server.store.database.MIGRATIONS", store_schema.MIGRATIONS[:1])
+    monkeypatch.setattr(store_schema, "MIGRATIONS", store_schema.MIGRATIONS[:-1])
+    monkeypatch.setattr("server.store.database.MIGRATIONS", store_schema.MIGRATIONS[:-1])
     migrate(engine)
     assert "completion_metadata" not in inspect(engine).get_table_names()
     monkeypatch.undo()
-    assert "m002_completion_metadata" in migrate(engine)
+    assert "m003_completion_metadata" in migrate(engine)
     assert "completion_metadata" in inspect(engine).get_table_names()
     engine.dispose()
     s = Store.open(store_url)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import time
 
-from server.feedback.export import assign_quantiles, to_cut, to_dpo, to_kto, to_quark, to_trl_kto
+from server.feedback.export import (
+    assign_quantiles,
+    build_export,
+    to_cut,
+    to_dpo,
+    to_kto,
+    to_quark,
+    to_trl_kto,
+)
 from server.store import ChoiceRecord, CompletionRecord, FeedbackRow
 
 PROMPT_TEXT = "<|im_start|>user\nName the capital of Australia.<|im_end|>\n<|im_start|>assistant\n"
@@ -36,9 +44,14 @@ def record(cid: str, answers: list[str], *, endpoint: str = "chat") -> Completio
     )
 
 
+_ROW_NUMBER = iter(range(1, 1_000_000))
+
+
 def fb(cid: str, index: int = 0, **fields: object) -> FeedbackRow:
+    seq = next(_ROW_NUMBER)
     values: dict = dict(
-        id=f"fb-{cid}-{index}-{len(fields)}",
+        id=f"fb-{cid}-{index}-{seq}",
+        seq=seq,
         created_at=time.time(),
         completion_id=cid,
         choice_index=index,
@@ -71,7 +84,8 @@ def test_cut_format_matches_the_cut_repo() -> None:
         fb("b", 0, rating=-1, rating_scale="thumbs"),  # thumbs-down, no words: skipped
         fb("c", 0, label="desirable", judgment="Correct and concise."),
     ]
-    assert to_cut(rows, RECORDS) == [
+    cut_repo_fields = ("id", "instruction", "input", "output", "judgment")
+    assert [{k: item[k] for k in cut_repo_fields} for item in to_cut(rows, RECORDS)] == [
         {
             "id": 0,
             "instruction": "Name the capital of Australia.",
@@ -180,3 +194,87 @@ def test_quark_records() -> None:
             "quantile_token": "_QUANTILE_TOKEN_0_",
         },
     ]
+
+
+def test_cut_records_carry_the_whole_conversation_and_the_served_ids() -> None:
+    """The system message and earlier turns survive (not only the last user message), and
+    the ids the engine received and produced travel with the record."""
+    served = record("t", ["Canberra."])
+    served.request = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "Name the capital of Australia."},
+    ]
+    served.prompt_token_ids = [1, 5, 6, 7]
+    served.choices = [ChoiceRecord(0, "Canberra.", "stop", token_ids=[8, 9, 2])]
+    (item,) = to_cut([fb("t", 0, judgment="Too short.")], {"t": served})
+    assert item["instruction"] == "Name the capital of Australia."
+    assert item["messages"] == served.request
+    assert (item["prompt_token_ids"], item["output_token_ids"]) == ([1, 5, 6, 7], [8, 9, 2])
+    assert (item["completion_id"], item["choice_index"], item["finish_reason"]) == ("t", 0, "stop")
+
+
+def test_conflicting_verdicts_the_latest_wins_and_is_counted() -> None:
+    """Stated rule: on one choice the latest committed verdict wins; the report counts the
+    verdicts it replaced and the choices whose verdicts disagreed."""
+    rows = [
+        fb("a", 0, label="desirable"),
+        fb("a", 0, judgment="Wrong: it is Canberra."),  # later, disagrees: wins
+        fb("a", 1, label="desirable"),
+        fb("a", 1, rating=1, rating_scale="thumbs"),  # later, agrees: no conflict
+        fb("b", 0, preferred_over="a", preferred_over_choice=1),
+        fb("a", 1, preferred_over="b"),  # the same pair, reversed later: wins
+    ]
+    items, report = build_export("cut", rows, RECORDS)
+    assert [(i["output"], i["judgment"]) for i in items] == [
+        ("Sydney.", "Wrong: it is Canberra."),
+        ("Canberra.", None),
+    ]
+    assert (report.feedback_rows, report.superseded, report.conflicts) == (6, 3, 2)
+    pairs, _ = build_export("dpo", rows, RECORDS)
+    assert {"chosen": "Canberra.", "rejected": "Melbourne."}.items() <= pairs[0].items()
+    assert len([p for p in pairs if p["rejected"] == "Canberra."]) == 0
+    kto, _ = build_export("kto", rows, RECORDS)
+    assert [(k["output"][0]["content"], k["label"]) for k in kto] == [
+        ("Sydney.", 0),
+        ("Canberra.", 1),
+    ]
+
+
+def test_a_pair_names_its_losing_choice_and_never_mixes_prompts() -> None:
+    several = record("m", ["x0", "x1", "y0", "y1"], endpoint="completions")
+    several.request = ["first", "second"]
+    several.choices = [
+        ChoiceRecord(0, "x0", "stop", prompt_text="first"),
+        ChoiceRecord(1, "x1", "stop", prompt_text="first"),
+        ChoiceRecord(2, "y0", "stop", prompt_text="second"),
+        ChoiceRecord(3, "y1", "stop", prompt_text="second"),
+    ]
+    records = {**RECORDS, "m": several}
+    rows = [
+        fb("a", 1, preferred_over="a", preferred_over_choice=0),
+        fb("m", 0, rating=5, rating_scale="stars"),
+        fb("m", 1, rating=4, rating_scale="stars"),
+        fb("m", 2, rating=1, rating_scale="stars"),  # the worst, but of another prompt
+        fb("m", 3, rating=3, rating_scale="stars"),
+    ]
+    assert to_dpo(rows, records) == [
+        {"prompt": PROMPT_TEXT, "chosen": "Canberra.", "rejected": "Sydney."},
+        {"prompt": "first", "chosen": "x0", "rejected": "x1"},
+        {"prompt": "second", "chosen": "y1", "rejected": "y0"},
+    ]
+
+
+def test_trl_prompts_carry_the_bos_the_served_model_received() -> None:
+    """TRL ≥ 0.12 adds no BOS to a decoder-only prompt (older TRL adds one when missing):
+    the prompt's text starts with BOS's text exactly when the engine got a BOS id."""
+    with_bos = record("s", ["Canberra."])
+    with_bos.prompt_bos = "<s>"
+    records = {"s": with_bos, "a": RECORDS["a"]}
+    (kto,) = to_trl_kto([fb("s", 0, label="desirable")], records)
+    assert kto["prompt"] == "<s>" + PROMPT_TEXT
+    (pair,) = to_dpo([fb("s", 0, preferred_over="a")], records)
+    assert pair["prompt"] == "<s>" + PROMPT_TEXT
+    (plain,) = to_trl_kto([fb("a", 0, label="desirable")], records)
+    assert plain["prompt"] == PROMPT_TEXT

@@ -60,13 +60,16 @@ def test_completions_are_recorded(client: openai.OpenAI, gateway: Gateway) -> No
     assert record["request"] == AUSTRALIA
     assert record["prompt_text"] == rendered["text"]
     assert record["template_fingerprint"] == rendered["template_fingerprint"]
-    assert record["choices"] == [
-        {
-            "index": 0,
-            "text": reply.choices[0].message.content,
-            "finish_reason": reply.choices[0].finish_reason,
-        }
-    ]
+    (choice,) = record["choices"]
+    assert (choice["index"], choice["text"], choice["finish_reason"]) == (
+        0,
+        reply.choices[0].message.content,
+        reply.choices[0].finish_reason,
+    )
+    # Token-exact: the ids the engine received and produced, as they were.
+    assert record["prompt_token_ids"] == rendered["token_ids"]
+    assert len(choice["token_ids"]) == reply.usage.completion_tokens
+    assert choice["prompt_token_ids"] is None  # one prompt: the record's
     assert record["usage"] == reply.usage.model_dump(exclude_none=True)
     assert record["sampling"]["temperature"] == 0.0
     assert record["user"] == "alice"
@@ -228,7 +231,14 @@ def test_cut_export_end_to_end(
     assert post_feedback(gateway, completion_id=wrong.id, judgment=judgment).status_code == 201
     assert post_feedback(gateway, completion_id=fine.id, rating=1).status_code == 201
     assert metric(gateway, "aligngate_feedback_total", model=gateway.model) == before + 2
-    assert export("cut", test_env, tmp_path, since, gateway.model) == [
+    items = export("cut", test_env, tmp_path, since, gateway.model)
+    for item, reply in zip(items, (wrong, fine), strict=True):
+        served = stored(gateway, reply.id)
+        assert item["messages"] == served["request"]  # the whole conversation as served
+        assert item["prompt_token_ids"] == served["prompt_token_ids"]
+        assert item["output_token_ids"] == served["choices"][0]["token_ids"]
+    cut_repo_fields = ("id", "instruction", "input", "output", "judgment")
+    assert [{k: item[k] for k in cut_repo_fields} for item in items] == [
         {
             "id": 0,
             "instruction": "Name a prime number.",
@@ -353,3 +363,67 @@ def test_exports_filter_by_annotator_key_and_review(
         "data"
     ]
     assert {f["annotator"]: f["reviewed"] for f in listed} == {"ana": False, "bo": True}
+
+
+def test_several_prompts_are_recorded_each_and_pairs_never_mix_them(
+    client: openai.OpenAI, gateway: Gateway, test_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A /v1/completions call with two prompts records each choice's own prompt (text and
+    ids); a preference names its losing choice and must stay within one prompt."""
+    since = time.time()
+    prompts = ["The capital of France is", "The largest planet is"]
+    reply = client.completions.create(
+        model=gateway.model, prompt=prompts, n=2, max_tokens=6, temperature=1.0, seed=4
+    )
+    record = stored(gateway, reply.id)
+    assert [c["prompt_text"] for c in record["choices"]] == [p for p in prompts for _ in "ab"]
+    for choice in record["choices"]:
+        rendered = httpx.post(
+            f"{gateway.url}/v1/render",
+            json={"model": gateway.model, "prompt": choice["prompt_text"]},
+            timeout=30,
+        ).json()
+        assert choice["prompt_token_ids"] == rendered["token_ids"]
+    mixed = post_feedback(
+        gateway,
+        completion_id=reply.id,
+        choice_index=0,
+        preferred_over=reply.id,
+        preferred_over_choice=2,
+    )
+    assert mixed.status_code == 400 and mixed.json()["error"]["param"] == "preferred_over"
+    ok = post_feedback(
+        gateway,
+        completion_id=reply.id,
+        choice_index=3,
+        preferred_over=reply.id,
+        preferred_over_choice=2,
+    )
+    assert ok.status_code == 201 and ok.json()["preferred_over_choice"] == 2
+    assert export("dpo", test_env, tmp_path, since, gateway.model) == [
+        {
+            "prompt": prompts[1],
+            "chosen": reply.choices[3].text,
+            "rejected": reply.choices[2].text,
+        }
+    ]
+
+
+def test_exports_keep_the_whole_conversation(
+    client: openai.OpenAI, gateway: Gateway, test_env: dict[str, str], tmp_path: Path
+) -> None:
+    since = time.time()
+    conversation = [
+        {"role": "system", "content": "Answer in one short sentence."},
+        {"role": "user", "content": "What is the capital of Italy?"},
+        {"role": "assistant", "content": "The capital of Italy is Rome."},
+        {"role": "user", "content": "And of France?"},
+    ]
+    reply = client.chat.completions.create(
+        model=gateway.model, messages=conversation, max_tokens=12, temperature=0
+    )
+    post_feedback(gateway, completion_id=reply.id, judgment="Name the city first.")
+    (cut,) = export("cut", test_env, tmp_path, since, gateway.model)
+    assert cut["messages"] == conversation and cut["instruction"] == "And of France?"
+    (kto,) = export("kto", test_env, tmp_path, since, gateway.model)
+    assert kto["prompt"] == conversation

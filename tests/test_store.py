@@ -206,3 +206,166 @@ async def test_trust_comes_from_the_key_not_the_annotator_label(store: Store) ->
     rows, _ = store.export_rows(trusted=["alice"])
     assert [(r.judgment, r.key_id) for r in rows] == [("Too vague.", "alice")]
     assert store.export_rows(trusted=[])[0] == []  # reviewed only: none are
+
+
+async def test_feedback_is_numbered_in_commit_order(store: Store) -> None:
+    store.record_completion(completion("c1")).result(timeout=10)
+    before = store.feedback_watermark()
+    rows = [
+        (await store.add_feedback(FeedbackCreate(completion_id="c1", rating=1)))[0]
+        for _ in range(3)
+    ]
+    assert [r.seq for r in rows] == [before + 1, before + 2, before + 3]
+    assert store.feedback_watermark() == before + 3
+    window, _ = store.export_rows(after_seq=before + 1, through_seq=before + 3)
+    assert [r.id for r in window] == [rows[1].id, rows[2].id]
+
+
+def test_a_judgment_committed_after_an_export_falls_in_the_next_window(store: Store) -> None:
+    """A write stamped (created_at) before the export's read but committed after it: a
+    wall-clock window ``created_at < until`` would have lost it to both iterations; the
+    commit-ordered watermark puts it in the next one."""
+    import threading
+
+    from server.store.records import FeedbackRow
+    from server.store.schema import FEEDBACK_SEQUENCE, feedback
+    from server.store.store import _feedback_values, _next_seq
+
+    store.record_completion(completion("c1")).result(timeout=10)
+    stamped = time.time() - 60  # well before the export below
+    numbered, release, done = threading.Event(), threading.Event(), threading.Event()
+
+    def slow_writer() -> None:
+        with store.engine.begin() as conn:  # one transaction, held open across the export
+            row = FeedbackRow(
+                id="fb-late",
+                created_at=stamped,
+                completion_id="c1",
+                choice_index=0,
+                model="m",
+                judgment="Late but real.",
+                rating=None,
+                rating_scale=None,
+                label=None,
+                preferred_over=None,
+                annotator=None,
+                key_id=ANONYMOUS_KEY,
+                idempotency_key=None,
+                payload_hash="h",
+                seq=_next_seq(conn, FEEDBACK_SEQUENCE),
+            )
+            conn.execute(feedback.insert().values(**_feedback_values(row)))
+            numbered.set()
+            release.wait(timeout=30)
+        done.set()
+
+    writer = threading.Thread(target=slow_writer)
+    writer.start()
+    assert numbered.wait(timeout=30)
+    # The first iteration's export runs while the write is numbered but not committed.
+    until = time.time()
+    first_mark = store.feedback_watermark()
+    first, _ = store.export_rows(through_seq=first_mark)
+    assert [r.id for r in first] == []
+    release.set()
+    writer.join(timeout=30)
+    assert done.is_set()
+    # The old rule would now miss it for good: it is stamped before the first window's end.
+    assert [r.id for r in store.export_rows(since=until)[0]] == []
+    second, _ = store.export_rows(after_seq=first_mark, through_seq=store.feedback_watermark())
+    assert [r.id for r in second] == ["fb-late"]
+
+
+def test_migration_numbers_feedback_of_an_older_database(store_url: str) -> None:
+    """A database from before m002 (no sequence, no token ids) is upgraded in place: its
+    feedback is numbered in creation order and new feedback continues after it."""
+    from sqlalchemy import delete, text
+
+    from server.store.database import open_engine
+    from server.store.schema import MIGRATIONS, completions, feedback, migrations_table
+
+    engine = open_engine(store_url)
+    with engine.begin() as conn:
+        migrations_table.create(conn, checkfirst=True)
+        MIGRATIONS[0][1](conn)  # m001 only ...
+        conn.execute(migrations_table.insert().values(name=MIGRATIONS[0][0], applied_at=0.0))
+        for table, column in [
+            ("feedback", "seq"),
+            ("feedback", "preferred_over_choice"),
+            ("completions", "prompt_token_ids"),
+            ("completions", "prompt_bos"),
+        ]:  # ... and the tables as m001 made them before these columns existed
+            conn.execute(text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+        conn.execute(
+            text(
+                "INSERT INTO completions (id, created_at, endpoint, model, family, "
+                "template_fingerprint, request, prompt_text, sampling, choices, prompt_tokens, "
+                "completion_tokens, latency_ms, status) VALUES ('c1', 1.0, 'chat', 'm', 'chat', "
+                "'f', '[]', 'P', '{}', '[{\"index\": 0, \"text\": \"a\", \"finish_reason\": "
+                "\"stop\"}]', 1, 1, 1.0, 'finished')"
+            )
+        )
+        for i, at in enumerate([30.0, 10.0, 20.0]):
+            conn.execute(
+                text(
+                    "INSERT INTO feedback (id, created_at, completion_id, choice_index, model, "
+                    "key_id, payload_hash, reviewed) VALUES "
+                    f"('fb-{i}', {at}, 'c1', 0, 'm', 'anonymous', 'h', false)"
+                )
+            )
+    engine.dispose()
+    store = Store.open(store_url)  # applies m002
+    try:
+        rows, records = store.export_rows()
+        assert [(r.id, r.seq) for r in rows] == [("fb-1", 1), ("fb-2", 2), ("fb-0", 3)]
+        assert records["c1"].prompt_token_ids is None and records["c1"].choices[0].token_ids is None
+        assert store.feedback_watermark() == 3
+        row, _ = asyncio.run(store.add_feedback(FeedbackCreate(completion_id="c1", rating=1)))
+        assert row.seq == 4
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(delete(feedback))
+            conn.execute(delete(completions))
+        store.close()
+
+
+async def test_a_preference_names_the_losing_choice_of_the_same_prompt(store: Store) -> None:
+    """``preferred_over_choice`` says which choice lost; a request with several prompts
+    pairs only choices of one prompt."""
+    several = completion("multi", n=2)
+    several.endpoint = "completions"
+    several.choices = [
+        ChoiceRecord(0, "x", "stop", prompt_text="first prompt"),
+        ChoiceRecord(1, "y", "stop", prompt_text="second prompt"),
+    ]
+    store.record_completion(several).result(timeout=10)
+    store.record_completion(completion("pair", n=3)).result(timeout=10)
+    row, _ = await store.add_feedback(
+        FeedbackCreate(
+            completion_id="pair", choice_index=2, preferred_over="pair", preferred_over_choice=0
+        )
+    )
+    assert (row.preferred_over, row.preferred_over_choice, row.rejected_choice) == ("pair", 0, 0)
+    with pytest.raises(InvalidRequest, match="itself"):
+        await store.add_feedback(
+            FeedbackCreate(
+                completion_id="pair", choice_index=1, preferred_over="pair", preferred_over_choice=1
+            )
+        )
+    with pytest.raises(InvalidRequest, match="out of range"):
+        await store.add_feedback(
+            FeedbackCreate(completion_id="pair", preferred_over="pair", preferred_over_choice=3)
+        )
+    with pytest.raises(InvalidRequest, match="same prompt"):
+        await store.add_feedback(
+            FeedbackCreate(
+                completion_id="multi",
+                choice_index=0,
+                preferred_over="multi",
+                preferred_over_choice=1,
+            )
+        )
+    with pytest.raises(InvalidRequest, match="needs preferred_over"):
+        await store.add_feedback(
+            FeedbackCreate(completion_id="pair", rating=1, preferred_over_choice=1)
+        )

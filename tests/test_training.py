@@ -244,3 +244,102 @@ def test_cut_lowers_the_flagged_tokens_of_the_default_model(
     # and a 135M model keeps the two prompts poorly apart.
     assert len(flagged_change) >= 3
     assert mean_flagged < -0.7 and mean_kept > 0
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer in one short sentence."},
+    {"role": "user", "content": "What is the capital of Italy?"},
+    {"role": "assistant", "content": "The capital of Italy is Rome."},
+    {"role": "user", "content": "And of France?"},
+]
+
+
+def _split_one_token(renderer: Renderer, ids: list[int]) -> list[int]:
+    """``ids`` with one multi-character token replaced by two tokens of the same text: a
+    sequence a sampler can produce, which re-tokenizing the text never gives back."""
+    tok = renderer.tokenizer
+    for i, piece in enumerate(tok.convert_ids_to_tokens(ids)):
+        for cut in range(1, len(piece)):
+            left, right = tok.convert_tokens_to_ids([piece[:cut], piece[cut:]])
+            if tok.unk_token_id not in (left, right) and None not in (left, right):
+                return [*ids[:i], left, right, *ids[i + 1 :]]
+    raise AssertionError("no token of the text can be split")
+
+
+def test_token_exact_examples_train_on_the_ids_that_were_served(renderer: Renderer) -> None:
+    """With the served ids, the plain sequence is the served prompt's ids followed by the
+    produced ids, token for token, even where the text re-tokenizes differently; the
+    judgment prompt keeps the whole conversation (system message, earlier turns)."""
+    tok = renderer.tokenizer
+    messages = [Message(m["role"], m["content"]) for m in CONVERSATION]
+    served_prompt = renderer.render_chat(messages).token_ids
+    text = "The capital of France is Paris."
+    produced = [*_split_one_token(renderer, tok(text, add_special_tokens=False)["input_ids"])]
+    produced.append(tok.eos_token_id)
+    assert tok.decode(produced, skip_special_tokens=True) == text
+    assert tok(text, add_special_tokens=False)["input_ids"] != produced[:-1]
+
+    (record,) = parse_records(
+        [
+            {
+                "instruction": "And of France?",
+                "input": "",
+                "output": text,
+                "judgment": "Correct, but say why.",
+                "messages": CONVERSATION,
+                "prompt_token_ids": served_prompt,
+                "output_token_ids": produced,
+            }
+        ]
+    )
+    example = build_example(renderer, record, 4096)
+    assert example is not None and example.judge_ids is not None
+    assert example.plain_ids == served_prompt + produced
+    assert example.response_len == len(produced)
+    assert example.judge_ids[-len(produced) :] == produced
+    judge_text = tok.decode(example.judge_ids[: -len(produced)])
+    for kept in ("Answer in one short sentence.", "capital of Italy", "Rome.", "And of France?"):
+        assert kept in judge_text
+    assert "Correct, but say why." in judge_text
+
+    # Re-tokenizing the text (what a text-only record gets) gives other ids.
+    text_only = CutRecord("And of France?", text, "Correct, but say why.", messages=tuple(messages))
+    retokenized = build_example(renderer, text_only, 4096)
+    assert retokenized is not None and retokenized.plain_ids[: len(served_prompt)] == served_prompt
+    assert retokenized.plain_ids[len(served_prompt) :] != produced
+
+
+def test_token_ids_in_a_training_file_are_checked() -> None:
+    from server.training.cut_data import CutDataError
+
+    base = {"instruction": "a", "output": "b", "judgment": None}
+    with pytest.raises(CutDataError, match="come together"):
+        parse_records([{**base, "prompt_token_ids": [1, 2]}])
+    with pytest.raises(CutDataError, match="list of token ids"):
+        parse_records([{**base, "prompt_token_ids": [1, "x"], "output_token_ids": [3]}])
+    with pytest.raises(CutDataError, match="role"):
+        parse_records([{**base, "messages": [{"role": "tool", "content": "x"}]}])
+
+
+def test_judgment_prompts_keep_the_conversation_as_served(tiny_dir: Path) -> None:
+    """CUT's judgment prompt over a whole conversation is the served prompt with the
+    judgment put before the last response: a system message that replaced the Alpaca
+    preamble stays, and so do earlier turns (CUT and KTO families)."""
+    messages = [Message(m["role"], m["content"]) for m in CONVERSATION]
+    judgment = "Name the city first."
+    cut = Renderer.load(tiny_dir / "llama", family_name="cut")
+    plain = cut.render_chat(messages).text
+    judged = cut.render_extra("judge", messages, judgment=judgment).text
+    assert plain.startswith("Answer in one short sentence.\n\n### Instruction:\n")
+    assert plain.endswith("\n\n### Response:\n")
+    assert judged == plain.removesuffix("\n\n### Response:\n") + (
+        f"\n\n### Judgment:\n{judgment}\n\n### Response:\n"
+    )
+    kto = Renderer.load(tiny_dir / "mistral", family_name="kto")
+    plain = kto.render_chat(messages).text
+    judged = kto.render_extra("judge", messages, judgment=judgment).text
+    earlier = plain.removesuffix("<|user|>\nAnd of France?\n<|assistant|>\n")
+    assert earlier.startswith("<|system|>\nAnswer in one short sentence.\n<|user|>\n")
+    assert judged.startswith(earlier) and judged.endswith(
+        f"### Instruction:\nAnd of France?\n\n### Judgment:\n{judgment}\n<|assistant|>\n"
+    )

@@ -147,7 +147,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     import os
     import tempfile
 
-    from server.feedback.export import FORMATS
+    from server.feedback.export import build_export
     from server.feedback.service import parse_since
     from server.store import Store
 
@@ -167,7 +167,7 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         )
     finally:
         store.close()
-    items = FORMATS[args.format](rows, records)
+    items, report = build_export(args.format, rows, records)
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target, then renamed: a reader never sees half a file.
@@ -176,11 +176,14 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         json.dump(items, f, ensure_ascii=False, indent=2)
     os.replace(tmp, out)
     log.info(
-        "wrote %d %s record(s) from %d feedback row(s) to %s",
+        "wrote %d %s record(s) from %d feedback row(s) to %s (%d superseded by a later "
+        "verdict on the same choice, %d conflicting)",
         len(items),
         args.format,
         len(rows),
         out,
+        report.superseded,
+        report.conflicts,
     )
     return 0
 

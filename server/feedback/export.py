@@ -7,7 +7,17 @@
 - ``quark``: ``{prompt, generation, reward, quantile_token}`` with rewards mapped to K
   quantiles per prompt.
 Prompts that are text are the exact prompt the model was served with (rendered by the same
-renderer at serving time and stored with the completion).
+renderer at serving time and stored with the completion), whole conversations included: the
+system message and earlier turns. TRL-format prompts (``trl-kto``, ``dpo``) start with the
+BOS token's text when the served model received a BOS id (TRL ≥ 0.12 adds no BOS to a
+decoder-only prompt; older TRL adds one only if it is missing: either way exactly one).
+CUT records also carry the token ids as served (``prompt_token_ids``, ``output_token_ids``),
+which CUT training uses instead of re-tokenizing text.
+
+Conflicting verdicts: several verdicts on one choice (a label, a rating, a judgment), or
+opposite preferences between two choices, are resolved by one rule — the latest committed
+row among those selected wins (the online loop selects only trusted keys' and reviewed
+rows, so there it is the latest trusted verdict). ``ExportReport`` counts them.
 
 Owns: the mapping from (feedback, completion) rows to records. Does not know SQL.
 """
@@ -17,6 +27,7 @@ from __future__ import annotations
 import hashlib
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from server.store import CompletionRecord, FeedbackRow
@@ -42,7 +53,8 @@ def instruction_of(record: CompletionRecord, choice_index: int = 0) -> str:
     return record.request if isinstance(record.request, str) else record.prompt_text
 
 
-def messages_of(record: CompletionRecord) -> list[dict[str, str]]:
+def messages_of(record: CompletionRecord, choice_index: int = 0) -> list[dict[str, str]]:
+    """The conversation as served: system message and earlier turns included."""
     if record.endpoint == "chat":
         out = []
         for m in record.request:
@@ -52,7 +64,12 @@ def messages_of(record: CompletionRecord) -> list[dict[str, str]]:
             role = "system" if m.get("role") == "developer" else m.get("role")
             out.append({"role": role, "content": str(content)})
         return out
-    return [{"role": "user", "content": instruction_of(record)}]
+    return [{"role": "user", "content": instruction_of(record, choice_index)}]
+
+
+def trl_prompt_of(record: CompletionRecord, choice_index: int) -> str:
+    """The served prompt's text, with the BOS text when the engine received a BOS id."""
+    return (record.prompt_bos or "") + record.prompt_of(choice_index)
 
 
 def output_of(record: CompletionRecord, choice_index: int) -> str:
@@ -70,15 +87,25 @@ def to_cut(rows: Rows, records: Records) -> list[dict[str, Any]]:
             judgment = fb.judgment
         else:
             continue  # a thumbs-down without words gives CUT nothing to learn from
-        out.append(
-            {
-                "id": len(out),
-                "instruction": instruction_of(record, fb.choice_index),
-                "input": "",
-                "output": output_of(record, fb.choice_index),
-                "judgment": judgment,
-            }
-        )
+        choice = record.choices[fb.choice_index]
+        item: dict[str, Any] = {
+            "id": len(out),
+            # The CUT repo's fields (its trainers read only these) ...
+            "instruction": instruction_of(record, fb.choice_index),
+            "input": "",
+            "output": output_of(record, fb.choice_index),
+            "judgment": judgment,
+            # ... and the prompt as served: the whole conversation, and its token ids.
+            "messages": messages_of(record, fb.choice_index),
+            "completion_id": record.id,
+            "choice_index": fb.choice_index,
+        }
+        prompt_ids = record.prompt_ids_of(fb.choice_index)
+        if prompt_ids is not None and choice.token_ids is not None:
+            item["prompt_token_ids"] = prompt_ids
+            item["output_token_ids"] = choice.token_ids
+            item["finish_reason"] = choice.finish_reason
+        out.append(item)
     return out
 
 
@@ -103,7 +130,7 @@ def to_kto(rows: Rows, records: Records) -> list[dict[str, Any]]:
         out.append(
             {
                 "prompt_id": _prompt_id(record.prompt_of(fb.choice_index)),
-                "prompt": messages_of(record),
+                "prompt": messages_of(record, fb.choice_index),
                 "output": [{"role": "assistant", "content": output_of(record, fb.choice_index)}],
                 "label": 1 if polarity else 0,
                 "reward": float(reward if reward is not None else int(polarity)),
@@ -117,7 +144,7 @@ def to_kto(rows: Rows, records: Records) -> list[dict[str, Any]]:
 def to_trl_kto(rows: Rows, records: Records) -> list[dict[str, Any]]:
     return [
         {
-            "prompt": record.prompt_of(fb.choice_index),
+            "prompt": trl_prompt_of(record, fb.choice_index),
             "completion": output_of(record, fb.choice_index),
             "label": polarity,
         }
@@ -126,7 +153,13 @@ def to_trl_kto(rows: Rows, records: Records) -> list[dict[str, Any]]:
 
 
 def to_dpo(rows: Rows, records: Records) -> list[dict[str, Any]]:
-    """Pairs from ``preferred_over``, and from two differently rated choices of one request."""
+    """Pairs from ``preferred_over`` (and ``preferred_over_choice``), and from two differently
+    rated choices of one request for one prompt (a request with several prompts never pairs
+    one prompt's choice with another's)."""
+    return preference_pairs(rows, records) + rated_pairs(rows, records)
+
+
+def preference_pairs(rows: Rows, records: Records) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for fb in rows:
         if fb.preferred_over is None:
@@ -134,20 +167,26 @@ def to_dpo(rows: Rows, records: Records) -> list[dict[str, Any]]:
         chosen, rejected = records[fb.completion_id], records[fb.preferred_over]
         out.append(
             {
-                "prompt": chosen.prompt_of(fb.choice_index),
+                "prompt": trl_prompt_of(chosen, fb.choice_index),
                 "chosen": output_of(chosen, fb.choice_index),
-                "rejected": output_of(rejected, 0),
+                "rejected": output_of(rejected, fb.rejected_choice),
             }
         )
+    return out
+
+
+def rated_pairs(rows: Rows, records: Records) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
     latest: dict[tuple[str, int], float] = {}
     for fb in rows:
         reward = fb.reward()
         if reward is not None and fb.preferred_over is None:
             latest[(fb.completion_id, fb.choice_index)] = reward
-    by_completion: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    by_prompt: dict[tuple[str, str], list[tuple[float, int]]] = defaultdict(list)
     for (completion_id, index), reward in latest.items():
-        by_completion[completion_id].append((reward, index))
-    for completion_id, scored in by_completion.items():
+        prompt = records[completion_id].prompt_of(index)
+        by_prompt[(completion_id, prompt)].append((reward, index))
+    for (completion_id, _), scored in by_prompt.items():
         if len(scored) < 2:
             continue
         best, worst = max(scored), min(scored)
@@ -156,7 +195,7 @@ def to_dpo(rows: Rows, records: Records) -> list[dict[str, Any]]:
         record = records[completion_id]
         out.append(
             {
-                "prompt": record.prompt_of(best[1]),
+                "prompt": trl_prompt_of(record, best[1]),
                 "chosen": output_of(record, best[1]),
                 "rejected": output_of(record, worst[1]),
             }
@@ -197,6 +236,70 @@ def to_quark(rows: Rows, records: Records) -> list[dict[str, Any]]:
         for item, q in zip(group, assign_quantiles([g["reward"] for g in group]), strict=True):
             item["quantile_token"] = QUANTILE_TOKENS[q]
     return items
+
+
+@dataclass
+class ExportReport:
+    feedback_rows: int = 0  # selected by the query
+    records: int = 0  # written
+    superseded: int = 0  # verdicts or preferences replaced by a later one on the same choice
+    conflicts: int = 0  # choices (or pairs) whose verdicts disagreed; the latest won
+
+    def public(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _is_verdict(fb: FeedbackRow) -> bool:
+    return fb.polarity() is not None or bool(fb.judgment)
+
+
+@dataclass(frozen=True)
+class Resolved:
+    verdicts: Rows  # the latest verdict on each choice
+    preferences: Rows  # the latest preference between each pair of choices
+    report: ExportReport
+
+
+def resolve_conflicts(rows: Rows) -> Resolved:
+    """One verdict per choice and one preference per pair of choices: the latest committed
+    row wins (``rows`` are in commit order)."""
+    verdicts: dict[tuple[str, int], list[FeedbackRow]] = defaultdict(list)
+    preferences: dict[frozenset[tuple[str, int]], list[FeedbackRow]] = defaultdict(list)
+    for fb in rows:
+        if _is_verdict(fb):
+            verdicts[(fb.completion_id, fb.choice_index)].append(fb)
+        if fb.preferred_over is not None:
+            pair = frozenset(
+                {(fb.completion_id, fb.choice_index), (fb.preferred_over, fb.rejected_choice)}
+            )
+            preferences[pair].append(fb)
+    report = ExportReport(feedback_rows=len(rows))
+    for group in verdicts.values():
+        report.superseded += len(group) - 1
+        report.conflicts += len({(fb.polarity(), fb.judgment) for fb in group}) > 1
+    for group in preferences.values():
+        report.superseded += len(group) - 1
+        report.conflicts += len({(fb.completion_id, fb.choice_index) for fb in group}) > 1
+    order = {fb.id: i for i, fb in enumerate(rows)}
+    return Resolved(
+        verdicts=sorted((g[-1] for g in verdicts.values()), key=lambda fb: order[fb.id]),
+        preferences=sorted((g[-1] for g in preferences.values()), key=lambda fb: order[fb.id]),
+        report=report,
+    )
+
+
+def build_export(
+    fmt: str, rows: Rows, records: Records
+) -> tuple[list[dict[str, Any]], ExportReport]:
+    """Resolve conflicting verdicts, then write ``fmt``'s records."""
+    resolved = resolve_conflicts(rows)
+    if fmt == "dpo":
+        items = preference_pairs(resolved.preferences, records)
+        items += rated_pairs(resolved.verdicts, records)
+    else:
+        items = FORMATS[fmt](resolved.verdicts, records)
+    resolved.report.records = len(items)
+    return items, resolved.report
 
 
 FORMATS: dict[str, Callable[[Rows, Records], list[dict[str, Any]]]] = {

@@ -37,6 +37,7 @@ def public(row: FeedbackRow) -> FeedbackPublic:
         rating_scale=row.rating_scale,
         label=row.label,
         preferred_over=row.preferred_over,
+        preferred_over_choice=row.preferred_over_choice,
         annotator=row.annotator,
         key_id=row.key_id,
         reviewed=row.reviewed,
@@ -55,6 +56,7 @@ async def create_feedback(body: FeedbackRequest, request: Request, store: Store)
             rating_scale=body.rating_scale,
             label=body.label,
             preferred_over=body.preferred_over,
+            preferred_over_choice=body.preferred_over_choice,
             # A display label: the body's, else the name the keys file gives the key.
             annotator=body.annotator or getattr(request.state, "annotator", None),
             idempotency_key=body.idempotency_key,
@@ -122,9 +124,17 @@ async def stored_completion(
         template_fingerprint=record.template_fingerprint,
         request=record.request,
         prompt_text=record.prompt_text,
+        prompt_token_ids=record.prompt_token_ids,
         sampling=record.sampling,
         choices=[
-            StoredChoice(index=c.index, text=c.text, finish_reason=c.finish_reason)
+            StoredChoice(
+                index=c.index,
+                text=c.text,
+                finish_reason=c.finish_reason,
+                prompt_text=c.prompt_text,
+                token_ids=c.token_ids,
+                prompt_token_ids=c.prompt_token_ids,
+            )
             for c in record.choices
         ],
         usage=Usage(

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from server.errors import InvalidRequest, NotFound
-from server.feedback.export import FORMATS
+from server.feedback.export import build_export
 from server.feedback.service import parse_since
 from server.protocol import (
     ERROR_RESPONSES,
@@ -97,10 +97,15 @@ async def export_feedback(
         key_ids=key_id,
         trusted=[] if reviewed_only else None,
     )
-    items = FORMATS[format](rows, records)
+    items, report = build_export(format, rows, records)
     name = re.sub(r"[^A-Za-z0-9._-]", "_", f"aligngate-{format}{'-' + model if model else ''}")
     return Response(
         json.dumps(items, ensure_ascii=False, indent=2),
         media_type="application/json",
-        headers={"content-disposition": f'attachment; filename="{name}.json"'},
+        headers={
+            "content-disposition": f'attachment; filename="{name}.json"',
+            # How many verdicts a later one on the same choice replaced, and how many disagreed.
+            "x-aligngate-export-superseded": str(report.superseded),
+            "x-aligngate-export-conflicts": str(report.conflicts),
+        },
     )

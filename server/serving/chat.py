@@ -112,7 +112,7 @@ async def create_chat_completion(
                 completion_id=request_id,
                 endpoint="chat",
                 sent=[m.model_dump(exclude_none=True) for m in body.messages],
-                prompt_text=prompt.text,
+                prompt=prompt,
                 spec=spec,
                 results=results,
                 tracker=tracker,

@@ -115,14 +115,12 @@ async def create_completion(
                 completion_id=request_id,
                 endpoint="completions",
                 sent=body.prompt,
-                prompt_text=prompts[0].text,
+                prompt=prompts[0],
                 spec=spec,
                 results=results,
                 tracker=tracker,
                 user=body.user,
-                choice_prompts=[prompts[i // n].text for i in range(len(results))]
-                if several
-                else None,
+                choice_prompts=[prompts[i // n] for i in range(len(results))] if several else None,
                 metadata=body.metadata,
             )
 

@@ -34,6 +34,7 @@ from server.errors import (
 )
 from server.metrics import GatewayMetrics
 from server.models.registry import ServedModel
+from server.models.render import RenderedPrompt
 from server.protocol import Usage
 from server.store import ANONYMOUS_KEY, ChoiceRecord, CompletionRecord, Store
 
@@ -199,12 +200,12 @@ def record_completion(
     completion_id: str,
     endpoint: str,
     sent: Any,
-    prompt_text: str,
+    prompt: RenderedPrompt,
     spec: SamplingSpec,
     results: list[ChoiceResult],
     tracker: Tracker,
     user: str | None,
-    choice_prompts: list[str] | None = None,
+    choice_prompts: list[RenderedPrompt] | None = None,
     metadata: dict[str, str] | None = None,
 ) -> None:
     """Queue the completion for the store; never delays or fails the response."""
@@ -221,14 +222,21 @@ def record_completion(
                 family=model.renderer.family,
                 template_fingerprint=model.renderer.fingerprint,
                 request=sent,
-                prompt_text=prompt_text,
+                prompt_text=prompt.text,
+                prompt_token_ids=list(prompt.token_ids),
+                prompt_bos=_bos_before_text(model, prompt),
                 sampling=dataclasses.asdict(spec),
                 choices=[
                     ChoiceRecord(
                         r.index,
                         r.text,
                         r.finish_reason,
-                        choice_prompts[r.index] if choice_prompts else None,
+                        choice_prompts[r.index].text if choice_prompts else None,
+                        # Token-exact: what trainers use instead of re-tokenizing the text.
+                        token_ids=list(r.token_ids),
+                        prompt_token_ids=list(choice_prompts[r.index].token_ids)
+                        if choice_prompts
+                        else None,
                     )
                     for r in results
                 ],
@@ -243,6 +251,15 @@ def record_completion(
     except Exception:
         log.exception("Could not queue completion %s for the store", completion_id)
         tracker.metrics.store_errors.inc()
+
+
+def _bos_before_text(model: ServedModel, prompt: RenderedPrompt) -> str | None:
+    """The BOS token's text if the engine got a BOS id that ``prompt.text`` lacks."""
+    tok = model.renderer.tokenizer
+    bos, text = tok.bos_token_id, tok.bos_token
+    if bos is None or not text or prompt.token_ids[:1] != [bos] or prompt.text.startswith(text):
+        return None
+    return str(text)
 
 
 def ensure_healthy(model: ServedModel) -> None:

@@ -15,6 +15,10 @@ class ChoiceRecord:
     finish_reason: str | None
     # Only for a completions request with several prompts: this choice's own prompt.
     prompt_text: str | None = None
+    # The ids the engine produced, as it produced them (older records: None).
+    token_ids: list[int] | None = None
+    # Only with several prompts: this choice's own prompt ids.
+    prompt_token_ids: list[int] | None = None
 
 
 @dataclass(slots=True)
@@ -36,12 +40,20 @@ class CompletionRecord:
     adapter: str | None = None
     key_id: str | None = None
     user: str | None = None
+    prompt_token_ids: list[int] | None = None  # as the engine received them
+    prompt_bos: str | None = None  # BOS text, when the engine put BOS before prompt_text
     # The request's ``metadata`` (OpenAI's Stored Completions); rows of its own table.
     metadata: dict[str, str] | None = None
 
     def prompt_of(self, choice_index: int) -> str:
         choice = self.choices[choice_index]
         return choice.prompt_text if choice.prompt_text is not None else self.prompt_text
+
+    def prompt_ids_of(self, choice_index: int) -> list[int] | None:
+        choice = self.choices[choice_index]
+        if choice.prompt_token_ids is not None:
+            return choice.prompt_token_ids
+        return self.prompt_token_ids
 
     def row(self) -> dict[str, Any]:
         """The ``completions`` row (metadata is not a column of it)."""
@@ -66,6 +78,7 @@ class FeedbackCreate:
     rating_scale: str | None = None  # "thumbs" | "stars"
     label: str | None = None  # "desirable" | "undesirable"
     preferred_over: str | None = None
+    preferred_over_choice: int | None = None  # which choice of ``preferred_over`` lost
     annotator: str | None = None
     idempotency_key: str | None = None
     key_id: str = ANONYMOUS_KEY
@@ -75,6 +88,9 @@ class FeedbackCreate:
         values = asdict(self)
         values.pop("idempotency_key")
         values.pop("key_id")
+        if values["preferred_over_choice"] is None:
+            # Absent, as before the field existed: a replay's hash stays the same.
+            values.pop("preferred_over_choice")
         return values
 
 
@@ -95,10 +111,16 @@ class FeedbackRow:
     idempotency_key: str | None
     payload_hash: str
     reviewed: bool = False
+    preferred_over_choice: int | None = None
+    seq: int | None = None  # commit order (see schema.counters)
 
     @classmethod
     def from_row(cls, row: Any) -> FeedbackRow:
         return cls(**dict(row._mapping))
+
+    @property
+    def rejected_choice(self) -> int:
+        return self.preferred_over_choice or 0
 
     def reward(self) -> float | None:
         return reward_of(self.rating, self.rating_scale, self.label)

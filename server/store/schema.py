@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Connection,
@@ -22,6 +23,11 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    func,
+    inspect,
+    select,
+    text,
+    update,
 )
 
 metadata = MetaData()
@@ -39,13 +45,17 @@ completions = Table(
     Column("request", JSON, nullable=False),  # messages or prompt, as sent
     Column("prompt_text", Text, nullable=False),  # as rendered for the engine
     Column("sampling", JSON, nullable=False),
-    Column("choices", JSON, nullable=False),  # [{index, text, finish_reason}]
+    Column("choices", JSON, nullable=False),  # [{index, text, finish_reason, token_ids, ...}]
     Column("prompt_tokens", Integer, nullable=False),
     Column("completion_tokens", Integer, nullable=False),
     Column("latency_ms", Float, nullable=False),
     Column("status", String(16), nullable=False),  # finished | aborted | error
     Column("key_id", String(64)),
     Column("user", String(256)),
+    # The ids the engine received (m002); each choice's output ids live in ``choices``.
+    Column("prompt_token_ids", JSON),
+    # m002: the BOS token's text when the engine put BOS before ``prompt_text`` (TRL exports).
+    Column("prompt_bos", String(64)),
     Index("ix_completions_model_created", "model", "created_at"),
 )
 
@@ -62,15 +72,30 @@ feedback = Table(
     Column("rating_scale", String(8)),  # thumbs (-1/+1) | stars (1-5)
     Column("label", String(16)),
     Column("preferred_over", String(64), ForeignKey("completions.id")),
+    Column("preferred_over_choice", Integer),  # m002; None on older rows: choice 0
     Column("annotator", String(256)),
     Column("key_id", String(64), nullable=False),
     Column("idempotency_key", String(256)),
     Column("payload_hash", String(64), nullable=False),
     Column("reviewed", Boolean, nullable=False, default=False),
+    # m002: the commit order (see ``counters``); iterations select by it, not by time.
+    Column("seq", BigInteger),
     UniqueConstraint("key_id", "idempotency_key", name="uq_feedback_idempotency"),
     Index("ix_feedback_created", "created_at", "id"),
     Index("ix_feedback_completion", "completion_id"),
 )
+
+# One row per sequence. A writer bumps the row in the same transaction as its insert, so the
+# row stays locked until commit: numbers become visible in commit order, and once value N is
+# visible every row numbered ≤ N is too (a watermark no in-flight write can fall under).
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", String(32), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+FEEDBACK_SEQUENCE = "feedback"
 
 # A completion's ``metadata`` (OpenAI's Stored Completions), one row per pair: exact-match
 # filters on key and value read the same on SQLite and PostgreSQL, whatever a key contains
@@ -92,17 +117,50 @@ migrations_table = Table(
 )
 
 
+# Columns added after m001. m001 creates tables from today's definitions, so a new database
+# already has them; the migration adds only what an older database lacks.
+_M002_COLUMNS = {
+    "completions": [("prompt_token_ids", "JSON"), ("prompt_bos", "VARCHAR(64)")],
+    "feedback": [("preferred_over_choice", "INTEGER"), ("seq", "BIGINT")],
+}
+
+
 def _m001_initial(conn: Connection) -> None:
     completions.create(conn)
     feedback.create(conn)
 
 
-def _m002_completion_metadata(conn: Connection) -> None:
+def _m002_token_ids_and_sequence(conn: Connection) -> None:
+    for table, columns in _M002_COLUMNS.items():
+        present = {c["name"] for c in inspect(conn).get_columns(table)}
+        for name, sql_type in columns:
+            if name not in present:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}"))
+    counters.create(conn, checkfirst=True)
+    # Number existing feedback in creation order; new rows continue from there.
+    ids = (
+        conn.execute(
+            select(feedback.c.id)
+            .where(feedback.c.seq.is_(None))
+            .order_by(feedback.c.created_at, feedback.c.id)
+        )
+        .scalars()
+        .all()
+    )
+    start = conn.execute(select(func.coalesce(func.max(feedback.c.seq), 0))).scalar_one()
+    for offset, row_id in enumerate(ids, start=1):
+        conn.execute(update(feedback).where(feedback.c.id == row_id).values(seq=start + offset))
+    conn.execute(counters.insert().values(name=FEEDBACK_SEQUENCE, value=start + len(ids)))
+    conn.execute(text("CREATE UNIQUE INDEX IF NOT EXISTS ix_feedback_seq ON feedback (seq)"))
+
+
+def _m003_completion_metadata(conn: Connection) -> None:
     completion_metadata.create(conn, checkfirst=True)
 
 
 # Append only. Each entry: (name, function applied inside one transaction).
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("m001_completions_and_feedback", _m001_initial),
-    ("m002_completion_metadata", _m002_completion_metadata),
+    ("m002_token_ids_and_feedback_sequence", _m002_token_ids_and_sequence),
+    ("m003_completion_metadata", _m003_completion_metadata),
 ]

@@ -30,7 +30,7 @@ from server.errors import (
 from server.store import chat_completions as chat
 from server.store.database import migrate, open_engine
 from server.store.records import CompletionRecord, FeedbackCreate, FeedbackRow, polarity_of
-from server.store.schema import completions, feedback
+from server.store.schema import FEEDBACK_SEQUENCE, completions, counters, feedback
 from server.store.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
@@ -223,38 +223,36 @@ class Store:
                             param="idempotency_key",
                         )
                     return row, False
-            target = conn.execute(
-                select(completions.c.model, completions.c.choices, completions.c.prompt_text).where(
-                    completions.c.id == fb.completion_id, *_owned(completions, owner)
-                )
-            ).first()
-            if target is None:
-                raise NotFound(f"No stored completion `{fb.completion_id}`.", param="completion_id")
+            target = _judged_record(conn, fb.completion_id, owner, "completion_id")
             if fb.choice_index >= len(target.choices):
                 raise InvalidRequest(
                     f"choice_index {fb.choice_index} is out of range: completion "
                     f"`{fb.completion_id}` has {len(target.choices)} choice(s).",
                     param="choice_index",
                 )
+            if fb.preferred_over_choice is not None and fb.preferred_over is None:
+                raise InvalidRequest(
+                    "preferred_over_choice needs preferred_over.", param="preferred_over_choice"
+                )
             if fb.preferred_over is not None:
-                other = conn.execute(
-                    select(completions.c.prompt_text).where(
-                        completions.c.id == fb.preferred_over, *_owned(completions, owner)
-                    )
-                ).first()
-                if other is None:
-                    raise NotFound(
-                        f"No stored completion `{fb.preferred_over}`.", param="preferred_over"
-                    )
-                if fb.preferred_over == fb.completion_id:
+                other = _judged_record(conn, fb.preferred_over, owner, "preferred_over")
+                losing = fb.preferred_over_choice or 0
+                if losing >= len(other.choices):
                     raise InvalidRequest(
-                        "A completion cannot be preferred over itself.", param="preferred_over"
+                        f"preferred_over_choice {losing} is out of range: completion "
+                        f"`{fb.preferred_over}` has {len(other.choices)} choice(s).",
+                        param="preferred_over_choice",
+                    )
+                if fb.preferred_over == fb.completion_id and losing == fb.choice_index:
+                    raise InvalidRequest(
+                        "A choice cannot be preferred over itself.", param="preferred_over"
                     )
                 # Another model is fine (a side-by-side of two models is a DPO pair); the
-                # prompt, as rendered, must be the same.
-                if other.prompt_text != target.prompt_text:
+                # prompt, as rendered, must be the same — per choice, since one completions
+                # request may carry several prompts.
+                if other.prompt_of(losing) != target.prompt_of(fb.choice_index):
                     raise InvalidRequest(
-                        "preferred_over must name a completion of the same prompt.",
+                        "preferred_over must name a completion (and choice) of the same prompt.",
                         param="preferred_over",
                     )
             row = FeedbackRow(
@@ -268,10 +266,12 @@ class Store:
                 rating_scale=fb.rating_scale,
                 label=fb.label,
                 preferred_over=fb.preferred_over,
+                preferred_over_choice=fb.preferred_over_choice,
                 annotator=fb.annotator,
                 key_id=fb.key_id,
                 idempotency_key=fb.idempotency_key,
                 payload_hash=digest,
+                seq=_next_seq(conn, FEEDBACK_SEQUENCE),
             )
             conn.execute(feedback.insert().values(**_feedback_values(row)))
             return row, True
@@ -410,12 +410,20 @@ class Store:
         annotators: Sequence[str] | None = None,
         key_ids: Sequence[str] | None = None,
         trusted: Sequence[str] | None = None,
+        after_seq: int | None = None,
+        through_seq: int | None = None,
     ) -> tuple[list[FeedbackRow], dict[str, CompletionRecord]]:
-        """Feedback (oldest first, ``since`` ≤ created < ``until``) and every completion it
-        names, for exports. ``annotators`` / ``key_ids``: only theirs. ``trusted``: only
-        reviewed feedback or feedback posted with these key ids (``[]``: reviewed only) —
-        trust comes from the key, never from the ``annotator`` label a body carries."""
+        """Feedback (in commit order; ``since`` ≤ created < ``until``; ``after_seq`` < seq ≤
+        ``through_seq``) and every completion it names, for exports. ``annotators`` /
+        ``key_ids``: only theirs. ``trusted``: only reviewed feedback or feedback posted with
+        these key ids (``[]``: reviewed only) — trust comes from the key, never from the
+        ``annotator`` label a body carries. Iterations select by sequence: a window
+        ``(previous watermark, feedback_watermark()]`` misses no row and repeats none."""
         conditions = []
+        if after_seq is not None:
+            conditions.append(feedback.c.seq > after_seq)
+        if through_seq is not None:
+            conditions.append(feedback.c.seq <= through_seq)
         if model is not None:
             conditions.append(feedback.c.model == model)
         if since is not None:
@@ -432,7 +440,7 @@ class Store:
             )
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(feedback).where(*conditions).order_by(feedback.c.created_at, feedback.c.id)
+                select(feedback).where(*conditions).order_by(feedback.c.seq, feedback.c.id)
             ).all()
             fbs = [FeedbackRow.from_row(r) for r in rows]
             ids = sorted(
@@ -444,6 +452,15 @@ class Store:
                 for r in conn.execute(select(completions).where(completions.c.id.in_(chunk))):
                     records[r.id] = CompletionRecord.from_row(r)
         return fbs, records
+
+    def feedback_watermark(self) -> int:
+        """The highest committed feedback sequence number: every row at or below it is
+        committed and visible, and every later commit gets a higher number."""
+        with self.engine.connect() as conn:
+            value = conn.execute(
+                select(counters.c.value).where(counters.c.name == FEEDBACK_SEQUENCE)
+            ).scalar_one()
+        return int(value)
 
     async def _read(self, fn: Callable[[], Any]) -> Any:
         try:
@@ -483,7 +500,25 @@ def _feedback_values(row: FeedbackRow) -> dict[str, Any]:
         "idempotency_key": row.idempotency_key,
         "payload_hash": row.payload_hash,
         "reviewed": row.reviewed,
+        "preferred_over_choice": row.preferred_over_choice,
+        "seq": row.seq,
     }
+
+
+def _judged_record(conn: Connection, completion_id: str, owner: str | None, param: str) -> Any:
+    row = conn.execute(
+        select(completions).where(completions.c.id == completion_id, *_owned(completions, owner))
+    ).first()
+    if row is None:
+        raise NotFound(f"No stored completion `{completion_id}`.", param=param)
+    return CompletionRecord.from_row(row)
+
+
+def _next_seq(conn: Connection, name: str) -> int:
+    """The next number of sequence ``name``, in this transaction. The UPDATE locks the
+    counter's row until commit, so numbers commit in order (see ``schema.counters``)."""
+    conn.execute(update(counters).where(counters.c.name == name).values(value=counters.c.value + 1))
+    return int(conn.execute(select(counters.c.value).where(counters.c.name == name)).scalar_one())
 
 
 def _owned(table: Any, owner: str | None) -> list[Any]:

@@ -2,10 +2,14 @@
 
 Reads the CUT repo's `data/iter/train-alpaca-sample-iter*.json` layout, which is also what
 `aligngate export --format cut` writes: a JSON list of
-`{id, instruction, input, output, judgment | null, score?}`.
-Every prompt comes from the model's own `Renderer`, the one it is served with: the plain
-prompt (B) is exactly what a user's request renders to, the judgment prompt (A) is the
-family's `judge` template.
+`{id, instruction, input, output, judgment | null, score?}`, plus what the gateway adds:
+`messages` (the whole conversation as served: system message, earlier turns) and
+`prompt_token_ids` / `output_token_ids` (the ids the engine received and produced).
+With ids, the example is token-exact: the plain sequence is the served prompt's ids and the
+response is the produced ids, never re-tokenized text; the judgment prompt (A) is the
+family's `judge` template over the same conversation, followed by the same response ids.
+Without them (the CUT repo's files), every prompt comes from the model's own `Renderer`:
+the plain prompt (B) is exactly what a user's request renders to.
 
 Owns: parsing, downsampling, tokenizing and truncating examples.
 Does not know: the loss, models or optimizers.
@@ -35,6 +39,16 @@ class CutRecord:
     instruction: str
     output: str
     judgment: str | None  # None: judged fine
+    # The conversation as served (None: one user turn, ``instruction``).
+    messages: tuple[Message, ...] | None = None
+    # Token-exact: the served prompt's ids (BOS included) and the produced ids.
+    prompt_ids: tuple[int, ...] | None = None
+    output_ids: tuple[int, ...] | None = None
+
+    def conversation(self) -> list[Message]:
+        if self.messages is not None:
+            return list(self.messages)
+        return [Message("user", self.instruction)]
 
     @property
     def judged(self) -> bool:
@@ -86,14 +100,54 @@ def parse_records(raw: Any) -> list[CutRecord]:
             judgment = None
         if judgment is not None and not judgment.strip():
             judgment = None
+        prompt_ids = _ids(item, "prompt_token_ids", i)
+        output_ids = _ids(item, "output_token_ids", i)
+        if (prompt_ids is None) != (output_ids is None):
+            raise CutDataError(
+                f"record {i}: `prompt_token_ids` and `output_token_ids` come together"
+            )
         records.append(
             CutRecord(
                 instruction=f"{instruction}\n{extra}" if extra else instruction,
                 output=output,
                 judgment=judgment,
+                messages=_messages(item, i),
+                prompt_ids=prompt_ids,
+                output_ids=output_ids,
             )
         )
     return records
+
+
+def _ids(item: dict[str, Any], key: str, i: int) -> tuple[int, ...] | None:
+    value = item.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
+    ):
+        raise CutDataError(f"record {i}: `{key}` must be a list of token ids")
+    return tuple(value)
+
+
+def _messages(item: dict[str, Any], i: int) -> tuple[Message, ...] | None:
+    value = item.get("messages")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise CutDataError(f"record {i}: `messages` must be a non-empty list")
+    out = []
+    for m in value:
+        if not (
+            isinstance(m, dict)
+            and m.get("role") in ("system", "user", "assistant")
+            and isinstance(m.get("content"), str)
+        ):
+            raise CutDataError(
+                f"record {i}: each message is {{role: system|user|assistant, content: str}}"
+            )
+        out.append(Message(m["role"], m["content"]))
+    return tuple(out)
 
 
 def read_records(path: Path) -> tuple[list[CutRecord], str]:
@@ -141,18 +195,26 @@ def _truncate_left(ids: list[int], cutoff: int) -> list[int]:
 
 
 def build_example(renderer: Renderer, record: CutRecord, cutoff: int) -> CutExample | None:
-    messages = [Message("user", record.instruction)]
-    plain = renderer.render_chat(messages)
-    response = _response_ids(renderer, plain, record.output)
-    if len(response) < 2:  # nothing but EOS
-        return None
+    messages = record.conversation()
+    if record.prompt_ids is not None and record.output_ids is not None:
+        # Token-exact: the sequence the model was served and produced, as it was.
+        prompt_ids = list(record.prompt_ids)
+        response = list(record.output_ids)
+        if not [t for t in response if t != renderer.tokenizer.eos_token_id]:
+            return None  # nothing but EOS
+    else:
+        plain = renderer.render_chat(messages)
+        prompt_ids = plain.token_ids
+        response = _response_ids(renderer, plain, record.output)
+        if len(response) < 2:  # nothing but EOS
+            return None
     judge_ids = None
     if record.judgment is not None:
         judge = renderer.render_extra("judge", messages, judgment=record.judgment)
-        if _response_ids(renderer, judge, record.output) != response:
+        if record.output_ids is None and _response_ids(renderer, judge, record.output) != response:
             return None  # CUT needs the same response tokens under both prompts
         judge_ids = _truncate_left(judge.token_ids + response, cutoff)
-    plain_ids = _truncate_left(plain.token_ids + response, cutoff)
+    plain_ids = _truncate_left(prompt_ids + response, cutoff)
     # Over-long sequences lose prompt tokens first (cut from the left); at least one
     # prompt token must remain to predict the first response token from.
     response_len = min(len(response), len(plain_ids) - 1, len(judge_ids or plain_ids) - 1)

@@ -5,7 +5,9 @@ process (serving goes on) → ``<adapters>/<base>-iter<K>`` → hot-loaded as mo
 
 An iteration on an adapter's traffic continues training that adapter; an iteration on a base
 model's traffic starts a fresh LoRA. Each adapter's metadata records its iteration and the
-time up to which it consumed judgments, so the next iteration starts there.
+feedback watermark up to which it consumed judgments (the store's commit-ordered sequence,
+not a wall-clock time: a judgment committed late still falls in the next window), so the
+next iteration starts there.
 
 Owns: planning, the job's state, the worker process. Does not know: HTTP, SQL, vLLM.
 """
@@ -27,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from server.feedback.export import to_cut
+from server.feedback.export import build_export
 from server.models.adapter_meta import META_FILE, read_meta, write_json_atomic
 from server.store import Store
 from server.training.trainer import CutConfig
@@ -51,11 +53,13 @@ class AlignPlan:
     template: str | None
     init_adapter: Path | None  # continue training this adapter (``model`` is an adapter)
     iteration: int
-    since: float | None
+    since: float | None  # an explicit time filter (``--since``), else None
     root: Path
     # Only reviewed judgments or these annotators' train; None: every judgment.
     trusted: tuple[str, ...] | None = ()
     trust_remote_code: bool = False  # from the base's models-file entry
+    # Feedback committed after this watermark (the previous iteration's); None: from the start.
+    after_seq: int | None = None
 
     @property
     def name(self) -> str:
@@ -98,8 +102,9 @@ def plan_iteration(
 ) -> AlignPlan:
     history = previous_iterations(root, base_name)
     iteration = (history[-1]["iteration"] + 1) if history else 1
-    if since is None and history:
-        since = history[-1].get("until")
+    after_seq = history[-1].get("through_seq") if history else None
+    if since is None and history and after_seq is None:
+        since = history[-1].get("until")  # an adapter from before the watermark
     return AlignPlan(
         model=model,
         base_name=base_name,
@@ -112,6 +117,7 @@ def plan_iteration(
         root=root,
         trusted=trusted,
         trust_remote_code=trust_remote_code,
+        after_seq=after_seq,
     )
 
 
@@ -123,10 +129,14 @@ class AlignJob:
     adapter: str | None = None
     iteration: int | None = None
     since: float | None = None
-    until: float | None = None
+    until: float | None = None  # when the export read (for people; selection is by sequence)
+    after_seq: int | None = None
+    through_seq: int | None = None  # the watermark this iteration consumed up to
     feedback_rows: int = 0
     records: int = 0
     judged: int = 0
+    superseded: int = 0  # verdicts replaced by a later one on the same choice
+    conflicts: int = 0  # choices whose verdicts disagreed (the latest won)
     step: int = 0
     total_steps: int = 0
     loss: float | None = None
@@ -193,6 +203,7 @@ async def run_iteration(
 ) -> AlignJob:
     """Export → train (worker process) → write the adapter → ``load(name, folder)``."""
     job.iteration, job.since, job.adapter = plan.iteration, plan.since, plan.name
+    job.after_seq = plan.after_seq
     work = plan.root / ".align" / job.id
     try:
         if plan.out.exists():
@@ -200,15 +211,20 @@ async def run_iteration(
         started = time.perf_counter()
         job.status = "exporting"
         job.until = time.time()
+        # Read the watermark first: every row at or below it is committed, so the window
+        # (after_seq, through_seq] is complete now and the next one starts where it ends.
+        job.through_seq = await asyncio.to_thread(store.feedback_watermark)
         rows, records = await asyncio.to_thread(
             store.export_rows,
             model=plan.model,
             since=plan.since,
-            until=job.until,
+            after_seq=plan.after_seq,
+            through_seq=job.through_seq,
             trusted=plan.trusted,
         )
-        items = to_cut(rows, records)
+        items, report = build_export("cut", rows, records)
         job.feedback_rows, job.records = len(rows), len(items)
+        job.superseded, job.conflicts = report.superseded, report.conflicts
         job.judged = sum(1 for i in items if i["judgment"] is not None)
         if job.judged < min_records:
             which = "" if plan.trusted is None else " reviewed or by trusted keys"
@@ -258,6 +274,8 @@ async def run_iteration(
             "base": plan.base_name,
             "since": plan.since,
             "until": job.until,
+            "after_seq": plan.after_seq,
+            "through_seq": job.through_seq,
             "feedback_rows": job.feedback_rows,
             "job": job.id,
         }
