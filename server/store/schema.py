@@ -97,6 +97,18 @@ counters = Table(
 
 FEEDBACK_SEQUENCE = "feedback"
 
+# A completion's ``metadata`` (OpenAI's Stored Completions), one row per pair: exact-match
+# filters on key and value read the same on SQLite and PostgreSQL, whatever a key contains
+# (a JSON path would need quoting each database spells its own way).
+completion_metadata = Table(
+    "completion_metadata",
+    metadata,
+    Column("completion_id", String(64), ForeignKey("completions.id"), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("value", String(512), nullable=False),
+    Index("ix_completion_metadata_pair", "key", "value"),
+)
+
 migrations_table = Table(
     "aligngate_migrations",
     metadata,
@@ -142,8 +154,13 @@ def _m002_token_ids_and_sequence(conn: Connection) -> None:
     conn.execute(text("CREATE UNIQUE INDEX IF NOT EXISTS ix_feedback_seq ON feedback (seq)"))
 
 
+def _m003_completion_metadata(conn: Connection) -> None:
+    completion_metadata.create(conn, checkfirst=True)
+
+
 # Append only. Each entry: (name, function applied inside one transaction).
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("m001_completions_and_feedback", _m001_initial),
     ("m002_token_ids_and_feedback_sequence", _m002_token_ids_and_sequence),
+    ("m003_completion_metadata", _m003_completion_metadata),
 ]
