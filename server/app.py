@@ -16,6 +16,8 @@ from fastapi import FastAPI
 
 from server import __version__
 from server.errors import install_error_handlers
+from server.evaluation.judge_runs import JudgeSampler
+from server.evaluation.judges import build_judge
 from server.guards.admission import Admission
 from server.guards.auth import (
     ADMIN_KEY_ID,
@@ -29,7 +31,7 @@ from server.guards.draining import Drain, DrainMiddleware
 from server.guards.limits import RequestLimitMiddleware
 from server.guards.ratelimit import RateLimiter
 from server.metrics import GatewayMetrics, RequestMetricsMiddleware
-from server.models.models_file import ModelEntry, Resources
+from server.models.models_file import JudgeEntry, ModelEntry, Resources
 from server.models.registry import Registry
 from server.routes import admin, feedback, health, openai, render, stored_completions, ui
 from server.settings import Settings
@@ -51,10 +53,22 @@ def process_started() -> float:
 
 
 def build_app(
-    settings: Settings, entries: list[ModelEntry], resources: Resources | None = None
+    settings: Settings,
+    entries: list[ModelEntry],
+    resources: Resources | None = None,
+    judges: list[JudgeEntry] | None = None,
+    self_url: str | None = None,
 ) -> FastAPI:
+    """``judges``: the models file's; those with ``sample > 0`` judge live traffic in the
+    background. ``self_url``: this gateway's …/v1 address (what a judge's ``url: self`` is)."""
     metrics = GatewayMetrics()
     registry = Registry(adapters_root=settings.adapters_dir.resolve())
+    # Built now, so a missing key variable or prompt file stops `serve` before any engine.
+    sampling = [
+        build_judge(j, self_url=self_url, metrics=metrics.judges)
+        for j in judges or []
+        if j.sample > 0
+    ]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -91,9 +105,16 @@ def build_app(
             phases,
             time.monotonic() - process_started(),
         )
+        sampler = JudgeSampler(store, sampling) if sampling else None
+        if sampler is not None:
+            sampler.start()
+            app.state.completion_listener = sampler.completion_recorded
         try:
             yield
         finally:
+            if sampler is not None:  # first: a judge may be this gateway's own engine
+                app.state.completion_listener = None
+                await sampler.stop()
             await app.state.align_jobs.shutdown()  # kills a training worker still running
             # Engines own processes; stop them here rather than at interpreter exit.
             registry.shutdown()

@@ -97,6 +97,7 @@ class GatewayMetrics:
         self.store_errors = Counter(
             "aligngate_store_errors", "Store writes or reads that failed.", registry=r
         )
+        self.judges = JudgeMetrics(r)
 
     def promoted(self, alias: str, version: str, previous: str | None) -> None:
         """One series per alias: the version it serves now."""
@@ -113,6 +114,56 @@ class GatewayMetrics:
         """Expose per-model engine gauges read at scrape time: (model, running, waiting,
         unfinished) where unfinished counts requests the engine still tracks."""
         self.registry.register(_EngineCollector(read))
+
+
+_JUDGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class JudgeMetrics:
+    """AI judges' calls: requests (every HTTP attempt), their latency, errors by reason
+    (``unparseable`` replies among them: never stored as verdicts), verdicts stored, and
+    sampled completions dropped because a judge's queue was full."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = registry or CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "aligngate_judge_requests",
+            "Requests sent to AI judges (each attempt), by judge and kind.",
+            ["judge", "kind"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "aligngate_judge_latency_seconds",
+            "Time of one answered judge request.",
+            ["judge"],
+            buckets=_JUDGE_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "aligngate_judge_errors",
+            "Judge calls without a verdict, by judge and reason (no_marker, ambiguous, "
+            "out_of_range, empty_judgment: the reply was unparseable; http_NNN, timeout, "
+            "connection, bad_response: the endpoint failed).",
+            ["judge", "reason"],
+            registry=r,
+        )
+        self.verdicts = Counter(
+            "aligngate_judge_verdicts",
+            "Verdicts stored, by judge and verdict (desirable, undesirable, a, b, tie).",
+            ["judge", "verdict"],
+            registry=r,
+        )
+        self.dropped = Counter(
+            "aligngate_judge_dropped",
+            "Sampled completions not judged because the judge's queue was full.",
+            ["judge"],
+            registry=r,
+        )
+
+    def observe_request(self, judge: str, kind: str, seconds: float | None) -> None:
+        self.requests.labels(judge=judge, kind=kind).inc()
+        if seconds is not None:
+            self.latency.labels(judge=judge).observe(seconds)
 
 
 class _EngineCollector(Collector):

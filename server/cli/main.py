@@ -1,5 +1,5 @@
 """The ``aligngate`` command line: serve, render, export, alpaca-eval, bench, default-model
-(and, from ``training``, train, merge, align).
+(and, from ``training``, train, merge, align; from ``judge``, judge).
 
 Owns: argument parsing and logging set-up. Starting vLLM spawns processes, which is why
 everything runs under ``main()`` (the console script is the ``__main__`` guard).
@@ -38,14 +38,23 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         deployment = _load_deployment(args.config, settings)
-        app = build_app(settings, deployment.models, deployment.resources)
+        host = args.host or settings.host
+        port = args.port if args.port is not None else settings.port
+        loopback = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        app = build_app(
+            settings,
+            deployment.models,
+            deployment.resources,
+            judges=deployment.judges,
+            self_url=f"http://{loopback}:{port}/v1",
+        )
     except (ModelsFileError, KeyConfigError) as exc:
         log.error("%s", exc)
         return 2
     config = uvicorn.Config(
         app,
-        host=args.host or settings.host,
-        port=args.port if args.port is not None else settings.port,
+        host=host,
+        port=port,
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
@@ -440,9 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     default.set_defaults(func=_cmd_default_model)
 
     from server.cli.check import add_check_command
+    from server.cli.judge import add_judge_command
     from server.cli.training import add_training_commands
 
     add_check_command(sub)
+    add_judge_command(sub)
     add_training_commands(sub)
     return parser
 

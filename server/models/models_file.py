@@ -1,8 +1,9 @@
 """The models file: its schema (YAML, every key checked), loading it, and where each
 entry's checkpoint and prompt format come from.
 
-Owns: `models:` entries (checkpoint, family, engine and LoRA settings, GPU placement) and
-the `resources:` section. Does not know: running engines (``registry``), HTTP.
+Owns: `models:` entries (checkpoint, family, engine and LoRA settings, GPU placement), the
+`resources:` section and the `judges:` section (which endpoint judges, how, how often).
+Does not know: running engines (``registry``), HTTP.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pydantic import (
 )
 
 from server.models.default_model import DEFAULT_MODEL_NAME, builtin_model
+from server.models.families import templates_dir
 from server.models.render import FamilyDetectionError, Renderer
 from server.settings import Settings
 
@@ -149,11 +151,92 @@ class Resources(BaseModel):
     training: TrainingResources = Field(default_factory=TrainingResources)
 
 
+JUDGE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# `url: self`: this gateway's own OpenAI-compatible address (see ``JudgeEntry.url``).
+SELF_URL = "self"
+
+
+class JudgeEntry(BaseModel):
+    """One AI judge: an OpenAI-compatible chat endpoint asked with a versioned prompt file.
+
+    The kinds: ``judgment`` (CUT's natural-language judgment of one response: what is wrong,
+    or that nothing is), ``score`` (a 1-10 rating, desirable at or above ``threshold``, as
+    HALOs' labeller), ``pairwise`` (A vs B, asked in both orders; a verdict that flips with
+    the order is a tie).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=JUDGE_NAME_PATTERN)
+    kind: Literal["judgment", "score", "pairwise"]
+    # A base URL such as http://127.0.0.1:8000/v1 (requests go to {url}/chat/completions),
+    # or `self`: this gateway (the served address; `aligngate judge`: ALIGNGATE_HOST/PORT).
+    url: str = Field(pattern=r"^(self|https?://\S+)$")
+    model: str = Field(min_length=1, max_length=256)
+    # The name of an environment variable holding the endpoint's key (never the key itself,
+    # so a models file can be committed). Unset: no Authorization header.
+    api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    # A prompt file: a name under templates/judges/ or a path (relative to the models file).
+    # Default: the kind's `<kind>-v1.jinja`.
+    prompt: str | None = None
+    # score: a rating at or above this is desirable. 7: the CUT repo's rule for its optional
+    # `score` field (≥ 7 counts as a fine response).
+    threshold: float = Field(default=7.0, ge=1, le=10)
+    # Live traffic: the fraction of stored completions judged in the background (0: none),
+    # of these served models only (default: every model).
+    sample: float = Field(default=0.0, ge=0, le=1)
+    models: list[str] | None = Field(default=None, min_length=1)
+    requests_per_minute: int = Field(default=60, ge=1, le=100_000)
+    # Completions waiting for this judge; past it a sampled completion is dropped (counted).
+    queue_size: int = Field(default=256, ge=1, le=100_000)
+    max_tokens: int = Field(default=512, ge=1, le=32_768)
+    timeout_s: float = Field(default=120.0, gt=0, le=3600)
+    # Attempts per request (429, 5xx, connection errors and timeouts are retried with
+    # exponential backoff).
+    max_attempts: int = Field(default=4, ge=1, le=10)
+    # The key id its verdicts are stored under: trust for training is given to key ids
+    # (ALIGNGATE_TRUSTED_ANNOTATORS), so a judge is trusted exactly when this id is named.
+    key_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
+
+    @property
+    def stored_key_id(self) -> str:
+        return self.key_id or f"judge-{self.name}"
+
+    @property
+    def annotator(self) -> str:
+        return f"judge:{self.name}"
+
+    @property
+    def prompt_file(self) -> str:
+        return self.prompt or f"{self.kind}-v1.jinja"
+
+
 class ModelsFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: list[ModelEntry] = Field(min_length=1)
     resources: Resources = Field(default_factory=Resources)
+    judges: list[JudgeEntry] = Field(default_factory=list)
+
+    @field_validator("judges")
+    @classmethod
+    def _unique_judges(cls, value: list[JudgeEntry]) -> list[JudgeEntry]:
+        names = [j.name for j in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate judge name(s): {', '.join(dupes)}")
+        return value
+
+    @model_validator(mode="after")
+    def _judged_models_exist(self) -> ModelsFile:
+        served = {m.name for m in self.models} | {a.name for m in self.models for a in m.adapters}
+        for judge in self.judges:
+            unknown = sorted(set(judge.models or []) - served)
+            if unknown:
+                raise ValueError(
+                    f"judge {judge.name!r}: models {', '.join(unknown)} are not in `models:`"
+                )
+        return self
 
     @field_validator("models")
     @classmethod
@@ -171,6 +254,7 @@ class Deployment:
 
     models: list[ModelEntry]
     resources: Resources = field(default_factory=Resources)
+    judges: list[JudgeEntry] = field(default_factory=list)
 
 
 def load_models_file(path: Path) -> list[ModelEntry]:
@@ -196,7 +280,17 @@ def load_deployment(path: Path) -> Deployment:
         if entry.template and (base / entry.template).is_file():
             update["template"] = str(base / entry.template)
         entries.append(entry.model_copy(update=update) if update else entry)
-    return Deployment(models=entries, resources=parsed.resources)
+    judges = []
+    for judge in parsed.judges:
+        if judge.prompt and (base / judge.prompt).is_file():
+            judge = judge.model_copy(update={"prompt": str(base / judge.prompt)})
+        elif not (templates_dir() / "judges" / judge.prompt_file).is_file():
+            raise ModelsFileError(
+                f"judge {judge.name!r}: prompt file {judge.prompt_file!r} is neither in "
+                f"templates/judges/ nor beside {path}"
+            )
+        judges.append(judge)
+    return Deployment(models=entries, resources=parsed.resources, judges=judges)
 
 
 def default_entries() -> list[ModelEntry]:

@@ -213,41 +213,47 @@ def record_completion(
     if store is None:
         return
     try:
-        store.record_completion(
-            CompletionRecord(
-                id=completion_id,
-                created_at=time.time(),
-                endpoint=endpoint,
-                model=model.name,
-                family=model.renderer.family,
-                template_fingerprint=model.renderer.fingerprint,
-                request=sent,
-                prompt_text=prompt.text,
-                prompt_token_ids=list(prompt.token_ids),
-                prompt_bos=_bos_before_text(model, prompt),
-                sampling=dataclasses.asdict(spec),
-                choices=[
-                    ChoiceRecord(
-                        r.index,
-                        r.text,
-                        r.finish_reason,
-                        choice_prompts[r.index].text if choice_prompts else None,
-                        # Token-exact: what trainers use instead of re-tokenizing the text.
-                        token_ids=list(r.token_ids),
-                        prompt_token_ids=list(choice_prompts[r.index].token_ids)
-                        if choice_prompts
-                        else None,
-                    )
-                    for r in results
-                ],
-                prompt_tokens=tracker.prompt_tokens,
-                completion_tokens=sum(len(r.token_ids) for r in results),
-                latency_ms=(time.perf_counter() - tracker.received_at) * 1000,
-                key_id=getattr(request.state, "key_id", None),
-                user=user,
-                metadata=metadata,
-            )
+        record = CompletionRecord(
+            id=completion_id,
+            created_at=time.time(),
+            endpoint=endpoint,
+            model=model.name,
+            family=model.renderer.family,
+            template_fingerprint=model.renderer.fingerprint,
+            request=sent,
+            prompt_text=prompt.text,
+            prompt_token_ids=list(prompt.token_ids),
+            prompt_bos=_bos_before_text(model, prompt),
+            sampling=dataclasses.asdict(spec),
+            choices=[
+                ChoiceRecord(
+                    r.index,
+                    r.text,
+                    r.finish_reason,
+                    choice_prompts[r.index].text if choice_prompts else None,
+                    # Token-exact: what trainers use instead of re-tokenizing the text.
+                    token_ids=list(r.token_ids),
+                    prompt_token_ids=list(choice_prompts[r.index].token_ids)
+                    if choice_prompts
+                    else None,
+                )
+                for r in results
+            ],
+            prompt_tokens=tracker.prompt_tokens,
+            completion_tokens=sum(len(r.token_ids) for r in results),
+            latency_ms=(time.perf_counter() - tracker.received_at) * 1000,
+            key_id=getattr(request.state, "key_id", None),
+            user=user,
+            metadata=metadata,
         )
+        future = store.record_completion(record)
+        # Whoever listens (the AI judges' sampler) hears of the record once it is committed;
+        # the listener only hands it over, so the response is not delayed.
+        listener = getattr(request.app.state, "completion_listener", None)
+        if listener is not None:
+            future.add_done_callback(
+                lambda done: listener(record) if done.exception() is None else None
+            )
     except Exception:
         log.exception("Could not queue completion %s for the store", completion_id)
         tracker.metrics.store_errors.inc()

@@ -10,6 +10,7 @@ from server.store.records import (
     CompletionRecord,
     FeedbackCreate,
     FeedbackRow,
+    JudgeCallRow,
 )
 from server.store.store import Store
 
@@ -19,6 +20,7 @@ __all__ = [
     "CompletionRecord",
     "FeedbackCreate",
     "FeedbackRow",
+    "JudgeCallRow",
     "Store",
     "open_engine",
     "sqlite_url",

@@ -154,3 +154,30 @@ def polarity_of(
     if judged:
         return False
     return None
+
+
+@dataclass(slots=True)
+class JudgeCallRow:
+    """One verdict of an AI judge (see ``schema.judge_calls``)."""
+
+    id: str
+    created_at: float
+    judge: str
+    kind: str
+    judge_model: str
+    prompt_version: str
+    completion_id: str
+    choice_index: int
+    verdict: dict[str, Any]
+    raw_replies: list[str]
+    latency_ms: float
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    source: str
+    other_choice_index: int | None = None
+    feedback_id: str | None = None
+
+    @classmethod
+    def from_row(cls, row: Any) -> JudgeCallRow:
+        return cls(**dict(row._mapping))

@@ -109,6 +109,34 @@ completion_metadata = Table(
     Index("ix_completion_metadata_pair", "key", "value"),
 )
 
+# One row per verdict an AI judge gave (never for an unparseable reply): who judged, with
+# which prompt version, what it replied and how long it took. ``feedback_id`` is the feedback
+# row the verdict became (None for a pairwise tie, which is no preference). The completion is
+# not a foreign key: this is a log of calls, and a completion deleted later keeps its history.
+judge_calls = Table(
+    "judge_calls",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Column("judge", String(64), nullable=False),
+    Column("kind", String(16), nullable=False),  # judgment | score | pairwise
+    Column("judge_model", String(256), nullable=False),
+    Column("prompt_version", String(160), nullable=False),  # file name @ content hash
+    Column("completion_id", String(64), nullable=False),
+    Column("choice_index", Integer, nullable=False),
+    Column("other_choice_index", Integer),  # pairwise: the choice shown as B first
+    Column("feedback_id", String(64), ForeignKey("feedback.id")),
+    Column("verdict", JSON, nullable=False),  # the parsed verdict
+    Column("raw_replies", JSON, nullable=False),  # the judge's replies, one per request order
+    Column("latency_ms", Float, nullable=False),
+    Column("requests", Integer, nullable=False),  # HTTP attempts, retries included
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("source", String(16), nullable=False),  # cli | live
+    Index("ix_judge_calls_completion", "completion_id", "judge"),
+    Index("ix_judge_calls_judge_created", "judge", "created_at"),
+)
+
 migrations_table = Table(
     "aligngate_migrations",
     metadata,
@@ -158,9 +186,14 @@ def _m003_completion_metadata(conn: Connection) -> None:
     completion_metadata.create(conn, checkfirst=True)
 
 
+def _m004_judge_calls(conn: Connection) -> None:
+    judge_calls.create(conn, checkfirst=True)
+
+
 # Append only. Each entry: (name, function applied inside one transaction).
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("m001_completions_and_feedback", _m001_initial),
     ("m002_token_ids_and_feedback_sequence", _m002_token_ids_and_sequence),
     ("m003_completion_metadata", _m003_completion_metadata),
+    ("m004_judge_calls", _m004_judge_calls),
 ]

@@ -28,8 +28,15 @@ from server.errors import (
     StoreUnavailable,
 )
 from server.store import chat_completions as chat
+from server.store import judge_calls as judges
 from server.store.database import migrate, open_engine
-from server.store.records import CompletionRecord, FeedbackCreate, FeedbackRow, polarity_of
+from server.store.records import (
+    CompletionRecord,
+    FeedbackCreate,
+    FeedbackRow,
+    JudgeCallRow,
+    polarity_of,
+)
 from server.store.schema import FEEDBACK_SEQUENCE, completions, counters, feedback
 from server.store.writer import GroupCommitWriter
 
@@ -208,73 +215,7 @@ class Store:
         digest = _payload_hash(fb)
 
         def write(conn: Connection) -> tuple[FeedbackRow, bool]:
-            if fb.idempotency_key is not None:
-                existing = conn.execute(
-                    select(feedback).where(
-                        feedback.c.key_id == fb.key_id,
-                        feedback.c.idempotency_key == fb.idempotency_key,
-                    )
-                ).first()
-                if existing is not None:
-                    row = FeedbackRow.from_row(existing)
-                    if row.payload_hash != digest:
-                        raise IdempotencyConflict(
-                            "This idempotency_key was already used with a different payload.",
-                            param="idempotency_key",
-                        )
-                    return row, False
-            target = _judged_record(conn, fb.completion_id, owner, "completion_id")
-            if fb.choice_index >= len(target.choices):
-                raise InvalidRequest(
-                    f"choice_index {fb.choice_index} is out of range: completion "
-                    f"`{fb.completion_id}` has {len(target.choices)} choice(s).",
-                    param="choice_index",
-                )
-            if fb.preferred_over_choice is not None and fb.preferred_over is None:
-                raise InvalidRequest(
-                    "preferred_over_choice needs preferred_over.", param="preferred_over_choice"
-                )
-            if fb.preferred_over is not None:
-                other = _judged_record(conn, fb.preferred_over, owner, "preferred_over")
-                losing = fb.preferred_over_choice or 0
-                if losing >= len(other.choices):
-                    raise InvalidRequest(
-                        f"preferred_over_choice {losing} is out of range: completion "
-                        f"`{fb.preferred_over}` has {len(other.choices)} choice(s).",
-                        param="preferred_over_choice",
-                    )
-                if fb.preferred_over == fb.completion_id and losing == fb.choice_index:
-                    raise InvalidRequest(
-                        "A choice cannot be preferred over itself.", param="preferred_over"
-                    )
-                # Another model is fine (a side-by-side of two models is a DPO pair); the
-                # prompt, as rendered, must be the same — per choice, since one completions
-                # request may carry several prompts.
-                if other.prompt_of(losing) != target.prompt_of(fb.choice_index):
-                    raise InvalidRequest(
-                        "preferred_over must name a completion (and choice) of the same prompt.",
-                        param="preferred_over",
-                    )
-            row = FeedbackRow(
-                id=f"fb-{uuid.uuid4().hex}",
-                created_at=time.time(),
-                completion_id=fb.completion_id,
-                choice_index=fb.choice_index,
-                model=target.model,
-                judgment=fb.judgment,
-                rating=fb.rating,
-                rating_scale=fb.rating_scale,
-                label=fb.label,
-                preferred_over=fb.preferred_over,
-                preferred_over_choice=fb.preferred_over_choice,
-                annotator=fb.annotator,
-                key_id=fb.key_id,
-                idempotency_key=fb.idempotency_key,
-                payload_hash=digest,
-                seq=_next_seq(conn, FEEDBACK_SEQUENCE),
-            )
-            conn.execute(feedback.insert().values(**_feedback_values(row)))
-            return row, True
+            return _insert_feedback(conn, fb, owner, digest)
 
         future = self._writer.submit(write)
         try:
@@ -399,6 +340,59 @@ class Store:
             entry["preferences"] += count if has_preference else 0
         return sorted(totals.values(), key=lambda e: e["model"])
 
+    # ---- AI judges -----------------------------------------------------------------------
+
+    async def add_judge_call(
+        self, call: JudgeCallRow, fb: FeedbackCreate | None = None
+    ) -> tuple[JudgeCallRow, FeedbackRow | None]:
+        """Store a judge's verdict: the feedback it becomes (None: a pairwise tie, which is
+        no preference) and its ``judge_calls`` row, committed together or not at all."""
+        digest = _payload_hash(fb) if fb is not None else ""
+
+        def write(conn: Connection) -> tuple[JudgeCallRow, FeedbackRow | None]:
+            row = None
+            if fb is not None:
+                row, _ = _insert_feedback(conn, fb, None, digest)
+                call.feedback_id = row.id
+            judges.insert_call(conn, call)
+            return call, row
+
+        try:
+            return await asyncio.wrap_future(self._writer.submit(write))
+        except (IdempotencyConflict, NotFound, InvalidRequest):
+            raise
+        except Exception as exc:
+            raise StoreUnavailable("The store is unavailable; the verdict was not stored.") from exc
+
+    async def list_judge_calls(
+        self, *, judge: str | None = None, completion_id: str | None = None, limit: int = 1000
+    ) -> list[JudgeCallRow]:
+        def read() -> list[JudgeCallRow]:
+            with self.engine.connect() as conn:
+                return judges.list_calls(
+                    conn, judge=judge, completion_id=completion_id, limit=limit
+                )
+
+        return list(await self._read(read))
+
+    async def unjudged_completions(
+        self,
+        *,
+        judge: str,
+        model: str | None = None,
+        since: float | None = None,
+        limit: int | None = None,
+    ) -> list[CompletionRecord]:
+        """Finished completions, oldest first, that ``judge`` has not judged yet."""
+
+        def read() -> list[CompletionRecord]:
+            with self.engine.connect() as conn:
+                return judges.unjudged_completions(
+                    conn, judge=judge, model=model, since=since, limit=limit
+                )
+
+        return list(await self._read(read))
+
     # ---- export reads (synchronous: the CLI and background jobs use them) -------------------
 
     def export_rows(
@@ -481,6 +475,80 @@ class Store:
             raise
         except Exception as exc:
             raise StoreUnavailable("The store is unavailable; nothing changed.") from exc
+
+
+def _insert_feedback(
+    conn: Connection, fb: FeedbackCreate, owner: str | None, digest: str
+) -> tuple[FeedbackRow, bool]:
+    """``add_feedback``'s work inside a transaction of the writer (also used where feedback
+    and another row must commit together)."""
+    if fb.idempotency_key is not None:
+        existing = conn.execute(
+            select(feedback).where(
+                feedback.c.key_id == fb.key_id,
+                feedback.c.idempotency_key == fb.idempotency_key,
+            )
+        ).first()
+        if existing is not None:
+            row = FeedbackRow.from_row(existing)
+            if row.payload_hash != digest:
+                raise IdempotencyConflict(
+                    "This idempotency_key was already used with a different payload.",
+                    param="idempotency_key",
+                )
+            return row, False
+    target = _judged_record(conn, fb.completion_id, owner, "completion_id")
+    if fb.choice_index >= len(target.choices):
+        raise InvalidRequest(
+            f"choice_index {fb.choice_index} is out of range: completion "
+            f"`{fb.completion_id}` has {len(target.choices)} choice(s).",
+            param="choice_index",
+        )
+    if fb.preferred_over_choice is not None and fb.preferred_over is None:
+        raise InvalidRequest(
+            "preferred_over_choice needs preferred_over.", param="preferred_over_choice"
+        )
+    if fb.preferred_over is not None:
+        other = _judged_record(conn, fb.preferred_over, owner, "preferred_over")
+        losing = fb.preferred_over_choice or 0
+        if losing >= len(other.choices):
+            raise InvalidRequest(
+                f"preferred_over_choice {losing} is out of range: completion "
+                f"`{fb.preferred_over}` has {len(other.choices)} choice(s).",
+                param="preferred_over_choice",
+            )
+        if fb.preferred_over == fb.completion_id and losing == fb.choice_index:
+            raise InvalidRequest(
+                "A choice cannot be preferred over itself.", param="preferred_over"
+            )
+        # Another model is fine (a side-by-side of two models is a DPO pair); the
+        # prompt, as rendered, must be the same — per choice, since one completions
+        # request may carry several prompts.
+        if other.prompt_of(losing) != target.prompt_of(fb.choice_index):
+            raise InvalidRequest(
+                "preferred_over must name a completion (and choice) of the same prompt.",
+                param="preferred_over",
+            )
+    row = FeedbackRow(
+        id=f"fb-{uuid.uuid4().hex}",
+        created_at=time.time(),
+        completion_id=fb.completion_id,
+        choice_index=fb.choice_index,
+        model=target.model,
+        judgment=fb.judgment,
+        rating=fb.rating,
+        rating_scale=fb.rating_scale,
+        label=fb.label,
+        preferred_over=fb.preferred_over,
+        preferred_over_choice=fb.preferred_over_choice,
+        annotator=fb.annotator,
+        key_id=fb.key_id,
+        idempotency_key=fb.idempotency_key,
+        payload_hash=digest,
+        seq=_next_seq(conn, FEEDBACK_SEQUENCE),
+    )
+    conn.execute(feedback.insert().values(**_feedback_values(row)))
+    return row, True
 
 
 def _feedback_values(row: FeedbackRow) -> dict[str, Any]:
