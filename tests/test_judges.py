@@ -277,9 +277,9 @@ async def test_the_gateway_judges_its_own_stored_completions(
 ) -> None:
     metrics = JudgeMetrics(CollectorRegistry())
     judge = build_judge(_self_judge(gateway, name="self-score", kind="score"), metrics=metrics)
-    summary = await judge_stored(judged_store, judge, model=gateway.model, limit=4, seed=0)
+    summary = await judge_stored(judged_store, judge, model=gateway.model, limit=3, seed=0)
     print("score judge (score-v1):", summary.to_json())
-    assert 1 <= summary.completions <= 4 and summary.judged >= summary.completions
+    assert 1 <= summary.completions <= 3 and summary.judged >= summary.completions
     assert summary.stored + summary.unparseable + summary.failed == summary.judged
     assert summary.failed == 0 and summary.requests == summary.judged
     assert metrics.requests.labels(judge="self-score", kind="score")._value.get() == (
@@ -297,7 +297,7 @@ async def test_the_gateway_judges_its_own_stored_completions(
         assert fb.label == ("desirable" if call.verdict["score"] >= 7 else "undesirable")
     assert _unparseable(metrics, "self-score") == summary.unparseable
     # A rerun does not judge again what already has this judge's verdict.
-    await judge_stored(judged_store, judge, model=gateway.model, limit=4, seed=0)
+    await judge_stored(judged_store, judge, model=gateway.model, limit=1, seed=0)
     judged = [c.completion_id for c in await judged_store.list_judge_calls(judge="self-score")]
     assert len(judged) == len(set(judged))
 
@@ -352,13 +352,11 @@ async def test_compare_asks_both_orders(gateway: Gateway) -> None:
             assert verdict.outcome == (verdict.first if verdict.first == verdict.second else "tie")
         except JudgeReplyError as exc:
             print("pairwise unparseable:", exc, exc.replies)
-            assert 1 <= len(exc.replies) <= 2
-    assert len(sent) in (1, 2)
+            assert len(exc.replies) == 2
+    assert len(sent) == 2  # both orders, whatever the replies
     shown = [str(body["messages"][0]["content"]) for body in sent]  # type: ignore[index]
-    a_then_b = shown[0].index(first_answer) < shown[0].index(second_answer)
-    assert a_then_b
-    if len(sent) == 2:
-        assert shown[1].index(second_answer) < shown[1].index(first_answer)  # swapped
+    orders = sorted(text.index(first_answer) < text.index(second_answer) for text in shown)
+    assert orders == [False, True]  # once A first, once B shown as assistant A
     for body in sent:
         assert body["store"] is False and body["user"] == "judge:self-pair"
         assert body["temperature"] == 0
@@ -376,14 +374,14 @@ def test_aligngate_judge_cli(
     )
     done = run_cli(
         ["judge", "--config", str(config), "--model", gateway.model, "--judge", "cli-score",
-         "--limit", "2", "--since", "0"],
+         "--limit", "1", "--since", "0"],
         test_env,
         timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     print("aligngate judge:", summary)
-    assert 1 <= summary["completions"] <= 2
+    assert summary["completions"] == 1
     assert summary["stored"] + summary["unparseable"] + summary["failed"] == summary["judged"]
     calls = asyncio.run(judged_store.list_judge_calls(judge="cli-score"))
     assert len(calls) == summary["stored"]

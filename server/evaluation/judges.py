@@ -250,26 +250,30 @@ _SIDE_OF: dict[str, Side] = {"win": "a", "loss": "b", "tie": "tie"}
 
 
 async def compare(judge: Judge, conversation: list[dict[str, str]], a: str, b: str) -> PairVerdict:
-    """Ask a ``pairwise`` judge A vs B, then B vs A (the second request shows ``b`` as
-    assistant A). A verdict that flips with the order is a tie. A reply that cannot be
-    parsed, in either order, raises ``JudgeReplyError`` (counted; nothing is a verdict)."""
+    """Ask a ``pairwise`` judge A vs B and B vs A (the second request shows ``b`` as
+    assistant A), both at once. A verdict that flips with the order is a tie. A reply that
+    cannot be parsed, in either order, raises ``JudgeReplyError`` carrying both replies
+    (counted; nothing is a verdict)."""
     if judge.kind != "pairwise":
         raise ValueError(f"judge {judge.name!r} is {judge.kind}: use judge_one()")
+    # Both orders at once: one endpoint batches them, and both replies are kept either way.
+    replies = await asyncio.gather(
+        ask(judge, pairwise_message(judge.prompt, conversation, a, b)),
+        ask(judge, pairwise_message(judge.prompt, conversation, b, a)),
+    )
     usage = _Usage()
-    sides: list[Side] = []
-    for shown_a, shown_b, swapped in ((a, b, False), (b, a, True)):
-        reply = await ask(judge, pairwise_message(judge.prompt, conversation, shown_a, shown_b))
+    for reply in replies:
         usage.add(reply)
+    sides: list[Side] = []
+    for reply, order in zip(replies, ("first", "second"), strict=True):
         try:
             side = parse_pair(reply.text)
         except JudgeReplyError as exc:
             _count_error(judge, exc.reason)
             raise JudgeReplyError(
-                f"{exc} ({'second' if swapped else 'first'} order)",
-                exc.reason,
-                tuple(usage.replies),
+                f"{exc} ({order} order)", exc.reason, tuple(usage.replies)
             ) from exc
-        sides.append(unswap(side) if swapped else side)
+        sides.append(unswap(side) if order == "second" else side)
     first, second = sides
     outcome = _SIDE_OF[combine_both_orders(_OUTCOME_OF_A[first], _OUTCOME_OF_A[second])]
     return PairVerdict(
