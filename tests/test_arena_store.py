@@ -25,9 +25,7 @@ def store(store_url: str) -> Iterator[Store]:
     s.close()
 
 
-async def battle(
-    store: Store, a: str, b: str, *, prompt: str = "P", key: str = ALICE
-) -> str:
+async def battle(store: Store, a: str, b: str, *, prompt: str = "P", key: str = ALICE) -> str:
     """An open battle between stored answers of models ``a`` and ``b`` to ``prompt``."""
     ids = []
     for model in (a, b):
