@@ -31,7 +31,7 @@ from server.guards.ratelimit import RateLimiter
 from server.metrics import GatewayMetrics, RequestMetricsMiddleware
 from server.models.models_file import ModelEntry, Resources
 from server.models.registry import Registry
-from server.routes import admin, arena, feedback, health, openai, render, ui
+from server.routes import admin, arena, feedback, health, openai, render, stored_completions, ui
 from server.settings import Settings
 from server.store import Store
 from server.training.online import AlignJobs
@@ -67,6 +67,8 @@ def build_app(
         started = time.perf_counter()
         try:
             await registry.start(entries, settings, resources)
+            for alias, version in registry.aliases.items():
+                metrics.promoted(alias, version, None)
         except BaseException:
             registry.shutdown()
             store.close()
@@ -118,6 +120,7 @@ def build_app(
     )
     install_error_handlers(app)
     app.include_router(openai.router)
+    app.include_router(stored_completions.router)
     app.include_router(render.router)
     app.include_router(feedback.router)
     app.include_router(arena.router)

@@ -6,6 +6,7 @@ Does not know: engines' internals (it reads them through callbacks).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -92,12 +93,31 @@ class GatewayMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
             registry=r,
         )
+        self.promoted_version = Gauge(
+            "aligngate_promoted_version",
+            "1 for the version each alias (NAME@latest) serves now.",
+            ["alias", "version"],
+            registry=r,
+        )
+        self.gate_win_rate = Gauge(
+            "aligngate_gate_win_rate",
+            "The candidate's win rate at the last promotion gate of each base model.",
+            ["model"],
+            registry=r,
+        )
         self.store_writes = Counter(
             "aligngate_store_writes", "Writes committed to the store.", registry=r
         )
         self.store_errors = Counter(
             "aligngate_store_errors", "Store writes or reads that failed.", registry=r
         )
+
+    def promoted(self, alias: str, version: str, previous: str | None) -> None:
+        """One series per alias: the version it serves now."""
+        if previous is not None and previous != version:
+            with contextlib.suppress(KeyError):
+                self.promoted_version.remove(alias, previous)
+        self.promoted_version.labels(alias, version).set(1)
 
     def store_committed(self, seconds: float, writes: int) -> None:
         self.store_write_latency.observe(seconds)

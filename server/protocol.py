@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     field_validator,
@@ -44,6 +45,36 @@ def _no_nul(value: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_no_nul)]
+
+# OpenAI's limits on ``metadata``: 16 pairs, keys up to 64 characters, values up to 512.
+MAX_METADATA_PAIRS = 16
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 512
+
+
+def check_metadata(value: Any) -> Any:
+    # Before pydantic's own dict[str, str] check, so every error names `metadata` itself.
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("metadata must be an object of string keys and string values")
+    if len(value) > MAX_METADATA_PAIRS:
+        raise ValueError(f"at most {MAX_METADATA_PAIRS} metadata pairs are allowed")
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, str):
+            raise ValueError("metadata keys and values must be strings")
+        if not key or len(key) > MAX_METADATA_KEY_CHARS:
+            raise ValueError(f"a metadata key must have 1 to {MAX_METADATA_KEY_CHARS} characters")
+        if len(item) > MAX_METADATA_VALUE_CHARS:
+            raise ValueError(
+                f"metadata value of `{key}` is longer than {MAX_METADATA_VALUE_CHARS} characters"
+            )
+        if "\x00" in key or "\x00" in item:
+            raise ValueError("metadata must not contain NUL characters")
+    return value
+
+
+Metadata = Annotated[dict[str, str], BeforeValidator(check_metadata)]
 
 
 class _Strict(BaseModel):
@@ -91,7 +122,8 @@ class _SamplingFields(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     store: bool | None = None
-    metadata: dict[str, str] | None = None
+    # Stored with the record (OpenAI's Stored Completions: filter and update by it).
+    metadata: Metadata | None = None
     # vLLM's extra sampling fields, accepted under the same names vLLM's server uses.
     top_k: int | None = Field(default=None, ge=-1, le=1_000_000)
     min_p: float | None = Field(default=None, ge=0.0, le=1.0)
@@ -284,6 +316,12 @@ class FeedbackSummary(BaseModel):
     data: list[ModelFeedbackCounts]
 
 
+class ChatCompletionUpdate(_Strict):
+    """``POST /v1/chat/completions/{id}``: the new metadata, replacing the old (null: none)."""
+
+    metadata: Metadata | None
+
+
 class StoredChoice(BaseModel):
     index: int
     text: str
@@ -311,6 +349,7 @@ class StoredCompletion(BaseModel):
     status: str
     user: str | None
     key_id: str | None
+    metadata: dict[str, str]
     feedback: list[FeedbackPublic]
 
 
@@ -363,6 +402,43 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+
+
+# ---- OpenAI's Stored Completions (``/v1/chat/completions/{id}`` …) ---------------------
+
+
+class StoredChatCompletion(ChatCompletion):
+    metadata: dict[str, str]
+
+
+class StoredChatCompletionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[StoredChatCompletion]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class StoredMessage(BaseModel):
+    id: str  # "<completion id>-<index in the request>"
+    role: str
+    content: str
+    name: str | None = None
+    content_parts: list[TextPart] | None = None  # when the message was sent as parts
+
+
+class StoredMessageList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[StoredMessage]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool
+
+
+class ChatCompletionDeleted(BaseModel):
+    id: str
+    object: Literal["chat.completion.deleted"] = "chat.completion.deleted"
+    deleted: bool
 
 
 class ChatDelta(BaseModel):
@@ -422,6 +498,8 @@ class ModelCard(BaseModel):
     # An adapter: the base model it runs on, and its metadata (method, data, hyper-parameters).
     parent: str | None = None
     adapter: dict[str, Any] | None = None
+    # An alias (``NAME@latest``): the version it serves now.
+    alias_of: str | None = None
 
 
 class ModelList(BaseModel):
@@ -510,6 +588,14 @@ class AlignRequest(_Strict):
     # the keys file's `trusted` keys); the name is kept from when it matched annotator labels.
     trusted_annotators: list[Text] = Field(default_factory=list, max_length=1000)
     include_unreviewed: bool = False
+
+
+class PromoteRequest(_Strict):
+    """``POST /admin/promote``: point ``NAME@latest`` at a version (promote or roll back)."""
+
+    alias: str = Field(min_length=1, max_length=160)
+    version: str = Field(min_length=1, max_length=128)
+    reason: Text = Field(default="", max_length=1000)
 
 
 class ReviewRequest(_Strict):

@@ -106,6 +106,11 @@ def test_battle_vote_export_and_leaderboard(
             f"{gateway.url}/v1/arena/battles/{other['id']}/vote", json={"winner": winner}
         ).json()
         assert decided["winner"] == winner and decided["preference_id"] is None
+        # A battle's answer is evaluation data: not deleted, though no feedback names it.
+        gone = httpx.delete(
+            f"{gateway.url}/v1/chat/completions/{decided['a']['completion_id']}", timeout=30
+        )
+        assert gone.status_code == 409 and "arena battle" in gone.json()["error"]["message"]
 
     board = httpx.get(f"{gateway.url}/v1/leaderboard", params={"source": "human"}, timeout=60)
     assert board.status_code == 200, board.text
@@ -144,6 +149,8 @@ def test_battle_requests_are_checked(gateway: Gateway, contenders: list[str]) ->
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     vote = httpx.post(f"{gateway.url}/v1/arena/battles/x/vote", json={"winner": "c"})
     assert vote.status_code == 400 and vote.json()["error"]["param"] == "winner"
+    nul = httpx.get(f"{gateway.url}/v1/arena/battles/x%00y")
+    assert nul.status_code == 400, nul.text
 
 
 def test_battle_mode_in_the_browser_then_the_leaderboard(

@@ -126,7 +126,9 @@ def test_token_ids_outside_the_vocabulary_are_400(gateway: Gateway) -> None:
 
 def test_unknown_route_and_method_use_the_error_schema(gateway: Gateway) -> None:
     assert_openai_error(httpx.get(f"{gateway.url}/v1/nothing-here", timeout=10), 404, None)
-    assert_openai_error(httpx.get(f"{gateway.url}/v1/chat/completions", timeout=10), 405, None)
+    # (GET /v1/chat/completions is the Stored Completions list.)
+    wrong = httpx.delete(f"{gateway.url}/v1/chat/completions", timeout=10)
+    assert_openai_error(wrong, 405, None)
 
 
 def test_request_limits_name_the_parameter(gateway: Gateway) -> None:

@@ -8,6 +8,7 @@ import asyncio
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -155,6 +156,51 @@ def test_arena_battles_belong_to_the_key_that_started_them(
         assert board[BOB]["data"] == [] and board[BOB]["battles"] == 0
     finally:
         httpx.delete(f"{hardened.url}/admin/adapters/arena:tuned", headers=auth(ADMIN))
+
+
+def test_stored_completions_are_scoped_per_key(hardened: Gateway) -> None:
+    """OpenAI's Stored Completions routes: another key's id is a 404 on every route, as a
+    missing one; its lists leave the record out; the admin key sees and changes all."""
+    sdk = {
+        k: openai.OpenAI(base_url=f"{hardened.url}/v1", api_key=k, max_retries=0)
+        for k in (ALICE, BOB, ADMIN)
+    }
+    run = uuid.uuid4().hex
+    reply = sdk[ALICE].chat.completions.create(
+        model=hardened.model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=2,
+        metadata={"run": run},
+    )
+    bob = sdk[BOB].chat.completions
+    refused = [
+        lambda: bob.retrieve(reply.id),
+        lambda: bob.messages.list(reply.id),
+        lambda: bob.update(reply.id, metadata={"run": "bob"}),
+        lambda: bob.delete(reply.id),
+        lambda: bob.list(after=reply.id),
+    ]
+    for call in refused:
+        with pytest.raises(openai.NotFoundError) as foreign:
+            call()
+        with pytest.raises(openai.NotFoundError) as missing:
+            bob.retrieve("chatcmpl-nope")
+        said = foreign.value.body, missing.value.body
+        assert said[0]["message"].replace(reply.id, "X") == (  # type: ignore[index]
+            said[1]["message"].replace("chatcmpl-nope", "X")  # type: ignore[index]
+        )
+    assert list(bob.list(metadata={"run": run})) == []
+    mine = sdk[ALICE].chat.completions
+    assert [c.id for c in mine.list(metadata={"run": run})] == [reply.id]
+    assert mine.retrieve(reply.id).to_dict()["metadata"] == {"run": run}  # Bob changed nothing
+    admin = sdk[ADMIN].chat.completions
+    assert [c.id for c in admin.list(metadata={"run": run})] == [reply.id]
+    assert [m.content for m in admin.messages.list(reply.id)] == ["Hi"]
+    assert admin.update(reply.id, metadata={"run": run, "seen": "admin"}).id == reply.id
+    assert mine.retrieve(reply.id).to_dict()["metadata"] == {"run": run, "seen": "admin"}
+    assert admin.delete(reply.id).deleted is True
+    with pytest.raises(openai.NotFoundError):
+        mine.retrieve(reply.id)
 
 
 def test_feedback_is_rate_limited_per_key(hardened: Gateway) -> None:

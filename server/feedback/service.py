@@ -146,5 +146,6 @@ async def stored_completion(
         status=record.status,
         user=record.user,
         key_id=record.key_id,
+        metadata=record.metadata or {},
         feedback=[public(r) for r in rows],
     )

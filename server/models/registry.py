@@ -21,6 +21,7 @@ from server.engine.vllm_engine import AdapterLoadError, EngineOptions, VllmEngin
 from server.errors import Conflict, InvalidRequest, ModelNotFound
 from server.models.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
 from server.models.adapter_meta import base_fingerprint
+from server.models.aliases import PROMOTIONS_FILE, AliasBook, base_of_alias, latest_alias
 from server.models.models_file import (
     LoraSettings,
     ModelEntry,
@@ -142,15 +143,39 @@ class Registry:
         # ``start`` took.
         self.plan: Plan | None = None
         self.startup: dict[str, float] = {}
+        self.aliases = AliasBook(adapters_root / PROMOTIONS_FILE if adapters_root else None)
 
     def register(self, model: ServedModel) -> None:
         self._models[model.name] = model
 
     def get(self, name: str) -> ServedModel:
-        model = self._models.get(name) or self._adapters.get(name)
+        """A model, an adapter, or the version an alias (``NAME@latest``) points at."""
+        target = self.aliases.resolve(name) or name
+        model = self._models.get(target) or self._adapters.get(target)
         if model is None:
             raise ModelNotFound(name)
         return model
+
+    async def promote(self, alias: str, version: str, *, by: str, reason: str = "") -> str | None:
+        """Point ``NAME@latest`` at ``version`` (the base ``NAME`` or one of its adapters);
+        returns the version it served before."""
+        base = base_of_alias(alias)
+        if base is None or base not in self._models:
+            raise InvalidRequest(
+                f"`{alias}` is not an alias: aliases are `NAME@latest` for a served base model.",
+                param="alias",
+            )
+        async with self._adapter_lock:
+            served = self._models.get(version) or self._adapters.get(version)
+            if served is None:
+                raise ModelNotFound(version)
+            if version != base and served.parent != base:
+                raise InvalidRequest(
+                    f"`{version}` runs on `{served.parent}`, not on `{base}`.", param="version"
+                )
+            previous = self.aliases.set(alias, version, by=by, reason=reason)
+        log.info("Promoted %s: %s -> %s (%s)", alias, previous, version, by)
+        return previous
 
     def all(self) -> list[ServedModel]:
         """The base models, one engine each."""
@@ -217,6 +242,12 @@ class Registry:
             served = self._adapters.get(name)
             if served is None or served.adapter is None:
                 raise ModelNotFound(name)
+            promoted = self.aliases.pointing_at(name)
+            if promoted:
+                raise Conflict(
+                    f"`{name}` is served as `{promoted[0]}`; promote another version first.",
+                    param="name",
+                )
             # Requests already running with it finish; vLLM drops it from its cache.
             await served.engine.remove_adapter(served.adapter)
             del self._adapters[name]
@@ -298,7 +329,29 @@ class Registry:
                     await self.load_adapter(adapter.name, adapter.path, base=entry.name)
                 except (InvalidRequest, ModelNotFound) as exc:
                     raise ModelsFileError(f"adapter {adapter.name!r}: {exc.message}") from exc
+        await self._restore_aliases()
         lap("adapters")
+
+    async def _restore_aliases(self) -> None:
+        """``NAME@latest`` for every base: the version the promotions file names (loading
+        an iteration's adapter folder again if needed), else the base itself."""
+        saved = self.aliases.saved()
+        for base in list(self._models):
+            alias = latest_alias(base)
+            version = saved.get(alias, base)
+            if version != base and version not in self._adapters:
+                try:
+                    await self.load_adapter(version, version, base=base)
+                except (InvalidRequest, ModelNotFound, Conflict) as exc:
+                    log.warning(
+                        "%s pointed at %s, which cannot be served (%s); serving %s",
+                        alias,
+                        version,
+                        exc.message,
+                        base,
+                    )
+                    version = base
+            self.aliases.set(alias, version, by="start")
 
     def shutdown(self) -> None:
         for model in self._models.values():

@@ -20,6 +20,7 @@ from server.protocol import (
     AdapterLoadRequest,
     AlignRequest,
     ModelCard,
+    PromoteRequest,
     ReviewRequest,
 )
 from server.routes.deps import AlignJobsDep, RegistryDep, StoreDep
@@ -57,6 +58,22 @@ async def align_job_status(job_id: str, jobs: AlignJobsDep) -> dict[str, object]
     if job is None:
         raise NotFound(f"No align job `{job_id}`.", param="job_id")
     return job.public()
+
+
+@router.post("/promote")
+async def promote(
+    body: PromoteRequest, registry: RegistryDep, request: Request
+) -> dict[str, object]:
+    """Point ``NAME@latest`` at a version of ``NAME`` by hand: promote, or roll back."""
+    previous = await registry.promote(body.alias, body.version, by="admin", reason=body.reason)
+    request.app.state.metrics.promoted(body.alias, body.version, previous)
+    return {
+        "object": "promotion",
+        "alias": body.alias,
+        "version": body.version,
+        "previous": previous,
+        "history": [p.public() for p in registry.aliases.history(body.alias)],
+    }
 
 
 @router.get("/whoami")

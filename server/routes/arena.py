@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import Response
 
 from server.evaluation import arena
@@ -16,10 +16,14 @@ from server.protocol import (
     BattleRequest,
     ErrorResponse,
     Leaderboard,
+    Text,
     VoteRequest,
 )
 from server.routes.deps import RegistryDep, StoreDep, TenantDep
 from server.serving.generation import ClientDisconnected
+
+# Ids and the anchor are text without NUL (PostgreSQL cannot compare one): a 400, not a 503.
+BattleId = Annotated[Text, Path(max_length=128)]
 
 router = APIRouter(prefix="/v1", responses={**ERROR_RESPONSES, 409: {"model": ErrorResponse}})
 
@@ -37,7 +41,7 @@ async def start_battle(
 
 
 @router.get("/arena/battles/{battle_id}")
-async def get_battle(battle_id: str, store: StoreDep, tenant: TenantDep) -> BattlePublic:
+async def get_battle(battle_id: BattleId, store: StoreDep, tenant: TenantDep) -> BattlePublic:
     return await arena.get_battle(battle_id, store, tenant)
 
 
@@ -54,7 +58,7 @@ async def get_leaderboard(
     store: StoreDep,
     tenant: TenantDep,
     source: Annotated[str | None, Query(pattern=SOURCE_PATTERN, max_length=128)] = None,
-    anchor: Annotated[str | None, Query(min_length=1, max_length=256)] = None,
+    anchor: Annotated[Text | None, Query(min_length=1, max_length=256)] = None,
 ) -> Leaderboard:
     """Bradley–Terry ratings (base 10, scale 400, the anchor at 1000, ties half to each
     side) with 95 % bootstrap intervals, battle counts and the pairwise win-rate matrix."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from server.models.registry import ServedModel
+from server.models.registry import Registry, ServedModel
 from server.protocol import (
     ERROR_RESPONSES,
     ChatCompletion,
@@ -48,11 +48,20 @@ def model_card(m: ServedModel) -> ModelCard:
     )
 
 
+def alias_card(alias: str, registry: Registry) -> ModelCard:
+    target = registry.get(alias)
+    return model_card(target).model_copy(update={"id": alias, "alias_of": target.name})
+
+
 @router.get("/models")
 async def list_models(registry: RegistryDep) -> ModelList:
-    return ModelList(data=[model_card(m) for m in registry.served()])
+    cards = [model_card(m) for m in registry.served()]
+    cards += [alias_card(alias, registry) for alias, _ in registry.aliases.items()]
+    return ModelList(data=cards)
 
 
 @router.get("/models/{model_id:path}")
 async def retrieve_model(model_id: str, registry: RegistryDep) -> ModelCard:
+    if registry.aliases.resolve(model_id):
+        return alias_card(model_id, registry)
     return model_card(registry.get(model_id))

@@ -117,6 +117,7 @@ async def create_chat_completion(
                 results=results,
                 tracker=tracker,
                 user=body.user,
+                metadata=body.metadata,
             )
 
     if body.stream:

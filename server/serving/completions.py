@@ -121,6 +121,7 @@ async def create_completion(
                 tracker=tracker,
                 user=body.user,
                 choice_prompts=[prompts[i // n] for i in range(len(results))] if several else None,
+                metadata=body.metadata,
             )
 
     def echo_text(prompt_index: int) -> str:

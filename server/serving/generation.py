@@ -206,6 +206,7 @@ def record_completion(
     tracker: Tracker,
     user: str | None,
     choice_prompts: list[RenderedPrompt] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """Queue the completion for the store; never delays or fails the response."""
     store: Store | None = getattr(request.app.state, "store", None)
@@ -244,6 +245,7 @@ def record_completion(
                 latency_ms=(time.perf_counter() - tracker.received_at) * 1000,
                 key_id=getattr(request.state, "key_id", None),
                 user=user,
+                metadata=metadata,
             )
         )
     except Exception:

@@ -42,6 +42,8 @@ class CompletionRecord:
     user: str | None = None
     prompt_token_ids: list[int] | None = None  # as the engine received them
     prompt_bos: str | None = None  # BOS text, when the engine put BOS before prompt_text
+    # The request's ``metadata`` (OpenAI's Stored Completions); rows of its own table.
+    metadata: dict[str, str] | None = None
 
     def prompt_of(self, choice_index: int) -> str:
         choice = self.choices[choice_index]
@@ -54,8 +56,10 @@ class CompletionRecord:
         return self.prompt_token_ids
 
     def row(self) -> dict[str, Any]:
+        """The ``completions`` row (metadata is not a column of it)."""
         values = asdict(self)
         values["choices"] = [asdict(c) for c in self.choices]
+        values.pop("metadata")
         return values
 
     @classmethod

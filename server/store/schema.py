@@ -97,7 +97,19 @@ counters = Table(
 
 FEEDBACK_SEQUENCE = "feedback"
 
-# m003: one row per arena battle — two models' answers to one conversation — and its outcome.
+# A completion's ``metadata`` (OpenAI's Stored Completions), one row per pair: exact-match
+# filters on key and value read the same on SQLite and PostgreSQL, whatever a key contains
+# (a JSON path would need quoting each database spells its own way).
+completion_metadata = Table(
+    "completion_metadata",
+    metadata,
+    Column("completion_id", String(64), ForeignKey("completions.id"), primary_key=True),
+    Column("key", String(64), primary_key=True),
+    Column("value", String(512), nullable=False),
+    Index("ix_completion_metadata_pair", "key", "value"),
+)
+
+# m004: one row per arena battle — two models' answers to one conversation — and its outcome.
 # ``source`` says who judged it: "human" (an arena vote) or "judge:<name>" (an AI judge's
 # pairwise verdict), which is what the leaderboard filters on. ``winner`` is None until the
 # vote; "tie" and "both_bad" are kept as such (the leaderboard counts both as a tie).
@@ -170,7 +182,11 @@ def _m002_token_ids_and_sequence(conn: Connection) -> None:
     conn.execute(text("CREATE UNIQUE INDEX IF NOT EXISTS ix_feedback_seq ON feedback (seq)"))
 
 
-def _m003_battles(conn: Connection) -> None:
+def _m003_completion_metadata(conn: Connection) -> None:
+    completion_metadata.create(conn, checkfirst=True)
+
+
+def _m004_battles(conn: Connection) -> None:
     battles.create(conn, checkfirst=True)
 
 
@@ -178,5 +194,6 @@ def _m003_battles(conn: Connection) -> None:
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("m001_completions_and_feedback", _m001_initial),
     ("m002_token_ids_and_feedback_sequence", _m002_token_ids_and_sequence),
-    ("m003_battles", _m003_battles),
+    ("m003_completion_metadata", _m003_completion_metadata),
+    ("m004_battles", _m004_battles),
 ]

@@ -21,13 +21,14 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, func, or_, select, update
 
 from server.errors import (
-    GatewayError,
+    Conflict,
     IdempotencyConflict,
     InvalidRequest,
     NotFound,
     StoreUnavailable,
 )
 from server.store import battles
+from server.store import chat_completions as chat
 from server.store.battles import BattleCreate, BattleRow
 from server.store.database import migrate, open_engine
 from server.store.records import CompletionRecord, FeedbackCreate, FeedbackRow, polarity_of
@@ -67,6 +68,9 @@ class Store:
         self.engine = engine
         self._on_error = on_error or (lambda: None)
         self._writer = GroupCommitWriter(engine, on_commit=on_commit, on_error=on_error)
+        # Records queued but not yet committed, by id: a read of one waits for its commit,
+        # so a client that retrieves the completion it was just answered finds it.
+        self._queued: dict[str, Future[None]] = {}
 
     @classmethod
     def open(cls, url: str, **callbacks: Any) -> Store:
@@ -86,16 +90,30 @@ class Store:
 
         def write(conn: Connection) -> None:
             conn.execute(completions.insert().values(**values))
+            chat.insert_metadata(conn, record.id, record.metadata or {})
 
         future = self._writer.submit(write)
+        self._queued[record.id] = future
 
         def report(done: Future[None]) -> None:
+            self._queued.pop(record.id, None)
             if done.exception() is not None:
                 log.error("Could not store completion %s: %s", record.id, done.exception())
                 self._on_error()
 
         future.add_done_callback(report)
         return future
+
+    async def _committed(self, completion_id: str | None = None) -> None:
+        """Wait until the record ``completion_id`` (None: every record queued now) is
+        committed or has failed. Writes need not wait: the writer runs them in order."""
+        if completion_id is not None:
+            one = self._queued.get(completion_id)
+            waiting = [one] if one is not None else []
+        else:
+            waiting = list(self._queued.values())
+        if waiting:
+            await asyncio.wait([asyncio.wrap_future(f) for f in waiting])
 
     async def get_completion(
         self, completion_id: str, *, owner: str | None = None
@@ -117,12 +135,69 @@ class Store:
                     .where(feedback.c.completion_id == completion_id)
                     .order_by(feedback.c.created_at, feedback.c.id)
                 ).all()
-                return CompletionRecord.from_row(row), [FeedbackRow.from_row(r) for r in rows]
+                record = CompletionRecord.from_row(row)
+                record.metadata = chat.metadata_of(conn, [record.id])[record.id]
+                return record, [FeedbackRow.from_row(r) for r in rows]
 
+        await self._committed(completion_id)
         result = await self._read(read)
         if result is None:
             raise NotFound(f"No stored completion `{completion_id}`.", param="completion_id")
         return result
+
+    # ---- OpenAI's Stored Completions: chat records only (SQL in ``chat_completions``) ------
+
+    async def get_chat_completion(
+        self, completion_id: str, *, owner: str | None = None
+    ) -> CompletionRecord:
+        """A chat record with its metadata; another key's reads as missing."""
+
+        def read() -> CompletionRecord:
+            with self.engine.connect() as conn:
+                return chat.get_chat(conn, completion_id, owner)
+
+        await self._committed(completion_id)
+        return await self._read(read)
+
+    async def list_chat_completions(
+        self,
+        *,
+        owner: str | None = None,
+        model: str | None = None,
+        metadata: dict[str, str] | None = None,
+        after: str | None = None,
+        limit: int = 20,
+        newest_first: bool = False,
+    ) -> tuple[list[CompletionRecord], bool]:
+        """A page of chat records (oldest first, or newest first) and whether more follow;
+        ``after``: the last id of the previous page; ``metadata``: every pair must match."""
+
+        def read() -> tuple[list[CompletionRecord], bool]:
+            with self.engine.connect() as conn:
+                return chat.list_chat(
+                    conn,
+                    owner=owner,
+                    model=model,
+                    metadata=metadata or {},
+                    after=after,
+                    limit=limit,
+                    newest_first=newest_first,
+                )
+
+        await self._committed()
+        return await self._read(read)
+
+    async def update_chat_metadata(
+        self, completion_id: str, metadata: dict[str, str] | None, *, owner: str | None = None
+    ) -> CompletionRecord:
+        """Replace a chat record's metadata (None: remove it); returns the record."""
+        return await self._write(
+            lambda conn: chat.replace_metadata(conn, completion_id, metadata or {}, owner)
+        )
+
+    async def delete_chat_completion(self, completion_id: str, *, owner: str | None = None) -> None:
+        """Delete a chat record; Conflict if feedback names it (see ``chat.delete_chat``)."""
+        await self._write(lambda conn: chat.delete_chat(conn, completion_id, owner))
 
     # ---- feedback -----------------------------------------------------------------------
 
@@ -373,24 +448,25 @@ class Store:
         with self.engine.connect() as conn:
             return fn(conn, *args)
 
-    async def _write(self, op: Callable[[Connection], Any]) -> Any:
-        """Run ``op`` in the writer's transaction; client errors pass, the rest are a 503."""
-        try:
-            return await asyncio.wrap_future(self._writer.submit(op))
-        except GatewayError:
-            raise
-        except Exception as exc:
-            raise StoreUnavailable("The store is unavailable; nothing was stored.") from exc
-
     async def _read(self, fn: Callable[[], Any]) -> Any:
         try:
             return await asyncio.to_thread(fn)
-        except GatewayError:
+        except NotFound:
             raise
         except Exception as exc:
             log.exception("Store read failed")
             self._on_error()
             raise StoreUnavailable("The store is unavailable.") from exc
+
+    async def _write(self, fn: Callable[[Connection], Any]) -> Any:
+        """Run ``fn`` in the writer's next transaction; a client's error passes through,
+        anything else reads as the store being unavailable (nothing changed)."""
+        try:
+            return await asyncio.wrap_future(self._writer.submit(fn))
+        except (NotFound, Conflict, InvalidRequest):
+            raise
+        except Exception as exc:
+            raise StoreUnavailable("The store is unavailable; nothing changed.") from exc
 
 
 def insert_feedback(
