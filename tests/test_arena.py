@@ -145,6 +145,10 @@ def test_battle_vote_export_and_leaderboard(
 def test_battle_requests_are_checked(gateway: Gateway, contenders: list[str]) -> None:
     same = start(gateway, "Hi", models=[gateway.model, gateway.model])
     assert same.status_code == 400 and same.json()["error"]["param"] == "models"
+    aliases = [m for m in httpx.get(f"{gateway.url}/v1/models").json()["data"] if "@" in m["id"]]
+    if aliases:  # an alias battles as the version it serves: not against that version
+        alias = start(gateway, "Hi", models=[aliases[0]["id"], aliases[0]["alias_of"]])
+        assert alias.status_code == 400 and "two different models" in alias.text
     missing = start(gateway, "Hi", models=[gateway.model, "nope"])
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
     vote = httpx.post(f"{gateway.url}/v1/arena/battles/x/vote", json={"winner": "c"})

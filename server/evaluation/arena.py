@@ -93,11 +93,17 @@ async def _answer(
 async def start_battle(
     body: BattleRequest, request: Request, registry: Registry, store: Store
 ) -> BattlePublic:
-    served = [m.name for m in registry.served()]
+    served = [m.name for m in registry.served()]  # models and adapters; aliases are not
+    pinned = None
     if body.models is not None:
-        for name in body.models:
-            registry.get(name)  # 404 for a model that is not served
-    names = draw_pair(body.models, served, _draw)
+        # 404 for a model that is not served; an alias battles as the version it serves.
+        pinned = [registry.get(name).name for name in body.models]
+        if pinned[0] == pinned[1]:
+            raise InvalidRequest(
+                f"Both models name `{pinned[0]}`: a battle needs two different models.",
+                param="models",
+            )
+    names = draw_pair(pinned, served, _draw)
     answers = await asyncio.gather(
         *(_answer(name, body, request, registry) for name in names), return_exceptions=True
     )
