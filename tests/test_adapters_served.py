@@ -332,3 +332,57 @@ def test_vllm_serves_the_merged_checkpoint_like_base_plus_adapter(
         httpx.delete(f"{gateway.url}/admin/adapters/{name}")
     finally:
         assert stop_gateway(served) == 0, served.log_tail()
+
+
+def test_promotion_moves_the_alias_clients_call(
+    gateway: Gateway, evidence_adapter: str, adapters_root: Path
+) -> None:
+    """``NAME@latest`` serves the base at first; ``POST /admin/promote`` moves it to an
+    adapter of that base and back (a rollback); a promoted adapter cannot be unloaded."""
+    alias = f"{gateway.model}@latest"
+    listed = {m["id"]: m for m in httpx.get(f"{gateway.url}/v1/models").json()["data"]}
+    assert listed[alias]["alias_of"] == gateway.model
+
+    def ask(model: str) -> httpx.Response:
+        return httpx.post(
+            f"{gateway.url}/v1/chat/completions",
+            json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+            timeout=60,
+        )
+
+    assert ask(alias).json()["model"] == gateway.model  # the version that answered
+    candidate = "promotion-candidate"
+    loaded = httpx.post(
+        f"{gateway.url}/admin/adapters", json={"name": candidate, "path": evidence_adapter}
+    )
+    assert loaded.status_code == 201, loaded.text
+    r = httpx.post(
+        f"{gateway.url}/admin/promote",
+        json={"alias": alias, "version": candidate, "reason": "by hand"},
+    )
+    assert r.status_code == 200, r.text
+    assert (r.json()["version"], r.json()["previous"]) == (candidate, gateway.model)
+    assert ask(alias).json()["model"] == candidate
+    card = httpx.get(f"{gateway.url}/v1/models/{alias}").json()
+    assert (card["id"], card["alias_of"], card["parent"]) == (alias, candidate, gateway.model)
+    book = json.loads((adapters_root / "promotions.json").read_text())
+    assert book["aliases"][alias]["version"] == candidate
+    assert book["aliases"][alias]["history"][-1]["by"] == "admin"
+    metrics = httpx.get(f"{gateway.url}/metrics").text
+    assert f'aligngate_promoted_version{{alias="{alias}",version="{candidate}"}} 1.0' in metrics
+
+    busy = httpx.delete(f"{gateway.url}/admin/adapters/{candidate}")
+    assert busy.status_code == 409 and alias in busy.json()["error"]["message"]
+    for bad, param, status in [
+        ({"alias": gateway.model, "version": candidate}, "alias", 400),
+        ({"alias": "nope@latest", "version": candidate}, "alias", 400),
+        ({"alias": alias, "version": "nope"}, "model", 404),
+    ]:
+        refused = httpx.post(f"{gateway.url}/admin/promote", json=bad)
+        assert refused.status_code == status and refused.json()["error"]["param"] == param
+
+    back = httpx.post(
+        f"{gateway.url}/admin/promote", json={"alias": alias, "version": gateway.model}
+    )
+    assert back.json()["previous"] == candidate and ask(alias).json()["model"] == gateway.model
+    assert httpx.delete(f"{gateway.url}/admin/adapters/{candidate}").status_code == 200

@@ -61,3 +61,19 @@ def test_invalid_models_files_are_refused_clearly(tmp_path: Path, text: str, nee
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelsFileError, match="cannot read models file"):
         load_models_file(tmp_path / "absent.yaml")
+
+
+def test_promotions_are_kept_in_the_adapters_root(tmp_path: Path) -> None:
+    from server.models.aliases import AliasBook, base_of_alias, latest_alias
+
+    assert latest_alias("m") == "m@latest" and base_of_alias("m@latest") == "m"
+    assert base_of_alias("m") is None and base_of_alias("@latest") is None
+    assert base_of_alias("m@v2") is None
+    book = AliasBook(tmp_path / "promotions.json")
+    book.set("m@latest", "m", by="start")
+    assert not (tmp_path / "promotions.json").exists()  # the start-up default is not written
+    assert book.set("m@latest", "m-iter1", by="gate", reason="won 20-4") == "m"
+    again = AliasBook(tmp_path / "promotions.json")
+    assert again.saved() == {"m@latest": "m-iter1"}
+    (tmp_path / "promotions.json").write_text("{not json")
+    assert again.saved() == {}  # unreadable: ignored with a warning, the bases serve

@@ -27,8 +27,10 @@ from server.errors import (
     NotFound,
     StoreUnavailable,
 )
+from server.store import battles
 from server.store import chat_completions as chat
 from server.store import judge_calls as judges
+from server.store.battles import BattleCreate, BattleRow
 from server.store.database import migrate, open_engine
 from server.store.records import (
     CompletionRecord,
@@ -215,7 +217,7 @@ class Store:
         digest = _payload_hash(fb)
 
         def write(conn: Connection) -> tuple[FeedbackRow, bool]:
-            return _insert_feedback(conn, fb, owner, digest)
+            return insert_feedback(conn, fb, owner, digest)
 
         future = self._writer.submit(write)
         try:
@@ -352,7 +354,7 @@ class Store:
         def write(conn: Connection) -> tuple[JudgeCallRow, FeedbackRow | None]:
             row = None
             if fb is not None:
-                row, _ = _insert_feedback(conn, fb, None, digest)
+                row, _ = insert_feedback(conn, fb, None, digest)
                 call.feedback_id = row.id
             judges.insert_call(conn, call)
             return call, row
@@ -392,6 +394,52 @@ class Store:
                 )
 
         return list(await self._read(read))
+
+    # ---- arena battles (SQL in ``battles``) ---------------------------------------------------
+
+    async def record_battle(self, new: BattleCreate) -> BattleRow:
+        """Store a battle: an arena's, open until its vote, or a judge's, decided already."""
+        return await self._write(lambda conn: battles.insert_battle(conn, new))
+
+    async def get_battle(self, battle_id: str, *, owner: str | None = None) -> BattleRow:
+        """The battle and its answers' texts (``owner``: only that key's; None: any)."""
+        return await self._read(lambda: self._with(battles.select_battle, battle_id, owner))
+
+    async def vote_battle(
+        self,
+        battle_id: str,
+        winner: str,
+        *,
+        key_id: str,
+        annotator: str | None = None,
+        owner: str | None = None,
+    ) -> tuple[BattleRow, FeedbackRow | None]:
+        """The battle's one vote (a second: Conflict) and, for a decisive vote whose answers
+        share their prompt text, the preference feedback it became — in one transaction."""
+        return await self._write(
+            lambda conn: battles.vote(
+                conn,
+                battle_id,
+                winner,
+                owner=owner,
+                key_id=key_id,
+                annotator=annotator,
+                insert_feedback=insert_feedback,
+            )
+        )
+
+    async def battle_outcomes(
+        self, *, source: str | None = None, owner: str | None = None
+    ) -> tuple[list[tuple[str, str, str]], list[str]]:
+        """Decided battles as (model_a, model_b, winner), oldest first (``source``: only
+        its; ``owner``: only that key's), and every source that decided one."""
+
+        def read() -> tuple[list[tuple[str, str, str]], list[str]]:
+            with self.engine.connect() as conn:
+                outcomes = battles.select_outcomes(conn, source=source, owner=owner)
+                return outcomes, battles.select_sources(conn, owner=owner)
+
+        return await self._read(read)
 
     # ---- export reads (synchronous: the CLI and background jobs use them) -------------------
 
@@ -456,6 +504,10 @@ class Store:
             ).scalar_one()
         return int(value)
 
+    def _with(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self.engine.connect() as conn:
+            return fn(conn, *args)
+
     async def _read(self, fn: Callable[[], Any]) -> Any:
         try:
             return await asyncio.to_thread(fn)
@@ -477,11 +529,12 @@ class Store:
             raise StoreUnavailable("The store is unavailable; nothing changed.") from exc
 
 
-def _insert_feedback(
-    conn: Connection, fb: FeedbackCreate, owner: str | None, digest: str
+def insert_feedback(
+    conn: Connection, fb: FeedbackCreate, owner: str | None, digest: str | None = None
 ) -> tuple[FeedbackRow, bool]:
-    """``add_feedback``'s work inside a transaction of the writer (also used where feedback
-    and another row must commit together)."""
+    """``add_feedback``'s checks and insert, inside the caller's transaction (an arena vote
+    stores its preference in the same transaction as the vote)."""
+    digest = digest or _payload_hash(fb)
     if fb.idempotency_key is not None:
         existing = conn.execute(
             select(feedback).where(

@@ -37,7 +37,10 @@ from server.training.trainer import CutConfig
 log = logging.getLogger(__name__)
 
 DATA_FILE = "train-data.json"
-Status = Literal["queued", "exporting", "training", "loading", "succeeded", "failed"]
+Status = Literal["queued", "exporting", "training", "loading", "gating", "succeeded", "failed"]
+# After loading: judge the candidate against the promoted version and promote it if it wins;
+# returns the gate's report (``promoted``, ``reason``, win rate, interval, cost).
+Gate = Callable[[str], Awaitable[dict[str, Any]]]
 
 
 class AlignError(ValueError):
@@ -141,6 +144,8 @@ class AlignJob:
     total_steps: int = 0
     loss: float | None = None
     train: dict[str, Any] | None = None
+    gate: dict[str, Any] | None = None  # the promotion gate's report
+    promoted: bool = False
     error: str | None = None
     created: float = field(default_factory=time.time)
     finished: float | None = None
@@ -200,8 +205,10 @@ async def run_iteration(
     job: AlignJob,
     load: Callable[[str, str], Awaitable[None]] | None = None,
     min_records: int = 1,
+    gate: Gate | None = None,
 ) -> AlignJob:
-    """Export → train (worker process) → write the adapter → ``load(name, folder)``."""
+    """Export → train (worker process) → write the adapter → ``load(name, folder)`` →
+    ``gate(name)``: promoted only if it wins; otherwise it stays served under its own name."""
     job.iteration, job.since, job.adapter = plan.iteration, plan.since, plan.name
     job.after_seq = plan.after_seq
     work = plan.root / ".align" / job.id
@@ -286,6 +293,12 @@ async def run_iteration(
             started = time.perf_counter()
             await load(plan.name, plan.name)
             job.timings["load_s"] = round(time.perf_counter() - started, 3)
+            if gate is not None:
+                job.status = "gating"
+                started = time.perf_counter()
+                job.gate = await gate(plan.name)
+                job.promoted = bool(job.gate.get("promoted"))
+                job.timings["gate_s"] = round(time.perf_counter() - started, 3)
         job.status = "succeeded"
     except asyncio.CancelledError:
         job.status, job.error = "failed", "cancelled"
@@ -321,6 +334,7 @@ class AlignJobs:
         config: CutConfig,
         load: Callable[[str, str], Awaitable[None]],
         min_records: int = 1,
+        gate: Gate | None = None,
     ) -> AlignJob:
         busy = self.running()
         if busy is not None:
@@ -333,7 +347,7 @@ class AlignJobs:
             since=plan.since,
         )
         self._jobs[job.id] = job
-        task = asyncio.create_task(run_iteration(plan, store, config, job, load, min_records))
+        task = asyncio.create_task(run_iteration(plan, store, config, job, load, min_records, gate))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job

@@ -1,0 +1,142 @@
+"""The promotion gate: a new checkpoint replaces the promoted one only when it wins.
+
+The candidate and the version the alias serves now answer the same fixed instructions (an
+AlpacaEval slice by default) through their own renderers and engines, greedily; a pairwise
+judge compares each pair in both orders (a verdict that flips with the order is a tie); the
+candidate's win rate, ties counting half, must clear the gate
+(``ratings.promotion_gate``: by default above 0.5 with the 95 % interval's lower bound
+above 0.45).
+
+Owns: generating both sides, judging them, the report. Does not know: HTTP, the store,
+how a judge is reached (``compare`` is given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from server.evaluation.batch import Item, batch_spec, engine_generator, load_instructions
+from server.evaluation.ratings import Outcome, promotion_gate
+from server.models.registry import ServedModel
+
+log = logging.getLogger(__name__)
+
+JUDGE_CONCURRENCY = 4
+
+
+class PairOutcome(Protocol):
+    """What a pairwise judge returns for one pair asked in both orders."""
+
+    outcome: str  # "a" | "b" | "tie"
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+
+Compare = Callable[[list[dict[str, str]], str, str], Awaitable[PairOutcome]]
+
+
+@dataclass(frozen=True)
+class GateSettings:
+    size: int = 32  # instructions
+    max_tokens: int = 256  # per answer
+    min_win_rate: float = 0.5
+    min_lower_bound: float = 0.45
+    eval_file: Path | None = None  # None: the official AlpacaEval set
+
+
+def evaluation_slice(items: list[Item], size: int) -> list[Item]:
+    """``size`` instructions spread evenly over the set (AlpacaEval's five source datasets
+    come in blocks, so the first N would be one dataset)."""
+    if size >= len(items):
+        return items
+    step = len(items) / size
+    return [items[int(i * step)] for i in range(size)]
+
+
+@dataclass
+class GateReport:
+    candidate: str
+    incumbent: str
+    judge: str
+    items: int = 0
+    judged: int = 0
+    unparseable: int = 0  # pairs the judge's replies could not be read for: not counted
+    wins: int = 0
+    losses: int = 0
+    ties: int = 0
+    win_rate: float = 0.0
+    low: float = 0.0
+    high: float = 0.0
+    promoted: bool = False
+    reason: str = ""
+    requests: int = 0  # the judge's cost
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+async def run_gate(
+    candidate: ServedModel,
+    incumbent: ServedModel,
+    judge_name: str,
+    compare: Compare,
+    settings: GateSettings,
+) -> GateReport:
+    report = GateReport(candidate=candidate.name, incumbent=incumbent.name, judge=judge_name)
+    items = evaluation_slice(
+        await asyncio.to_thread(load_instructions, settings.eval_file), settings.size
+    )
+    report.items = len(items)
+
+    started = time.perf_counter()
+
+    async def answers(model: ServedModel) -> list[str]:
+        generate = engine_generator(
+            model, batch_spec(model, max_tokens=settings.max_tokens, temperature=0.0)
+        )
+        results = await asyncio.gather(*(generate(item) for item in items))
+        return [text.strip() for text, _, _ in results]
+
+    # Both sides at once: one engine batches them (an adapter shares its base's engine).
+    ours, theirs = await asyncio.gather(answers(candidate), answers(incumbent))
+    report.timings["generate_s"] = round(time.perf_counter() - started, 3)
+
+    started = time.perf_counter()
+    limit = asyncio.Semaphore(JUDGE_CONCURRENCY)
+    outcomes: list[Outcome] = []
+
+    async def judge(item: Item, a: str, b: str) -> None:
+        conversation = [{"role": "user", "content": item.instruction}]
+        async with limit:
+            try:
+                verdict = await compare(conversation, a, b)
+            except Exception as exc:  # an unreadable reply, or a judge that failed
+                report.unparseable += 1
+                log.info("Gate pair %d not judged: %s", item.index, exc)
+                return
+        report.requests += verdict.requests
+        report.prompt_tokens += verdict.prompt_tokens
+        report.completion_tokens += verdict.completion_tokens
+        outcomes.append({"a": "win", "b": "loss"}.get(verdict.outcome, "tie"))  # type: ignore[arg-type]
+
+    await asyncio.gather(*(judge(i, a, b) for i, a, b in zip(items, ours, theirs, strict=True)))
+    report.timings["judge_s"] = round(time.perf_counter() - started, 3)
+
+    decision = promotion_gate(
+        outcomes, min_win_rate=settings.min_win_rate, min_lower_bound=settings.min_lower_bound
+    )
+    report.judged = len(outcomes)
+    report.wins, report.losses, report.ties = decision.wins, decision.losses, decision.ties
+    report.win_rate, report.low, report.high = decision.win_rate, decision.low, decision.high
+    report.promoted, report.reason = decision.promoted, decision.reason
+    return report
