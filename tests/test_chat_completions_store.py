@@ -133,8 +133,11 @@ async def test_a_database_from_before_metadata_gains_the_table(
     store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = open_engine(store_url)
-    monkeypatch.setattr(store_schema, "MIGRATIONS", store_schema.MIGRATIONS[:-1])
-    monkeypatch.setattr("server.store.database.MIGRATIONS", store_schema.MIGRATIONS[:-1])
+    # Every migration before m003 (later ones are appended after it).
+    names = [name for name, _ in store_schema.MIGRATIONS]
+    before = store_schema.MIGRATIONS[: names.index("m003_completion_metadata")]
+    monkeypatch.setattr(store_schema, "MIGRATIONS", before)
+    monkeypatch.setattr("server.store.database.MIGRATIONS", before)
     migrate(engine)
     assert "completion_metadata" not in inspect(engine).get_table_names()
     monkeypatch.undo()
