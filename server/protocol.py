@@ -8,6 +8,7 @@ Does not know: templates, engines, HTTP status codes.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Annotated, Any, Literal
 
@@ -21,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from server.engine.types import SamplingSpec
+from server.engine.types import SamplingSpec, StructuredSpec
 from server.errors import InvalidRequest
 from server.models.families import FamilySpec
 
@@ -107,6 +108,45 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+MAX_STRUCTURE_CHARS = 20_000
+
+
+class StructuredOutputs(_Strict):
+    """vLLM's ``structured_outputs`` extension: constrain the text to a regular expression,
+    one of a list of strings, or a JSON Schema (exactly one)."""
+
+    regex: Text | None = Field(default=None, min_length=1, max_length=MAX_STRUCTURE_CHARS)
+    choice: list[Text] | None = Field(default=None, min_length=1, max_length=256)
+    json_schema: dict[str, Any] | None = Field(default=None, alias="json")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        given = [v for v in (self.regex, self.choice, self.json_schema) if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of regex, choice, json")
+        return self
+
+
+class JsonSchemaFormat(_Strict):
+    name: Text = Field(default="schema", max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+    description: Text | None = Field(default=None, max_length=2000)
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's ``response_format``: text, any JSON object, or a JSON Schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_when_asked(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given exactly with type json_schema")
+        return self
+
+
 class _SamplingFields(_Strict):
     """Fields shared by chat and text completions."""
 
@@ -136,6 +176,30 @@ class _SamplingFields(_Strict):
     template: None = Field(default=None, exclude=True)
     # Quark models: which reward quantile to condition on (0 = best); others refuse it.
     quantile: int | None = Field(default=None, ge=0, le=255)
+    # Constrained decoding: OpenAI's response_format, or vLLM's structured_outputs.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+
+    def structured_spec(self) -> StructuredSpec | None:
+        f = self.response_format
+        if self.structured_outputs is not None and f is not None and f.type != "text":
+            raise InvalidRequest(
+                "give response_format or structured_outputs, not both",
+                param="structured_outputs",
+            )
+        s = self.structured_outputs
+        if s is not None:
+            return StructuredSpec(
+                regex=s.regex,
+                choice=tuple(s.choice) if s.choice is not None else None,
+                json_schema=json.dumps(s.json_schema) if s.json_schema is not None else None,
+            )
+        if f is None or f.type == "text":
+            return None
+        if f.type == "json_object":
+            return StructuredSpec(json_object=True)
+        assert f.json_schema is not None
+        return StructuredSpec(json_schema=json.dumps(f.json_schema.schema_))
 
     @field_validator("stop")
     @classmethod
@@ -191,6 +255,7 @@ class _SamplingFields(_Strict):
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
+            structured=self.structured_spec(),
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from server.evaluation.judge_prompts import (
     parse_judgment,
     parse_pair,
     parse_score,
+    reply_pattern,
 )
 from server.evaluation.judge_runs import judge_stored, store_pair_verdict, store_verdict
 from server.evaluation.judges import PairVerdict, Verdict, build_judge, compare
@@ -276,10 +278,16 @@ async def test_the_gateway_judges_its_own_stored_completions(
     gateway: Gateway, judged_store: Store, tmp_path: Path
 ) -> None:
     metrics = JudgeMetrics(CollectorRegistry())
-    judge = build_judge(_self_judge(gateway, name="self-score", kind="score"), metrics=metrics)
+    # Constrained to the score format (vLLM structured outputs through the gateway): even
+    # the 135M model writes a marker, so verdicts are stored.
+    judge = build_judge(
+        _self_judge(gateway, name="self-score", kind="score", constrain=True, max_tokens=64),
+        metrics=metrics,
+    )
     summary = await judge_stored(judged_store, judge, model=gateway.model, limit=3, seed=0)
     print("score judge (score-v1):", summary.to_json())
     assert 1 <= summary.completions <= 3 and summary.judged >= summary.completions
+    assert summary.stored >= 1
     assert summary.stored + summary.unparseable + summary.failed == summary.judged
     assert summary.failed == 0 and summary.requests == summary.judged
     assert metrics.requests.labels(judge="self-score", kind="score")._value.get() == (
@@ -403,7 +411,7 @@ def sampling_gateway(
         + "    store: true\n"
         + "judges:\n"
         + "  - {name: live, kind: score, url: self, model: smollm2, sample: 1.0,\n"
-        + "     max_tokens: 32, requests_per_minute: 600}\n",
+        + "     max_tokens: 48, requests_per_minute: 600, constrain: true}\n",
         test_env,
         {},
     )
@@ -437,6 +445,7 @@ def test_live_traffic_is_judged_in_the_background(sampling_gateway: Gateway) -> 
     else:
         pytest.fail(f"no judge verdict in 120 s:\n{gw.log_tail()}")
     print(f"live: answered in {answered:.2f} s; verdicts {verdicts}, errors {unparseable}")
+    assert verdicts >= 1  # constrained: the 135M judge's reply always carries a marker
     assert _metric(gw, "aligngate_judge_requests_total") >= 1
     store = Store.open(f"sqlite:///{gw.log_path.parent / 'store.db'}")
     try:
@@ -453,3 +462,16 @@ def test_live_traffic_is_judged_in_the_background(sampling_gateway: Gateway) -> 
         assert [r.id for r in stored] == [completion_id]
     finally:
         store.close()
+
+
+async def test_a_constrained_pairwise_judge_always_gives_a_verdict(gateway: Gateway) -> None:
+    judge = build_judge(
+        _self_judge(gateway, name="self-pair-c", kind="pairwise", constrain=True, max_tokens=48),
+        metrics=JudgeMetrics(CollectorRegistry()),
+    )
+    conversation = [{"role": "user", "content": "What is the capital of Australia?"}]
+    verdict = await compare(judge, conversation, "Canberra.", "Sydney.")
+    print("constrained pairwise:", verdict.first, verdict.second, verdict.outcome)
+    assert verdict.requests == 2 and verdict.outcome in ("a", "b", "tie")
+    for reply in verdict.raw_replies:
+        assert re.fullmatch(reply_pattern("pairwise", 48), reply)

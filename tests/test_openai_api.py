@@ -3,7 +3,9 @@ gateway (real vLLM, real SmolLM2-135M-Instruct)."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import httpx
 import openai
@@ -182,3 +184,45 @@ def test_models_lists_the_default_model(client: openai.OpenAI, gateway: Gateway)
     assert card["template"] == "checkpoint-chat-template"
     assert card["max_model_len"] == 8192
     assert client.models.retrieve(gateway.model).id == gateway.model
+
+
+def test_structured_outputs_constrain_the_text(client: openai.OpenAI, gateway: Gateway) -> None:
+    """vLLM's ``structured_outputs`` (regex, choice, json) and OpenAI's ``response_format``
+    reach the engine; a spec the engine refuses is a 400, never a 500."""
+    ask = {"model": gateway.model, "temperature": 0, "max_tokens": 48}
+    question = [{"role": "user", "content": "Is Paris the capital of France?"}]
+    choice = client.chat.completions.create(
+        messages=question, extra_body={"structured_outputs": {"choice": ["yes", "no"]}}, **ask
+    )
+    assert choice.choices[0].message.content in ("yes", "no")
+    digits = client.chat.completions.create(
+        messages=[{"role": "user", "content": "Pick a number."}],
+        extra_body={"structured_outputs": {"regex": "[0-9]{3}"}},
+        **ask,
+    )
+    assert re.fullmatch("[0-9]{3}", digits.choices[0].message.content or "")
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    structured = client.chat.completions.create(
+        messages=[{"role": "user", "content": "Name the capital of France as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},
+        **ask,
+    )
+    assert isinstance(json.loads(structured.choices[0].message.content or "")["city"], str)
+    text = client.completions.create(
+        prompt="The capital of France is",
+        extra_body={"structured_outputs": {"choice": [" Paris", " Lyon"]}},
+        **ask,
+    )
+    assert text.choices[0].text in (" Paris", " Lyon")
+    for extra in (
+        {"structured_outputs": {"regex": "("}},
+        {"structured_outputs": {"regex": "a", "choice": ["b"]}},
+        {"structured_outputs": {"choice": ["a"]}, "response_format": {"type": "json_object"}},
+    ):
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(messages=question, extra_body=extra, **ask)

@@ -10,6 +10,16 @@ from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
+class StructuredSpec:
+    """Constrained decoding (vLLM's structured outputs): exactly one of these is set."""
+
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    json_schema: str | None = None  # a JSON Schema, as JSON text
+    json_object: bool = False  # any JSON object
+
+
+@dataclass(frozen=True, slots=True)
 class SamplingSpec:
     max_tokens: int
     temperature: float = 1.0
@@ -31,6 +41,7 @@ class SamplingSpec:
     # Batch work needs no per-token deltas: the engine then sends each request's output
     # once, which spares the front end (which shares the CPU with the engine) that work.
     final_only: bool = False
+    structured: StructuredSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,6 +117,22 @@ def _stat_logger_factory(stats: EngineStats) -> Any:
     return _SchedulerStatsSink
 
 
+def _structured_outputs(spec: SamplingSpec) -> Any:
+    if spec.structured is None:
+        return None
+    import json
+
+    from vllm.sampling_params import StructuredOutputsParams
+
+    s = spec.structured
+    return StructuredOutputsParams(
+        regex=s.regex,
+        choice=list(s.choice) if s.choice is not None else None,
+        json=json.loads(s.json_schema) if s.json_schema is not None else None,
+        json_object=True if s.json_object else None,
+    )
+
+
 def _to_sampling_params(spec: SamplingSpec) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
@@ -139,7 +155,21 @@ def _to_sampling_params(spec: SamplingSpec) -> Any:
         logprobs=spec.logprobs,
         skip_special_tokens=spec.skip_special_tokens,
         output_kind=RequestOutputKind.FINAL_ONLY if spec.final_only else RequestOutputKind.DELTA,
+        structured_outputs=_structured_outputs(spec),
     )
+
+
+def _request_errors() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it refuses (the request's fault, a 400)."""
+    from vllm.exceptions import VLLMClientError
+
+    return (ValueError, VLLMClientError)
+
+
+async def _chain_first(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 def _finite(x: float) -> float:
@@ -238,7 +268,13 @@ class VllmEngine:
             lora_request=_lora_request(adapter) if adapter is not None else None,
         )
         try:
-            async for out in stream:
+            try:
+                first = await anext(stream)
+            except _request_errors() as exc:  # refused on admission, e.g. a bad regex
+                raise SamplingRejected(str(exc)) from exc
+            except StopAsyncIteration:
+                return
+            async for out in _chain_first(first, stream):
                 yield [
                     ChoiceDelta(
                         index=c.index,

@@ -76,6 +76,26 @@ def pairwise_message(
     return prompt.render(conversation=conversation, answer_a=answer_a, answer_b=answer_b)
 
 
+# --- Constrained replies ---------------------------------------------------------------------
+
+# Each kind's reply as a regular expression the parser below accepts: free words (no
+# brackets), then the marker. The words are capped at a character per token left after the
+# marker's share, so the marker fits in ``max_tokens`` however the words tokenize.
+_MARKERS = {
+    "pairwise": r"\[\[[ABC]\]\]",
+    "score": r"Rating: \[\[([1-9]|10)\]\]",
+    "judgment": r"Verdict: \[\[(GOOD|BAD)\]\]",
+}
+
+
+def reply_pattern(kind: str, max_tokens: int) -> str:
+    """The regex a constrained judge reply follows (vLLM ``structured_outputs.regex``).
+    A judgment starts with a word, so a BAD verdict always says something."""
+    words = max(0, min(4000, max_tokens - 16))
+    start = "[A-Za-z]" if kind == "judgment" else ""
+    return f"{start}[^\\[\\]]{{0,{words}}}{_MARKERS[kind]}"
+
+
 # --- Parsers -----------------------------------------------------------------------------------
 
 _SCORE = re.compile(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]")

@@ -34,6 +34,7 @@ from server.evaluation.judge_prompts import (
     parse_judgment,
     parse_pair,
     parse_score,
+    reply_pattern,
     unswap,
 )
 from server.evaluation.ratings import Outcome, combine_both_orders
@@ -302,6 +303,8 @@ async def ask(judge: Judge, message: str) -> Reply:
         "store": False,
         "user": entry.annotator,
     }
+    if entry.constrain:
+        body["structured_outputs"] = {"regex": reply_pattern(entry.kind, entry.max_tokens)}
     headers = {"authorization": f"Bearer {judge.api_key}"} if judge.api_key else {}
     own = judge.client is None
     client = judge.client or httpx.AsyncClient(timeout=entry.timeout_s)

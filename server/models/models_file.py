@@ -190,6 +190,10 @@ class JudgeEntry(BaseModel):
     # Completions waiting for this judge; past it a sampled completion is dropped (counted).
     queue_size: int = Field(default=256, ge=1, le=100_000)
     max_tokens: int = Field(default=512, ge=1, le=32_768)
+    # Constrain the reply to the kind's format (reasoning, then the marker) with vLLM's
+    # `structured_outputs` extension: for judges served by vLLM or aligngate, so a small judge
+    # model always writes a marker. Other endpoints refuse the field: leave it off there.
+    constrain: bool = False
     timeout_s: float = Field(default=120.0, gt=0, le=3600)
     # Attempts per request (429, 5xx, connection errors and timeouts are retried with
     # exponential backoff).
