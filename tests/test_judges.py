@@ -306,7 +306,8 @@ async def test_the_gateway_judges_its_own_stored_completions(
     assert _unparseable(metrics, "self-score") == summary.unparseable
     # A rerun does not judge again what already has this judge's verdict.
     await judge_stored(judged_store, judge, model=gateway.model, limit=1, seed=0)
-    judged = [c.completion_id for c in await judged_store.list_judge_calls(judge="self-score")]
+    calls = await judged_store.list_judge_calls(judge="self-score")
+    judged = [(c.completion_id, c.choice_index) for c in calls]  # n=2: one verdict per choice
     assert len(judged) == len(set(judged))
 
 
