@@ -64,11 +64,10 @@ def build_app(
     metrics = GatewayMetrics()
     registry = Registry(adapters_root=settings.adapters_dir.resolve())
     # Built now, so a missing key variable or prompt file stops `serve` before any engine.
-    sampling = [
-        build_judge(j, self_url=self_url, metrics=metrics.judges)
-        for j in judges or []
-        if j.sample > 0
-    ]
+    built = {
+        j.name: build_judge(j, self_url=self_url, metrics=metrics.judges) for j in judges or []
+    }
+    sampling = [judge for judge in built.values() if judge.entry.sample > 0]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -123,6 +122,7 @@ def build_app(
     app = FastAPI(title="aligngate", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
+    app.state.judges = built  # by name: the sampler's, the promotion gate's
     app.state.metrics = metrics
     app.state.align_jobs = AlignJobs()
     app.state.admission = Admission()

@@ -639,6 +639,22 @@ class CutHyperparameters(BaseModel):
     threads: int | None = Field(default=None, ge=1, le=256)
 
 
+class GateRequest(_Strict):
+    """After training: does the candidate beat the version ``NAME@latest`` serves?"""
+
+    enabled: bool = True
+    # A pairwise judge of the models file (default: its only pairwise judge).
+    judge: Text | None = Field(default=None, max_length=64)
+    # Instructions (a JSON list or JSONL of {instruction}): default ALIGNGATE_GATE_INSTRUCTIONS,
+    # else the official AlpacaEval set.
+    instructions: Text | None = Field(default=None, max_length=4096)
+    size: int = Field(default=32, ge=1, le=805)
+    max_tokens: int = Field(default=256, ge=1, le=8192)
+    min_win_rate: float = Field(default=0.5, ge=0, le=1)
+    min_lower_bound: float = Field(default=0.45, ge=0, le=1)
+    promote: bool = True  # False: judge and report only
+
+
 class AlignRequest(_Strict):
     """``POST /admin/align``: one online iteration on a served model's judgments."""
 
@@ -653,6 +669,7 @@ class AlignRequest(_Strict):
     # the keys file's `trusted` keys); the name is kept from when it matched annotator labels.
     trusted_annotators: list[Text] = Field(default_factory=list, max_length=1000)
     include_unreviewed: bool = False
+    gate: GateRequest = Field(default_factory=GateRequest)
 
 
 class PromoteRequest(_Strict):

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     # LoRA adapters: the admin API and `aligngate align` read and write folders only here
     # (relative: against the working directory at start).
     adapters_dir: Path = Path("adapters")
+    # The promotion gate's instructions (a JSON list or JSONL of {instruction}); unset: the
+    # official AlpacaEval set through the `datasets` library.
+    gate_instructions: Path | None = None
     # Bearer key for the /admin routes; unset, they answer loopback clients only.
     admin_key: str | None = Field(default=None, repr=False)
     # API keys for inference and feedback: comma-separated, and/or a file of `KEY` or

@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,6 +30,7 @@ from server.metrics import JudgeMetrics
 from server.models.models_file import JudgeEntry, ModelsFileError, load_deployment
 from server.store import ChoiceRecord, CompletionRecord, Store
 from tests.conftest import Gateway, run_cli, start_own_gateway, stop_gateway
+from tests.data import EVAL_SET, real_file
 
 # --- Parsing: real replies of each kind -----------------------------------------------------
 
@@ -410,9 +412,12 @@ def sampling_gateway(
         folder,
         MODELS
         + "    store: true\n"
+        + "    lora: {}\n"  # the promotion gate's iteration hot-loads its adapter
         + "judges:\n"
         + "  - {name: live, kind: score, url: self, model: smollm2, sample: 1.0,\n"
-        + "     max_tokens: 48, requests_per_minute: 600, constrain: true}\n",
+        + "     max_tokens: 48, requests_per_minute: 600, constrain: true}\n"
+        + "  - {name: gatekeeper, kind: pairwise, url: self, model: smollm2, max_tokens: 48,\n"
+        + "     constrain: true, requests_per_minute: 600}\n",
         test_env,
         {},
     )
@@ -476,3 +481,69 @@ async def test_a_constrained_pairwise_judge_always_gives_a_verdict(gateway: Gate
     assert verdict.requests == 2 and verdict.outcome in ("a", "b", "tie")
     for reply in verdict.raw_replies:
         assert re.fullmatch(reply_pattern("pairwise", 48), reply)
+
+
+def _poll_job(gateway: Gateway, job_id: str, timeout: float = 900) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{gateway.url}/admin/align/{job_id}", timeout=10).json()
+        if job["status"] in ("succeeded", "failed"):
+            return job  # type: ignore[no-any-return]
+        time.sleep(2)
+    raise AssertionError(f"align job {job_id} did not finish:\n{gateway.log_tail()}")
+
+
+@pytest.mark.slow
+def test_an_iteration_is_promoted_only_when_it_wins_its_gate(sampling_gateway: Gateway) -> None:
+    """Train → hot-load → the candidate and the version ``smollm2@latest`` serves answer an
+    AlpacaEval slice → the pairwise judge (the gateway's own model, constrained) compares
+    each pair in both orders → the alias moves only if the gate's rule says so; the job
+    reports the win rate, its interval, ties and the judge's cost; each judged pair is a
+    battle of source ``judge:gatekeeper`` on the leaderboard."""
+    gw = sampling_gateway
+    eval_set = real_file(EVAL_SET)
+    completion_id = _chat(gw, "What is the largest planet in the solar system?")
+    posted = httpx.post(
+        f"{gw.url}/v1/feedback",
+        json={"completion_id": completion_id, "judgment": "Name the planet: Jupiter."},
+        timeout=30,
+    )
+    assert posted.status_code == 201, posted.text
+    reviewed = httpx.post(
+        f"{gw.url}/admin/feedback/review", json={"ids": [posted.json()["id"]]}, timeout=30
+    )
+    assert reviewed.status_code == 200
+    body = {
+        "model": gw.model,
+        "hyperparameters": {"epochs": 1, "batch_size": 1, "warmup_steps": 0},
+        "gate": {"instructions": str(eval_set), "size": 4, "max_tokens": 24},
+    }
+    bad = httpx.post(f"{gw.url}/admin/align", json={**body, "gate": {"judge": "live"}})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "gate.judge"
+    started = httpx.post(f"{gw.url}/admin/align", json=body, timeout=30)
+    assert started.status_code == 202, started.text
+    job = _poll_job(gw, started.json()["id"])
+    assert job["status"] == "succeeded", job
+    gate = job["gate"]
+    print("gate:", json.dumps({k: v for k, v in gate.items() if k != "reason"}), gate["reason"])
+    assert gate["candidate"] == job["adapter"] and gate["incumbent"] == gw.model
+    assert gate["judge"] == "gatekeeper" and gate["items"] == 4
+    assert gate["judged"] + gate["unparseable"] == 4
+    assert gate["wins"] + gate["losses"] + gate["ties"] == gate["judged"]
+    assert gate["requests"] == 2 * 4  # both orders of every pair
+    assert gate["prompt_tokens"] > 0 and gate["completion_tokens"] > 0
+    assert gate["low"] <= gate["win_rate"] <= gate["high"]
+    rule = gate["judged"] > 0 and gate["win_rate"] > 0.5 and gate["low"] > 0.45
+    assert job["promoted"] is gate["promoted"] is rule
+    alias = httpx.get(f"{gw.url}/v1/models/{gw.model}@latest", timeout=10).json()
+    assert alias["alias_of"] == (job["adapter"] if rule else gw.model)
+    served = {m["id"] for m in httpx.get(f"{gw.url}/v1/models", timeout=10).json()["data"]}
+    assert job["adapter"] in served  # promoted or not, it stays loaded under its own name
+    metrics = httpx.get(f"{gw.url}/metrics", timeout=10).text
+    assert f'aligngate_gate_win_rate{{model="{gw.model}"}}' in metrics
+    board = httpx.get(
+        f"{gw.url}/v1/leaderboard", params={"source": "judge:gatekeeper"}, timeout=60
+    ).json()
+    if gate["judged"]:
+        rated = {row["model"]: row for row in board["data"]}
+        assert rated[job["adapter"]]["battles"] == gate["judged"]

@@ -23,6 +23,7 @@ LAYERS: list[set[str]] = [
 PEER_IMPORTS = {
     ("training", "feedback"),  # the online loop exports judged feedback as CUT data
     ("evaluation", "serving"),  # batch items take the serving path's completion ids
+    ("training", "evaluation"),  # an iteration's promotion gate: judges and the win rate
     ("models", "protocol"),
     ("protocol", "models"),  # request models take the family table's defaults
 }

@@ -80,9 +80,13 @@ class GateReport:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    # Each judged pair, for the leaderboard: the conversation and the winner (a: candidate).
+    battles: list[dict[str, Any]] = field(default_factory=list)
 
     def public(self) -> dict[str, Any]:
-        return asdict(self)
+        values = asdict(self)
+        values.pop("battles")
+        return values
 
 
 async def run_gate(
@@ -128,6 +132,7 @@ async def run_gate(
         report.prompt_tokens += verdict.prompt_tokens
         report.completion_tokens += verdict.completion_tokens
         outcomes.append({"a": "win", "b": "loss"}.get(verdict.outcome, "tie"))  # type: ignore[arg-type]
+        report.battles.append({"messages": conversation, "winner": verdict.outcome})
 
     await asyncio.gather(*(judge(i, a, b) for i, a, b in zip(items, ours, theirs, strict=True)))
     report.timings["judge_s"] = round(time.perf_counter() - started, 3)

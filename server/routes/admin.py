@@ -48,7 +48,15 @@ async def start_align_job(
     body: AlignRequest, request: Request, registry: RegistryDep, store: StoreDep, jobs: AlignJobsDep
 ) -> JSONResponse:
     """Start one online iteration in the background; poll ``GET /admin/align/{job}``."""
-    job = start_align(body, registry, store, jobs, request.app.state.settings)
+    job = start_align(
+        body,
+        registry,
+        store,
+        jobs,
+        request.app.state.settings,
+        judges=request.app.state.judges,
+        metrics=request.app.state.metrics,
+    )
     return JSONResponse(job.public(), status_code=202)
 
 

@@ -12,17 +12,28 @@ import math
 from pathlib import Path
 
 from server.errors import Conflict, InvalidRequest
+from server.evaluation.gate import GateSettings, run_gate
+from server.evaluation.judges import Judge, compare
 from server.feedback.service import parse_since
 from server.guards.auth import parse_keys, trusted_key_ids
+from server.metrics import GatewayMetrics
 from server.models.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
+from server.models.aliases import latest_alias
 from server.models.models_file import ModelEntry, ModelsFileError, build_renderer, resolve_path
 from server.models.registry import Registry
-from server.protocol import AlignRequest, CutHyperparameters
+from server.protocol import AlignRequest, CutHyperparameters, GateRequest
 from server.resources.plan import Plan
 from server.resources.platform import GIB
 from server.settings import Settings
-from server.store import Store
-from server.training.online import AlignError, AlignJob, AlignJobs, AlignPlan, plan_iteration
+from server.store import BattleCreate, Store, judge_source
+from server.training.online import (
+    AlignError,
+    AlignJob,
+    AlignJobs,
+    AlignPlan,
+    Gate,
+    plan_iteration,
+)
 from server.training.trainer import CutConfig, memory_needed, placed
 
 
@@ -104,8 +115,110 @@ def plan_for(
     )
 
 
+def gate_judge(request: GateRequest, judges: dict[str, Judge]) -> Judge | None:
+    """The pairwise judge the gate asks: the one named, else the models file's only one."""
+    pairwise = {name: j for name, j in judges.items() if j.kind == "pairwise"}
+    if request.judge is not None:
+        if request.judge not in pairwise:
+            raise InvalidRequest(
+                f"No pairwise judge `{request.judge}` in the models file "
+                f"(pairwise judges: {', '.join(sorted(pairwise)) or 'none'}).",
+                param="gate.judge",
+            )
+        return pairwise[request.judge]
+    if len(pairwise) > 1:
+        raise InvalidRequest(
+            f"Name the gate's judge: the models file has {len(pairwise)} pairwise judges.",
+            param="gate.judge",
+        )
+    return next(iter(pairwise.values()), None)
+
+
+def make_gate(
+    request: GateRequest,
+    base: str,
+    registry: Registry,
+    store: Store,
+    judges: dict[str, Judge],
+    settings: Settings,
+    metrics: GatewayMetrics | None,
+) -> Gate | None:
+    """The promotion gate an iteration runs after hot-loading its adapter (None: off)."""
+    if not request.enabled:
+        return None
+    judge = gate_judge(request, judges)
+    instructions = Path(request.instructions) if request.instructions else None
+    instructions = instructions or settings.gate_instructions
+    if instructions is not None and not instructions.is_file():
+        raise InvalidRequest(f"{instructions} is not a file.", param="gate.instructions")
+    gate_settings = GateSettings(
+        size=request.size,
+        max_tokens=request.max_tokens,
+        min_win_rate=request.min_win_rate,
+        min_lower_bound=request.min_lower_bound,
+        eval_file=instructions,
+    )
+    alias = latest_alias(base)
+
+    async def gate(candidate_name: str) -> dict[str, object]:
+        if judge is None:
+            return {
+                "promoted": False,
+                "reason": "no pairwise judge in the models file (judges: … kind: pairwise): "
+                f"`{candidate_name}` is served under its own name; promote it by hand with "
+                "POST /admin/promote",
+            }
+        candidate, incumbent = registry.get(candidate_name), registry.get(alias)
+        try:
+            report = await run_gate(
+                candidate,
+                incumbent,
+                judge.name,
+                lambda conversation, a, b: compare(judge, conversation, a, b),
+                gate_settings,
+            )
+        except Exception as exc:  # the eval set, an engine, the judge: reported, never promoted
+            return {"promoted": False, "reason": f"the gate could not run: {exc}"}
+        for battle in report.battles:
+            await store.record_battle(
+                BattleCreate(
+                    model_a=candidate.name,
+                    model_b=incumbent.name,
+                    key_id=judge.entry.stored_key_id,
+                    source=judge_source(judge.name),
+                    messages=battle["messages"],
+                    winner=battle["winner"],
+                    annotator=judge.entry.annotator,
+                )
+            )
+        if metrics is not None:
+            metrics.gate_win_rate.labels(base).set(report.win_rate)
+        if report.promoted and request.promote:
+            previous = await registry.promote(
+                alias, candidate.name, by="gate", reason=report.reason
+            )
+            if metrics is not None:
+                metrics.promoted(alias, candidate.name, previous)
+        elif report.promoted:
+            report.promoted = False
+            report.reason += (
+                f"; not promoted (promote: false): `{alias}` still serves {incumbent.name}"
+            )
+        else:
+            report.reason += f"; `{alias}` still serves {incumbent.name}"
+        return report.public()
+
+    return gate
+
+
 def start_align(
-    body: AlignRequest, registry: Registry, store: Store, jobs: AlignJobs, settings: Settings
+    body: AlignRequest,
+    registry: Registry,
+    store: Store,
+    jobs: AlignJobs,
+    settings: Settings,
+    judges: dict[str, Judge] | None = None,
+    metrics: GatewayMetrics | None = None,
 ) -> AlignJob:
     try:
         since = parse_since(body.since)
@@ -120,8 +233,9 @@ def start_align(
         await registry.load_adapter(name, path, base=plan.base_name)
 
     config = placed_by_plan(cut_config(body.hyperparameters), registry.plan, plan.base_path)
+    gate = make_gate(body.gate, plan.base_name, registry, store, judges or {}, settings, metrics)
     try:
-        return jobs.start(plan, store, config, load, body.min_judged)
+        return jobs.start(plan, store, config, load, body.min_judged, gate)
     except AlignError as exc:
         raise Conflict(str(exc)) from exc
 
