@@ -26,6 +26,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from server.models.families import family
 from server.models.render import Message, Renderer
 from tests.data import real_file
 from tests.tiny_checkpoints import LLAMA2_CHAT_TEMPLATE, QUANTILE_TOKENS
@@ -367,3 +368,20 @@ def test_a_template_control_token_right_after_user_text(real: dict[str, Renderer
             *tok(prompt.text, add_special_tokens=False)["input_ids"],
         ]
         assert r.count_control_ids(prompt.token_ids) == 2
+
+
+def test_plain_text_that_spells_a_control_token_is_refused(tmp_path: Path) -> None:
+    """A vocabulary whose control token is also an ordinary piece ('hello' made special on
+    GPT-2): the user's 'hello' would reach the engine as the control id, so the render is
+    refused rather than sent; ' hello' (another piece, 'Ġhello') renders."""
+    from transformers import AutoTokenizer
+
+    from server.models.render import RenderError
+
+    tok = AutoTokenizer.from_pretrained(str(real_tokenizer_dir(GPT2)))
+    tok.add_special_tokens({"additional_special_tokens": ["hello"]})
+    r = Renderer(tok, family("cut"), template_source="{{ messages[0].content }}", template_name="t")
+    with pytest.raises(RenderError, match="would tokenize to a control token"):
+        r.render_chat([Message("user", "hello there")])
+    ok = r.render_chat([Message("user", "say hello")])
+    assert r.count_control_ids(ok.token_ids) == 1

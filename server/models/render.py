@@ -101,6 +101,7 @@ class _GuardedEncoder:
     def __init__(self, backend: Any):
         self._backend = backend
         self.added = dict(sorted(backend.get_added_tokens_decoder().items()))
+        self.id_of = {token.content: i for i, token in self.added.items()}
         self._cached: tuple[str, Any, dict[str, str], dict[int, int]] | None = None
 
     def _with_stand_ins(self, mark: str) -> tuple[Any, dict[str, str], dict[int, int]]:
@@ -190,6 +191,7 @@ class Renderer:
         # Where a piece of user text could join the template's text into control text.
         self._control_prefixes = {s[:k] for s in self._control_strings for k in range(1, len(s))}
         self._control_suffixes = {s[k:] for s in self._control_strings for k in range(1, len(s))}
+        self._longest_control = max(map(len, self._control_strings), default=0)
         backend = getattr(tokenizer, "backend_tokenizer", None)
         self._guarded = _GuardedEncoder(backend) if backend is not None else None
         if self._guarded is None:
@@ -451,7 +453,7 @@ class Renderer:
         for form in {text, text.strip(), text.lstrip(), text.rstrip()}:
             if self.has_control_text(form) or any(form in s for s in self._control_strings):
                 return True
-            ends = range(1, len(form) + 1)
+            ends = range(1, min(len(form), self._longest_control) + 1)
             if any(form[:k] in self._control_suffixes for k in ends) or any(
                 form[-k:] in self._control_prefixes for k in ends
             ):
@@ -552,6 +554,17 @@ class Renderer:
         controls += self._controls_in(text, stretch, pos)
         ids = self._guarded.encode(text, controls) if self._guarded is not None else None
         if ids is not None:
+            # By construction only the template's control tokens are control ids (an <unk>
+            # for an unknown character aside); checked, not assumed.
+            unk = self.tokenizer.unk_token_id
+            if sum(1 for i in ids if i in self.control_ids and i != unk) != sum(
+                1 for start, end in controls if self._guarded.id_of[text[start:end]] != unk
+            ):
+                raise RenderError(
+                    "The message text would tokenize to a control token of this model; it "
+                    "cannot be rendered safely.",
+                    param="messages",
+                )
             return ids
         if self._guarded is not None:
             log.warning(
