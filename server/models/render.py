@@ -450,7 +450,7 @@ class Renderer:
         or could form control text with the template's text around it: it begins with the
         end of a control string (``s>`` after a template's ``</``), ends with the start of
         one, or lies inside one."""
-        for form in {text, text.strip(), text.lstrip(), text.rstrip()}:
+        for form in {text, text.strip(), text.lstrip(), text.rstrip()} - {""}:
             if self.has_control_text(form) or any(form in s for s in self._control_strings):
                 return True
             ends = range(1, min(len(form), self._longest_control) + 1)
