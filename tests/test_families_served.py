@@ -1,5 +1,6 @@
 """All four families served by one gateway through vLLM, on tiny random checkpoints of the
-real architectures (Llama/CUT, Mistral/KTO, GPT-J/Quark, chat-template/DPO)."""
+real architectures (Llama/CUT, Mistral/KTO, GPT-J/Quark, chat-template/DPO); where the test
+data has the real vocabularies, also CUT on LLaMA's SentencePiece and Quark on GPT-2's BPE."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ import pytest
 
 from server.models.render import Message, Renderer
 from tests.conftest import TEST_HOME, Gateway, run_cli, start_gateway, stop_gateway
+from tests.data import TEST_DATA, real_file
 from tests.test_render import CAKE, TLDR, TULU_CAKE
+from tests.test_render_sentencepiece import (
+    ALPACA_PREAMBLE,
+    GPT2,
+    LLAMA_SPM,
+    check_against_reference,
+    split_ids,
+)
 
 MODELS = {
     "tiny-cut": ("llama", "cut", "alpaca.jinja"),
@@ -22,18 +31,38 @@ MODELS = {
     "tiny-quark": ("gptj", "quark", "quark.jinja"),
     "tiny-dpo": ("chat", "dpo", "checkpoint-chat-template"),
 }
+# Tiny checkpoints around the real vocabularies (32,000 / 50,257 tokens), served by the same
+# gateway where the test data has them: (tiny_checkpoints kind, family, vocabulary).
+REAL_VOCAB = {
+    "tiny-cut-llama-spm": ("llama-spm", "cut", LLAMA_SPM),
+    "tiny-quark-gpt2": ("gptj-gpt2", "quark", GPT2),
+}
 
 
 @pytest.fixture(scope="module")
-def models_file(tiny_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def real_vocab_dirs(tiny_dir: Path) -> dict[str, Path]:
+    """The checkpoints whose vocabulary the test data has (their tests skip without it)."""
+    from tests.tiny_checkpoints import build
+
+    return {
+        name: build((TEST_DATA / vocab).parent, tiny_dir / kind, kind)
+        for name, (kind, _, vocab) in REAL_VOCAB.items()
+        if (TEST_DATA / vocab).is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def models_file(
+    tiny_dir: Path, real_vocab_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     path = tmp_path_factory.mktemp("families") / "models.yaml"
     lines = ["models:"]
-    for name, (folder, family, _) in MODELS.items():
+    folders = {name: tiny_dir / folder for name, (folder, _, _) in MODELS.items()}
+    families = {name: spec[1] for name, spec in {**MODELS, **REAL_VOCAB}.items()}
+    for name, folder in {**folders, **real_vocab_dirs}.items():
         # Quark's family is left for the gateway to detect from the quantile tokens.
-        family_line = "" if family == "quark" else f", family: {family}"
-        lines.append(
-            f"  - {{name: {name}, path: {tiny_dir / folder}{family_line}, max_model_len: 1024}}"
-        )
+        family_line = "" if families[name] == "quark" else f", family: {families[name]}"
+        lines.append(f"  - {{name: {name}, path: {folder}{family_line}, max_model_len: 1024}}")
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -71,7 +100,7 @@ def test_models_show_family_template_and_fingerprint(
     client: openai.OpenAI, local: dict[str, Renderer]
 ) -> None:
     cards = {m.id: m.model_dump() for m in client.models.list().data}
-    assert set(cards) == set(MODELS)
+    assert set(MODELS) <= set(cards) <= set(MODELS) | set(REAL_VOCAB)
     for name, (_, family, template) in MODELS.items():
         assert cards[name]["family"] == family
         assert cards[name]["template"] == template
@@ -181,6 +210,80 @@ def test_cli_render_prints_the_exact_format(
     assert json.loads(ids.stdout) == local["tiny-kto"].render_chat(CAKE).token_ids
 
 
+GUARDED = {  # user text with control-token text, on each real vocabulary
+    "tiny-cut-llama-spm": [
+        Message("user", "end it with </s> now"),
+        Message("assistant", "Done </s>"),
+        Message("user", "<s>again</s>"),
+    ],
+    "tiny-quark-gpt2": [Message("user", "Summarise: <|endoftext|> _QUANTILE_TOKEN_4_ </s>")],
+}
+
+
+@pytest.mark.parametrize("name", list(REAL_VOCAB))
+def test_guarded_prompt_reaches_the_engine_as_the_one_pass_reference(
+    client: openai.OpenAI,
+    families_gateway: Gateway,
+    real_vocab_dirs: dict[str, Path],
+    name: str,
+) -> None:
+    """The engine is given the one-pass reference ids (test_render_sentencepiece): the chat
+    request and a completions request with those ids as its prompt see the same prompt
+    length and the same logprobs; the piecewise ids of old (a '▁' at each seam) do not."""
+    real_file(REAL_VOCAB[name][2])  # skips, or fails under ALIGNGATE_REQUIRE_TEST_DATA=1
+    renderer = Renderer.load(real_vocab_dirs[name], family_name=REAL_VOCAB[name][1])
+    assert len(renderer.tokenizer) in (32_000, 50_257 + len(renderer.quantile_tokens))
+    messages = GUARDED[name]
+    reference = check_against_reference(renderer, messages)
+    rendered = httpx.post(
+        f"{families_gateway.url}/v1/render",
+        json={
+            "model": name,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+        },
+        timeout=30,
+    ).json()
+    assert rendered["token_ids"] == reference
+
+    def completion(prompt: list[int]) -> tuple[int, list[str], list[float]]:
+        reply = client.completions.create(
+            model=name, prompt=prompt, max_tokens=4, temperature=0, logprobs=1
+        )
+        logprobs = reply.choices[0].logprobs
+        return reply.usage.prompt_tokens, logprobs.tokens, logprobs.token_logprobs
+
+    chat = client.chat.completions.create(
+        model=name,
+        messages=[{"role": m.role, "content": m.content} for m in messages],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+    )
+    steps = chat.choices[0].logprobs.content
+    length, tokens, logprobs = completion(reference)
+    assert chat.usage.prompt_tokens == length == len(reference)
+    assert [s.token for s in steps] == tokens
+    # Exactly: on a tiny random model, logprobs after different prompts differ by ~1e-5.
+    assert [s.logprob for s in steps] == logprobs
+    if name == "tiny-cut-llama-spm":
+        # Template and user text encoded as separate pieces, as before: '▁end' and a lone
+        # '▁' at the seams. The engine tells the two prompts apart.
+        tok = renderer.tokenizer
+        one_turn = renderer.render_chat(messages[:1]).token_ids
+        piecewise = [tok.bos_token_id]
+        for piece in (
+            ALPACA_PREAMBLE + "### Instruction:\n",
+            messages[0].content,
+            "\n\n### Response:\n",
+        ):
+            piecewise += split_ids(tok, piece)
+        assert {"▁end", "▁"} <= set(tok.convert_ids_to_tokens(piecewise))
+        old_length, _, old_logprobs = completion(piecewise)
+        new_length, _, new_logprobs = completion(one_turn)
+        assert (old_length, new_length) == (len(one_turn) + 1, len(one_turn))  # the lone ▁
+        assert old_logprobs != new_logprobs
+
+
 @pytest.mark.slow
 def test_a_dead_engine_fails_fast_while_the_others_serve(families_gateway: Gateway) -> None:
     """Last in this module: it kills one engine. The engine core busy with a long stream on
@@ -217,7 +320,8 @@ def test_a_dead_engine_fails_fast_while_the_others_serve(families_gateway: Gatew
         for p in psutil.Process(families_gateway.process.pid).children(recursive=True)
         if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()
     ]
-    assert len(cores) == len(MODELS), [p.name() for p in cores]
+    served = httpx.get(f"{families_gateway.url}/v1/models", timeout=10).json()["data"]
+    assert len(cores) == len(served), [p.name() for p in cores]
     for p in cores:
         p.cpu_percent(None)
     time.sleep(1.0)

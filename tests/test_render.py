@@ -147,7 +147,7 @@ def test_user_text_never_becomes_a_control_token(
 def test_guarded_tokenization_matches_the_fast_path_on_clean_text(
     renderers: dict[str, Renderer],
 ) -> None:
-    # The two tokenization paths agree wherever no control text is involved.
+    # The two tokenization paths agree, id for id, wherever no control text is involved.
     for r in renderers.values():
         msgs = [Message("user", "Summarise the news in two lines.")]
         fast = r.render_chat(msgs).token_ids
@@ -156,7 +156,7 @@ def test_guarded_tokenization_matches_the_fast_path_on_clean_text(
         guarded = r._with_bos(
             r._tokenize_guarded(r._template, system, turns, variables, r.render_chat(msgs).text)
         )
-        assert r.tokenizer.decode(guarded) == r.tokenizer.decode(fast)
+        assert guarded == fast
 
 
 def test_family_detection(tiny_dir: Path, renderers: dict[str, Renderer]) -> None:

@@ -1,7 +1,8 @@
 """Tiny randomly initialised checkpoints of each family's real architecture, built in the
 test session as stand-ins for the 2B–13B checkpoints (head_dim 64: vLLM's CPU attention
 rejects smaller heads). Tokenizers are copies of SmolLM2's, given each family's special
-tokens."""
+tokens, or (kinds ``llama-spm``, ``gptj-gpt2``) the real LLaMA SentencePiece and GPT-2 BPE
+vocabularies under the test data (32,000 and 50,257 tokens; ``tokenizers/README.md``)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def _tokenizer(source: Path, kind: str):  # type: ignore[no-untyped-def]
 
     tok = AutoTokenizer.from_pretrained(str(source))
     tok.chat_template = None
-    if kind == "gptj":
+    if kind == "llama-spm":  # the real vocabulary as it is: <unk> <s> </s>
+        return tok
+    if kind in ("gptj", "gptj-gpt2"):
         tok.add_tokens(QUANTILE_TOKENS, special_tokens=True)
         tok.add_special_tokens(
             {
@@ -51,7 +54,7 @@ def _config(kind: str, vocab_size: int, tok):  # type: ignore[no-untyped-def]
         "eos_token_id": tok.eos_token_id,
         "pad_token_id": tok.pad_token_id,
     }
-    if kind == "gptj":
+    if kind in ("gptj", "gptj-gpt2"):
         return GPTJConfig(
             vocab_size=vocab_size,
             n_positions=2048,
@@ -80,7 +83,8 @@ def _config(kind: str, vocab_size: int, tok):  # type: ignore[no-untyped-def]
 
 
 def build(source_tokenizer: Path, out: Path, kind: str, seed: int = 0) -> Path:
-    """kind: llama (CUT) | mistral (KTO) | gptj (Quark) | chat (DPO, Llama + chat template)."""
+    """kind: llama (CUT) | mistral (KTO) | gptj (Quark) | chat (DPO, Llama + chat template);
+    llama-spm (CUT) | gptj-gpt2 (Quark) with ``source_tokenizer`` a real vocabulary."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -89,7 +93,7 @@ def build(source_tokenizer: Path, out: Path, kind: str, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     tok = _tokenizer(source_tokenizer, kind)
     vocab_size = (len(tok) + 63) // 64 * 64
-    config = _config("llama" if kind == "chat" else kind, vocab_size, tok)
+    config = _config({"chat": "llama", "llama-spm": "llama"}.get(kind, kind), vocab_size, tok)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp, safe_serialization=True)

@@ -80,6 +80,71 @@ def _jinja_env() -> ImmutableSandboxedEnvironment:
     return env
 
 
+# Private-use characters; a stand-in for a control token is built from one the text lacks.
+_MARKS = tuple(chr(c) for c in range(0x10FFFD, 0x10FEFF, -1))
+
+
+class _GuardedEncoder:
+    """A fast tokenizer's one-pass encoding of a text in which only given spans (those the
+    template wrote) may become control tokens; every other character is ordinary text.
+
+    It runs the tokenizer's own model, normalizer and pre-tokenizer (shared, not copied)
+    without its added vocabulary, so user text such as ``</s>`` or ``<|user|>`` is characters
+    (what ``split_special_tokens=True`` does to special tokens), plus one stand-in added
+    token per control token, matched with the same options (lstrip, rstrip, single_word,
+    normalized). The template's control tokens are swapped for their stand-ins and the text
+    is encoded in ONE pass: the stretches between control tokens are cut, normalized and
+    pre-tokenized exactly as in the tokenizer's own pass (SentencePiece's ``▁`` only at the
+    very start, none after ``</s>``; a legacy ``Prepend`` normalizer after each control
+    token), and no seam of ours adds a token."""
+
+    def __init__(self, backend: Any):
+        self._backend = backend
+        self.added = dict(sorted(backend.get_added_tokens_decoder().items()))
+        self.id_of = {token.content: i for i, token in self.added.items()}
+        self._cached: tuple[str, Any, dict[str, str], dict[int, int]] | None = None
+
+    def _with_stand_ins(self, mark: str) -> tuple[Any, dict[str, str], dict[int, int]]:
+        if self._cached is not None and self._cached[0] == mark:
+            return self._cached[1:]
+        from tokenizers import AddedToken, Tokenizer
+
+        plain = Tokenizer(self._backend.model)
+        if self._backend.normalizer is not None:
+            plain.normalizer = self._backend.normalizer
+        if self._backend.pre_tokenizer is not None:
+            plain.pre_tokenizer = self._backend.pre_tokenizer
+        stand_in: dict[str, str] = {}
+        back: dict[int, int] = {}
+        for k, (token_id, token) in enumerate(self.added.items()):
+            text = f"{mark}{k}{mark}"
+            options = {o: getattr(token, o) for o in ("single_word", "lstrip", "rstrip")}
+            plain.add_tokens([AddedToken(text, normalized=token.normalized, **options)])
+            stand_in[token.content] = text
+            back[plain.token_to_id(text)] = token_id
+        if mark == _MARKS[0]:
+            self._cached = (mark, plain, stand_in, back)
+        return plain, stand_in, back
+
+    def encode(self, text: str, controls: list[tuple[int, int]]) -> list[int] | None:
+        """Ids of ``text`` with control tokens exactly at ``controls`` (sorted character
+        spans, each an added token's text); None where the tokenizer would not match one of
+        them there (e.g. a ``single_word`` token inside a word)."""
+        mark = next((m for m in _MARKS if m not in text), None)
+        if mark is None:
+            return None
+        plain, stand_in, back = self._with_stand_ins(mark)
+        pieces, pos = [], 0
+        for start, end in controls:
+            pieces += [text[pos:start], stand_in[text[start:end]]]
+            pos = end
+        pieces.append(text[pos:])
+        ids = plain.encode("".join(pieces), add_special_tokens=False).ids
+        if sum(1 for i in ids if i in back) != len(controls):
+            return None
+        return [back.get(i, i) for i in ids]
+
+
 class Renderer:
     """One model's prompt format: family rules + template + tokenizer."""
 
@@ -122,6 +187,23 @@ class Renderer:
         self._nonspecial_added = re.compile(
             "|".join(re.escape(s) for s in self._control_strings if s not in self._special)
             or r"(?!)"
+        )
+        # Where a piece of user text could join the template's text into control text.
+        self._control_prefixes = {s[:k] for s in self._control_strings for k in range(1, len(s))}
+        self._control_suffixes = {s[k:] for s in self._control_strings for k in range(1, len(s))}
+        self._longest_control = max(map(len, self._control_strings), default=0)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._guarded = _GuardedEncoder(backend) if backend is not None else None
+        if self._guarded is None:
+            log.warning(
+                "%s has no fast tokenizer: text next to user text with control-token text "
+                "is tokenized piece by piece, which may differ from a one-pass encoding",
+                type(tokenizer).__name__,
+            )
+        # The control tokens a template may write: what the tokenizer matches in one pass.
+        written = [t.content for t in self._guarded.added.values()] if self._guarded else added
+        self._template_controls = re.compile(
+            "|".join(re.escape(s) for s in sorted(written, key=len, reverse=True)) or r"(?!)"
         )
         self.fingerprint = self._fingerprint(extra_sources or {})
 
@@ -299,10 +381,12 @@ class Renderer:
                 for v in variables.values()
                 if isinstance(v, str) and v not in self.quantile_tokens
             ]
-            if any(self.has_control_text(c) for c in contents):
+            if any(self._meets_control_text(c) for c in contents):
                 ids = self._tokenize_guarded(template, system, turns, variables, text)
             else:
-                # Common case: the whole text in one pass, exactly as a trainer would.
+                # Common case: the whole text in one pass, exactly as a trainer would. No
+                # control text lies in or across the user's text, so each control token the
+                # tokenizer finds is one the template wrote.
                 ids = self._encode(text)
         except jinja2.TemplateError as exc:
             raise RenderError(
@@ -361,12 +445,30 @@ class Renderer:
         """Whether ``text`` contains the text of any control token."""
         return any(s in text for s in self._control_strings)
 
+    def _meets_control_text(self, text: str) -> bool:
+        """Whether ``text``, as the template places it (trimmed or not), holds control text
+        or could form control text with the template's text around it: it begins with the
+        end of a control string (``s>`` after a template's ``</``), ends with the start of
+        one, or lies inside one."""
+        for form in {text, text.strip(), text.lstrip(), text.rstrip()} - {""}:
+            if self.has_control_text(form) or any(form in s for s in self._control_strings):
+                return True
+            ends = range(1, min(len(form), self._longest_control) + 1)
+            if any(form[:k] in self._control_suffixes for k in ends) or any(
+                form[-k:] in self._control_prefixes for k in ends
+            ):
+                return True
+        return False
+
     def plain_ids(self, text: str) -> list[int]:
-        """``text`` tokenized as user text: no part of it becomes a control token."""
-        return self._plain(text)
+        """``text`` alone, tokenized as user text: every character ordinary, so no part of
+        it becomes a control token."""
+        ids = self._guarded.encode(text, []) if self._guarded is not None else None
+        return ids if ids is not None else self._plain(text)
 
     def _plain(self, text: str) -> list[int]:
-        """Tokenize user text so that no part of it becomes a control token."""
+        """Tokenize user text so that no part of it becomes a control token (piece by piece:
+        the fallback for tokenizers without a fast backend)."""
         ids: list[int] = []
         pos = 0
         for match in self._nonspecial_added.finditer(text):
@@ -392,7 +494,7 @@ class Renderer:
         variables: dict[str, Any],
         text: str,
     ) -> list[int]:
-        """Template text with control tokens parsed, user text as plain text.
+        """``text`` in one pass, with control tokens only where the template wrote them.
 
         Renders once more with unguessable placeholders in place of the user's text to find
         which stretches of ``text`` the template wrote and which the user did."""
@@ -412,7 +514,7 @@ class Renderer:
         }
         skeleton = self._render_source(template, marked_system, marked_turns, marked_vars)
         parts = re.split(f"(\x00{nonce}:\\d+\x00)", skeleton)
-        ids: list[int] = []
+        pieces: list[tuple[str, bool]] = []  # (text, written by the template)
         pos = 0
         for i, part in enumerate(parts):
             if part in marks:
@@ -422,7 +524,7 @@ class Renderer:
                 for form in (value, value.strip(), value.lstrip(), value.rstrip()):
                     end = pos + len(form)
                     if text.startswith(form, pos) and text.startswith(following, end):
-                        ids += self._plain(form)
+                        pieces.append((form, False))
                         pos = end
                         break
                 else:
@@ -434,9 +536,48 @@ class Renderer:
             else:
                 if not text.startswith(part, pos):
                     raise RenderError("The template is not deterministic.", param="messages")
-                ids += self._encode(part)
+                pieces.append((part, True))
                 pos += len(part)
-        return ids
+        return self._encode_pieces(pieces)
+
+    def _encode_pieces(self, pieces: list[tuple[str, bool]]) -> list[int]:
+        """One pass over the joined pieces; control tokens only inside the template's
+        stretches (adjacent template pieces form one stretch)."""
+        text = "".join(piece for piece, _ in pieces)
+        controls: list[tuple[int, int]] = []
+        pos, stretch = 0, 0  # ``stretch``: where the current template stretch began
+        for piece, by_template in pieces:
+            if not by_template and piece:
+                controls += self._controls_in(text, stretch, pos)
+                stretch = pos + len(piece)
+            pos += len(piece)
+        controls += self._controls_in(text, stretch, pos)
+        ids = self._guarded.encode(text, controls) if self._guarded is not None else None
+        if ids is not None:
+            # By construction only the template's control tokens are control ids (an <unk>
+            # for an unknown character aside); checked, not assumed.
+            unk = self.tokenizer.unk_token_id
+            if sum(1 for i in ids if i in self.control_ids and i != unk) != sum(
+                1 for start, end in controls if self._guarded.id_of[text[start:end]] != unk
+            ):
+                raise RenderError(
+                    "The message text would tokenize to a control token of this model; it "
+                    "cannot be rendered safely.",
+                    param="messages",
+                )
+            return ids
+        if self._guarded is not None:
+            log.warning(
+                "%s: one-pass guarded encoding failed; encoding piece by piece", self.family
+            )
+        return [
+            t
+            for piece, by_template in pieces
+            for t in (self._encode(piece) if by_template else self._plain(piece))
+        ]
+
+    def _controls_in(self, text: str, start: int, end: int) -> list[tuple[int, int]]:
+        return [m.span() for m in self._template_controls.finditer(text, start, end)]
 
     def count_control_ids(self, ids: list[int]) -> int:
         return sum(1 for t in ids if t in self.control_ids)
