@@ -25,6 +25,7 @@ from server.protocol import (
 )
 from server.routes.deps import AlignJobsDep, RegistryDep, StoreDep
 from server.routes.openai import model_card
+from server.store import ANONYMOUS_KEY
 from server.training.service import start_align
 
 # Guarded by server.guards.auth.AuthMiddleware: the admin key, or loopback while none is set.
@@ -56,6 +57,7 @@ async def start_align_job(
         request.app.state.settings,
         judges=request.app.state.judges,
         metrics=request.app.state.metrics,
+        key_id=getattr(request.state, "key_id", None) or ANONYMOUS_KEY,
     )
     return JSONResponse(job.public(), status_code=202)
 

@@ -25,7 +25,7 @@ from server.protocol import AlignRequest, CutHyperparameters, GateRequest
 from server.resources.plan import Plan
 from server.resources.platform import GIB
 from server.settings import Settings
-from server.store import BattleCreate, Store, judge_source
+from server.store import ANONYMOUS_KEY, BattleCreate, Store, judge_source
 from server.training.online import (
     AlignError,
     AlignJob,
@@ -142,8 +142,10 @@ def make_gate(
     judges: dict[str, Judge],
     settings: Settings,
     metrics: GatewayMetrics | None,
+    owner: str = ANONYMOUS_KEY,
 ) -> Gate | None:
-    """The promotion gate an iteration runs after hot-loading its adapter (None: off)."""
+    """The promotion gate an iteration runs after hot-loading its adapter (None: off).
+    ``owner``: the key that started the iteration; its leaderboard shows the gate's battles."""
     if not request.enabled:
         return None
     judge = gate_judge(request, judges)
@@ -184,7 +186,7 @@ def make_gate(
                 BattleCreate(
                     model_a=candidate.name,
                     model_b=incumbent.name,
-                    key_id=judge.entry.stored_key_id,
+                    key_id=owner,
                     source=judge_source(judge.name),
                     messages=battle["messages"],
                     winner=battle["winner"],
@@ -219,6 +221,7 @@ def start_align(
     settings: Settings,
     judges: dict[str, Judge] | None = None,
     metrics: GatewayMetrics | None = None,
+    key_id: str = ANONYMOUS_KEY,
 ) -> AlignJob:
     try:
         since = parse_since(body.since)
@@ -233,7 +236,9 @@ def start_align(
         await registry.load_adapter(name, path, base=plan.base_name)
 
     config = placed_by_plan(cut_config(body.hyperparameters), registry.plan, plan.base_path)
-    gate = make_gate(body.gate, plan.base_name, registry, store, judges or {}, settings, metrics)
+    gate = make_gate(
+        body.gate, plan.base_name, registry, store, judges or {}, settings, metrics, key_id
+    )
     try:
         return jobs.start(plan, store, config, load, body.min_judged, gate)
     except AlignError as exc:
