@@ -15,6 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from server import __version__
+from server.cluster.config import ClusterSettings
 from server.errors import install_error_handlers
 from server.guards.admission import Admission
 from server.guards.auth import (
@@ -51,7 +52,10 @@ def process_started() -> float:
 
 
 def build_app(
-    settings: Settings, entries: list[ModelEntry], resources: Resources | None = None
+    settings: Settings,
+    entries: list[ModelEntry],
+    resources: Resources | None = None,
+    cluster: ClusterSettings | None = None,
 ) -> FastAPI:
     metrics = GatewayMetrics()
     registry = Registry(adapters_root=settings.adapters_dir.resolve())
@@ -66,7 +70,7 @@ def build_app(
         app.state.store = store
         started = time.perf_counter()
         try:
-            await registry.start(entries, settings, resources)
+            await registry.start(entries, settings, resources, cluster=cluster)
             for alias, version in registry.aliases.items():
                 metrics.promoted(alias, version, None)
         except BaseException:

@@ -38,7 +38,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         deployment = _load_deployment(args.config, settings)
-        app = build_app(settings, deployment.models, deployment.resources)
+        app = build_app(settings, deployment.models, deployment.resources, deployment.cluster)
     except (ModelsFileError, KeyConfigError) as exc:
         log.error("%s", exc)
         return 2
