@@ -32,7 +32,7 @@ from server.guards.ratelimit import RateLimiter
 from server.metrics import GatewayMetrics, RequestMetricsMiddleware
 from server.models.models_file import ModelEntry, Resources
 from server.models.registry import Registry
-from server.routes import admin, feedback, health, openai, render, stored_completions, ui
+from server.routes import admin, arena, feedback, health, openai, render, stored_completions, ui
 from server.settings import Settings
 from server.store import Store
 from server.training.online import AlignJobs
@@ -127,6 +127,7 @@ def build_app(
     app.include_router(stored_completions.router)
     app.include_router(render.router)
     app.include_router(feedback.router)
+    app.include_router(arena.router)
     app.include_router(health.router)
     app.include_router(admin.router)
     app.include_router(ui.router)

@@ -69,6 +69,14 @@ class Conflict(GatewayError):
     code = "conflict"
 
 
+class NotRateable(GatewayError):
+    """The battles asked for cannot be rated together (models in groups that never met share
+    no rating scale): a state of the data, not a malformed request."""
+
+    status_code = 409
+    code = "battles_not_rateable"
+
+
 class Overloaded(GatewayError):
     """More requests waiting for a model than its bound: come back later (never a hang)."""
 

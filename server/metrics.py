@@ -67,10 +67,24 @@ class GatewayMetrics:
             ["model", "reason"],
             registry=r,
         )
+        # source: "human" (the feedback API, arena votes) or "judge:NAME". An arena vote
+        # counts once for each of its two models: preferred / rejected, tie or both_bad.
         self.feedback = Counter(
             "aligngate_feedback",
-            "Feedback stored, by model and label.",
-            ["model", "label"],
+            "Feedback received, by model, source and label.",
+            ["model", "source", "label"],
+            registry=r,
+        )
+        self.arena_battles = Counter(
+            "aligngate_arena_battles",
+            "Arena battles started (two answers served blind), by source.",
+            ["source"],
+            registry=r,
+        )
+        self.arena_votes = Counter(
+            "aligngate_arena_votes",
+            "Battle outcomes recorded, by source and winner (a, b, tie, both_bad).",
+            ["source", "winner"],
             registry=r,
         )
         self.store_write_latency = Histogram(

@@ -605,6 +605,96 @@ class ReviewRequest(_Strict):
     reviewed: bool = True
 
 
+# ---- the arena and the leaderboard ---------------------------------------------------------
+
+Winner = Literal["a", "b", "tie", "both_bad"]
+# "human" (arena votes) or "judge:<name>" (an AI judge's pairwise verdicts).
+SOURCE_PATTERN = r"^(human|judge:[A-Za-z0-9][A-Za-z0-9._:/-]{0,100})$"
+
+
+class BattleRequest(_Strict):
+    """``POST /v1/arena/battles``: one conversation, answered by two served models drawn at
+    random (or the two ``models`` named), shown as A and B with the names hidden."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    # Pin the pair (their A/B order is still drawn at random); default: two served models.
+    models: list[Annotated[str, Field(min_length=1, max_length=256)]] | None = Field(
+        default=None, min_length=2, max_length=2
+    )
+    max_tokens: int | None = Field(default=None, ge=1, le=4096)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    user: Text | None = Field(default=None, max_length=256)
+
+    @field_validator("models")
+    @classmethod
+    def _two_different(cls, models: list[str] | None) -> list[str] | None:
+        if models is not None and models[0] == models[1]:
+            raise ValueError("a battle needs two different models")
+        return models
+
+
+class BattleAnswer(BaseModel):
+    content: str | None  # None: the answer's completion is not stored (a judge's battle)
+    finish_reason: str | None = None
+    # Hidden (None) until the battle is voted on: the completion id would name the model too.
+    model: str | None = None
+    completion_id: str | None = None
+
+
+class BattlePublic(BaseModel):
+    id: str
+    object: Literal["arena.battle"] = "arena.battle"
+    created_at: float
+    source: str
+    status: Literal["open", "decided"]
+    a: BattleAnswer
+    b: BattleAnswer
+    winner: Winner | None = None
+    voted_at: float | None = None
+    # A decisive vote's preference feedback (the DPO pair), when one was stored ...
+    preference_id: str | None = None
+    # ... and why not, when a decisive vote stored none.
+    preference_note: str | None = None
+
+
+class VoteRequest(_Strict):
+    """``POST /v1/arena/battles/{id}/vote``: A better, B better, a tie, or both bad."""
+
+    winner: Winner
+    annotator: Text | None = Field(default=None, min_length=1, max_length=256)
+
+
+class LeaderboardRow(BaseModel):
+    rank: int  # 1 + the number of models whose interval lies wholly above this one's
+    model: str
+    rating: float
+    low: float | None  # the bootstrap interval; None where the rating has no finite MLE
+    high: float | None
+    battles: int
+    wins: int
+    losses: int
+    ties: int  # ties and both-bad votes
+    bounded: bool
+
+
+class Leaderboard(BaseModel):
+    object: Literal["leaderboard"] = "leaderboard"
+    source: str | None  # the filter applied; None: every source
+    sources: list[str]  # the sources that decided battles (the filter's choices)
+    anchor: str | None
+    anchor_rating: float
+    scale: float
+    base: float
+    battles: int
+    resamples: int
+    confidence: float
+    data: list[LeaderboardRow]
+    # win_rates[row][col]: the share of row's battles against col that row won (ties half).
+    win_rates: dict[str, dict[str, float | None]]
+
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 404, 500, 503)
 }

@@ -232,3 +232,32 @@ def browser() -> Iterator[object]:
         )
         yield browser
         browser.close()
+
+
+ARENA_ADAPTER = "arena-lora"
+
+
+@pytest.fixture(scope="session")
+def arena_adapter(default_model_path: Path, adapters_root: Path) -> str:
+    """A second model to battle the default one, cheaply: a LoRA adapter of the default model
+    with small random weights (no training), saved under the session's adapters root. Its
+    answers differ from the base model's; it renders with the same template, so arena votes
+    between the two are DPO pairs."""
+    folder = adapters_root / ARENA_ADAPTER
+    if not (folder / "adapter_model.safetensors").is_file():
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(str(default_model_path), dtype=torch.float32)
+        config = LoraConfig(
+            r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]
+        )
+        model = get_peft_model(base, config)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.02)
+        model.save_pretrained(str(folder))
+    return ARENA_ADAPTER

@@ -41,7 +41,7 @@ def hardened(
         folder,
         "models:\n"
         f"  - {{name: {DEFAULT_MODEL_NAME}, path: 'builtin:{DEFAULT_MODEL_NAME}', store: true, "
-        f"max_pending_requests: {CAPACITY}, max_model_len: 2048}}\n",
+        f"max_pending_requests: {CAPACITY}, max_model_len: 2048, lora: {{}}}}\n",
         test_env,
         {
             "ALIGNGATE_API_KEYS": ALICE,
@@ -114,6 +114,48 @@ def test_keys_end_to_end(hardened: Gateway) -> None:
     # The log never holds a key.
     log = hardened.log_path.read_text(errors="replace")
     assert ALICE not in log and ADMIN not in log
+
+
+def test_arena_battles_belong_to_the_key_that_started_them(
+    hardened: Gateway, arena_adapter: str
+) -> None:
+    question = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6}
+    battles = f"{hardened.url}/v1/arena/battles"
+    alone = httpx.post(battles, json=question, headers=auth(ALICE), timeout=60)
+    assert alone.status_code == 409 and "two served models" in alone.json()["error"]["message"]
+    loaded = httpx.post(
+        f"{hardened.url}/admin/adapters",
+        json={"name": "arena:tuned", "path": arena_adapter},
+        headers=auth(ADMIN),
+        timeout=120,
+    )
+    assert loaded.status_code == 201, loaded.text
+    try:
+        started = httpx.post(battles, json=question, headers=auth(ALICE), timeout=120)
+        assert started.status_code == 200, started.text
+        url = f"{battles}/{started.json()['id']}"
+        # To another key the battle does not exist, to read, to vote on, or on its board.
+        for response in (
+            httpx.get(url, headers=auth(BOB)),
+            httpx.post(f"{url}/vote", json={"winner": "a"}, headers=auth(BOB)),
+        ):
+            assert response.status_code == 404, response.text
+        assert httpx.get(url, headers=auth(ADMIN)).json()["status"] == "open"
+        voted = httpx.post(f"{url}/vote", json={"winner": "b"}, headers=auth(ALICE))
+        assert voted.status_code == 200, voted.text
+        assert {voted.json()[s]["model"] for s in "ab"} == {hardened.model, "arena:tuned"}
+        again = httpx.post(f"{url}/vote", json={"winner": "a"}, headers=auth(ADMIN))
+        assert again.status_code == 409
+        mine = httpx.get(f"{hardened.url}/v1/feedback", headers=auth(ALICE)).json()["data"]
+        assert voted.json()["preference_id"] in {f["id"] for f in mine}
+        board = {
+            k: httpx.get(f"{hardened.url}/v1/leaderboard", headers=auth(k), timeout=60).json()
+            for k in (ALICE, BOB)
+        }
+        assert {r["model"] for r in board[ALICE]["data"]} == {hardened.model, "arena:tuned"}
+        assert board[BOB]["data"] == [] and board[BOB]["battles"] == 0
+    finally:
+        httpx.delete(f"{hardened.url}/admin/adapters/arena:tuned", headers=auth(ADMIN))
 
 
 def test_stored_completions_are_scoped_per_key(hardened: Gateway) -> None:

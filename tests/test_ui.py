@@ -197,7 +197,7 @@ def test_overview_counts_filters_and_admin_downloads(gateway: Gateway, page) -> 
 
 @pytest.mark.parametrize("page", [{"width": 390, "height": 844}], indirect=True)
 def test_phone_width_and_labelled_controls(gateway: Gateway, page) -> None:
-    for path in ("/ui", "/ui/feedback"):
+    for path in ("/ui", "/ui/arena", "/ui/leaderboard", "/ui/feedback"):
         response = page.goto(f"{gateway.url}{path}")
         assert response.headers["content-security-policy"].startswith("default-src 'none'")
         page.wait_for_load_state("networkidle")

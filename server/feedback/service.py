@@ -22,7 +22,7 @@ from server.protocol import (
     StoredCompletion,
     Usage,
 )
-from server.store import ANONYMOUS_KEY, FeedbackCreate, FeedbackRow, Store
+from server.store import ANONYMOUS_KEY, HUMAN, FeedbackCreate, FeedbackRow, Store
 
 
 def public(row: FeedbackRow) -> FeedbackPublic:
@@ -67,7 +67,7 @@ async def create_feedback(body: FeedbackRequest, request: Request, store: Store)
     request.state.model = row.model
     if created:
         metrics: GatewayMetrics = request.app.state.metrics
-        metrics.feedback.labels(row.model, row.label or "none").inc()
+        metrics.feedback.labels(row.model, HUMAN, row.label or "none").inc()
     # 201 for a new record; 200 for a replay of the same idempotency key.
     return JSONResponse(public(row).model_dump(), status_code=201 if created else 200)
 

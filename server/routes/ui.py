@@ -1,4 +1,5 @@
-"""The web UI: ``/ui`` (chat and judge) and ``/ui/feedback`` (overview and exports).
+"""The web UI: ``/ui`` (chat and judge), ``/ui/arena`` (blind battles), ``/ui/leaderboard``
+and ``/ui/feedback`` (overview and exports).
 
 Static files shipped in the package (``server/ui/static``), no build step, no CDN. The pages
 hold no data: everything they show comes from the API with the user's own key. A strict
@@ -32,7 +33,7 @@ router = APIRouter(prefix="/ui", include_in_schema=False)
 @functools.cache
 def _render(page: str) -> str:
     """``<page>.html`` with the pages' shared header (``header.html``) in place."""
-    current = {f"{name}_current": "" for name in ("chat", "feedback")}
+    current = {f"{name}_current": "" for name in ("chat", "arena", "leaderboard", "feedback")}
     current[f"{page}_current"] = ' aria-current="page"'
     header = (STATIC / "header.html").read_text().format(**current)
     return (STATIC / f"{page}.html").read_text().replace("  <!-- header -->\n", header)
@@ -50,6 +51,16 @@ async def chat_page() -> HTMLResponse:
 @router.get("/")
 async def chat_page_slash() -> RedirectResponse:
     return RedirectResponse("/ui")
+
+
+@router.get("/arena")
+async def arena_page() -> HTMLResponse:
+    return _page("arena")
+
+
+@router.get("/leaderboard")
+async def leaderboard_page() -> HTMLResponse:
+    return _page("leaderboard")
 
 
 @router.get("/feedback")

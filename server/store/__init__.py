@@ -3,6 +3,7 @@
 The only package that knows SQL. Knows rows, not engines or templates.
 """
 
+from server.store.battles import HUMAN, WINNERS, BattleCreate, BattleRow, judge_source
 from server.store.database import open_engine, sqlite_url
 from server.store.records import (
     ANONYMOUS_KEY,
@@ -15,11 +16,16 @@ from server.store.store import Store
 
 __all__ = [
     "ANONYMOUS_KEY",
+    "HUMAN",
+    "WINNERS",
+    "BattleCreate",
+    "BattleRow",
     "ChoiceRecord",
     "CompletionRecord",
     "FeedbackCreate",
     "FeedbackRow",
     "Store",
+    "judge_source",
     "open_engine",
     "sqlite_url",
 ]

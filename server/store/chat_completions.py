@@ -15,7 +15,7 @@ from sqlalchemy import Connection, and_, delete, func, or_, select
 
 from server.errors import Conflict, NotFound
 from server.store.records import CompletionRecord
-from server.store.schema import completion_metadata, completions, feedback
+from server.store.schema import battles, completion_metadata, completions, feedback
 
 CHAT = "chat"
 
@@ -141,8 +141,9 @@ def replace_metadata(
 
 def delete_chat(conn: Connection, completion_id: str, owner: str | None) -> None:
     """Delete the record and its metadata. A record with feedback — on it, or naming it as
-    the rejected side of a preference — is training data: refused with Conflict, nothing
-    deleted (the foreign keys would refuse it too)."""
+    the rejected side of a preference — is training data, and an arena battle's answer is
+    evaluation data: refused with Conflict, nothing deleted (the foreign keys would refuse
+    it too)."""
     get_chat(conn, completion_id, owner)
     judged = conn.execute(
         select(func.count())
@@ -158,6 +159,19 @@ def delete_chat(conn: Connection, completion_id: str, owner: str | None) -> None
         raise Conflict(
             f"Stored chat completion `{completion_id}` has {judged} feedback record(s): "
             "judged completions are training data and are not deleted.",
+            param="completion_id",
+        )
+    battled = conn.execute(
+        select(func.count())
+        .select_from(battles)
+        .where(
+            or_(battles.c.completion_a == completion_id, battles.c.completion_b == completion_id)
+        )
+    ).scalar_one()
+    if battled:
+        raise Conflict(
+            f"Stored chat completion `{completion_id}` is an answer in an arena battle: "
+            "battles are evaluation data and their answers are not deleted.",
             param="completion_id",
         )
     conn.execute(

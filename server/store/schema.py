@@ -109,6 +109,34 @@ completion_metadata = Table(
     Index("ix_completion_metadata_pair", "key", "value"),
 )
 
+# m004: one row per arena battle — two models' answers to one conversation — and its outcome.
+# ``source`` says who judged it: "human" (an arena vote) or "judge:<name>" (an AI judge's
+# pairwise verdict), which is what the leaderboard filters on. ``winner`` is None until the
+# vote; "tie" and "both_bad" are kept as such (the leaderboard counts both as a tie).
+battles = Table(
+    "battles",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("created_at", Float, nullable=False),
+    Column("source", String(128), nullable=False),
+    Column("key_id", String(64), nullable=False),  # whose battle (tenancy, as completions)
+    Column("model_a", String(128), nullable=False),
+    Column("model_b", String(128), nullable=False),
+    Column("completion_a", String(64), ForeignKey("completions.id")),
+    Column("choice_a", Integer, nullable=False, default=0),
+    Column("completion_b", String(64), ForeignKey("completions.id")),
+    Column("choice_b", Integer, nullable=False, default=0),
+    Column("messages", JSON),  # the conversation both answered, as sent
+    Column("winner", String(16)),  # a | b | tie | both_bad; None: not judged yet
+    Column("voted_at", Float),
+    Column("annotator", String(256)),
+    # The preference feedback a decisive vote became (None: a tie, both bad, or answers
+    # rendered from different prompt text, which the store does not pair).
+    Column("feedback_id", String(64), ForeignKey("feedback.id")),
+    Index("ix_battles_source_voted", "source", "voted_at"),
+    Index("ix_battles_key", "key_id", "created_at"),
+)
+
 migrations_table = Table(
     "aligngate_migrations",
     metadata,
@@ -158,9 +186,14 @@ def _m003_completion_metadata(conn: Connection) -> None:
     completion_metadata.create(conn, checkfirst=True)
 
 
+def _m004_battles(conn: Connection) -> None:
+    battles.create(conn, checkfirst=True)
+
+
 # Append only. Each entry: (name, function applied inside one transaction).
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("m001_completions_and_feedback", _m001_initial),
     ("m002_token_ids_and_feedback_sequence", _m002_token_ids_and_sequence),
     ("m003_completion_metadata", _m003_completion_metadata),
+    ("m004_battles", _m004_battles),
 ]

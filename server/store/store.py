@@ -27,7 +27,9 @@ from server.errors import (
     NotFound,
     StoreUnavailable,
 )
+from server.store import battles
 from server.store import chat_completions as chat
+from server.store.battles import BattleCreate, BattleRow
 from server.store.database import migrate, open_engine
 from server.store.records import CompletionRecord, FeedbackCreate, FeedbackRow, polarity_of
 from server.store.schema import FEEDBACK_SEQUENCE, completions, counters, feedback
@@ -208,73 +210,7 @@ class Store:
         digest = _payload_hash(fb)
 
         def write(conn: Connection) -> tuple[FeedbackRow, bool]:
-            if fb.idempotency_key is not None:
-                existing = conn.execute(
-                    select(feedback).where(
-                        feedback.c.key_id == fb.key_id,
-                        feedback.c.idempotency_key == fb.idempotency_key,
-                    )
-                ).first()
-                if existing is not None:
-                    row = FeedbackRow.from_row(existing)
-                    if row.payload_hash != digest:
-                        raise IdempotencyConflict(
-                            "This idempotency_key was already used with a different payload.",
-                            param="idempotency_key",
-                        )
-                    return row, False
-            target = _judged_record(conn, fb.completion_id, owner, "completion_id")
-            if fb.choice_index >= len(target.choices):
-                raise InvalidRequest(
-                    f"choice_index {fb.choice_index} is out of range: completion "
-                    f"`{fb.completion_id}` has {len(target.choices)} choice(s).",
-                    param="choice_index",
-                )
-            if fb.preferred_over_choice is not None and fb.preferred_over is None:
-                raise InvalidRequest(
-                    "preferred_over_choice needs preferred_over.", param="preferred_over_choice"
-                )
-            if fb.preferred_over is not None:
-                other = _judged_record(conn, fb.preferred_over, owner, "preferred_over")
-                losing = fb.preferred_over_choice or 0
-                if losing >= len(other.choices):
-                    raise InvalidRequest(
-                        f"preferred_over_choice {losing} is out of range: completion "
-                        f"`{fb.preferred_over}` has {len(other.choices)} choice(s).",
-                        param="preferred_over_choice",
-                    )
-                if fb.preferred_over == fb.completion_id and losing == fb.choice_index:
-                    raise InvalidRequest(
-                        "A choice cannot be preferred over itself.", param="preferred_over"
-                    )
-                # Another model is fine (a side-by-side of two models is a DPO pair); the
-                # prompt, as rendered, must be the same — per choice, since one completions
-                # request may carry several prompts.
-                if other.prompt_of(losing) != target.prompt_of(fb.choice_index):
-                    raise InvalidRequest(
-                        "preferred_over must name a completion (and choice) of the same prompt.",
-                        param="preferred_over",
-                    )
-            row = FeedbackRow(
-                id=f"fb-{uuid.uuid4().hex}",
-                created_at=time.time(),
-                completion_id=fb.completion_id,
-                choice_index=fb.choice_index,
-                model=target.model,
-                judgment=fb.judgment,
-                rating=fb.rating,
-                rating_scale=fb.rating_scale,
-                label=fb.label,
-                preferred_over=fb.preferred_over,
-                preferred_over_choice=fb.preferred_over_choice,
-                annotator=fb.annotator,
-                key_id=fb.key_id,
-                idempotency_key=fb.idempotency_key,
-                payload_hash=digest,
-                seq=_next_seq(conn, FEEDBACK_SEQUENCE),
-            )
-            conn.execute(feedback.insert().values(**_feedback_values(row)))
-            return row, True
+            return insert_feedback(conn, fb, owner, digest)
 
         future = self._writer.submit(write)
         try:
@@ -399,6 +335,52 @@ class Store:
             entry["preferences"] += count if has_preference else 0
         return sorted(totals.values(), key=lambda e: e["model"])
 
+    # ---- arena battles (SQL in ``battles``) ---------------------------------------------------
+
+    async def record_battle(self, new: BattleCreate) -> BattleRow:
+        """Store a battle: an arena's, open until its vote, or a judge's, decided already."""
+        return await self._write(lambda conn: battles.insert_battle(conn, new))
+
+    async def get_battle(self, battle_id: str, *, owner: str | None = None) -> BattleRow:
+        """The battle and its answers' texts (``owner``: only that key's; None: any)."""
+        return await self._read(lambda: self._with(battles.select_battle, battle_id, owner))
+
+    async def vote_battle(
+        self,
+        battle_id: str,
+        winner: str,
+        *,
+        key_id: str,
+        annotator: str | None = None,
+        owner: str | None = None,
+    ) -> tuple[BattleRow, FeedbackRow | None]:
+        """The battle's one vote (a second: Conflict) and, for a decisive vote whose answers
+        share their prompt text, the preference feedback it became — in one transaction."""
+        return await self._write(
+            lambda conn: battles.vote(
+                conn,
+                battle_id,
+                winner,
+                owner=owner,
+                key_id=key_id,
+                annotator=annotator,
+                insert_feedback=insert_feedback,
+            )
+        )
+
+    async def battle_outcomes(
+        self, *, source: str | None = None, owner: str | None = None
+    ) -> tuple[list[tuple[str, str, str]], list[str]]:
+        """Decided battles as (model_a, model_b, winner), oldest first (``source``: only
+        its; ``owner``: only that key's), and every source that decided one."""
+
+        def read() -> tuple[list[tuple[str, str, str]], list[str]]:
+            with self.engine.connect() as conn:
+                outcomes = battles.select_outcomes(conn, source=source, owner=owner)
+                return outcomes, battles.select_sources(conn, owner=owner)
+
+        return await self._read(read)
+
     # ---- export reads (synchronous: the CLI and background jobs use them) -------------------
 
     def export_rows(
@@ -462,6 +444,10 @@ class Store:
             ).scalar_one()
         return int(value)
 
+    def _with(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self.engine.connect() as conn:
+            return fn(conn, *args)
+
     async def _read(self, fn: Callable[[], Any]) -> Any:
         try:
             return await asyncio.to_thread(fn)
@@ -481,6 +467,81 @@ class Store:
             raise
         except Exception as exc:
             raise StoreUnavailable("The store is unavailable; nothing changed.") from exc
+
+
+def insert_feedback(
+    conn: Connection, fb: FeedbackCreate, owner: str | None, digest: str | None = None
+) -> tuple[FeedbackRow, bool]:
+    """``add_feedback``'s checks and insert, inside the caller's transaction (an arena vote
+    stores its preference in the same transaction as the vote)."""
+    digest = digest or _payload_hash(fb)
+    if fb.idempotency_key is not None:
+        existing = conn.execute(
+            select(feedback).where(
+                feedback.c.key_id == fb.key_id,
+                feedback.c.idempotency_key == fb.idempotency_key,
+            )
+        ).first()
+        if existing is not None:
+            row = FeedbackRow.from_row(existing)
+            if row.payload_hash != digest:
+                raise IdempotencyConflict(
+                    "This idempotency_key was already used with a different payload.",
+                    param="idempotency_key",
+                )
+            return row, False
+    target = _judged_record(conn, fb.completion_id, owner, "completion_id")
+    if fb.choice_index >= len(target.choices):
+        raise InvalidRequest(
+            f"choice_index {fb.choice_index} is out of range: completion "
+            f"`{fb.completion_id}` has {len(target.choices)} choice(s).",
+            param="choice_index",
+        )
+    if fb.preferred_over_choice is not None and fb.preferred_over is None:
+        raise InvalidRequest(
+            "preferred_over_choice needs preferred_over.", param="preferred_over_choice"
+        )
+    if fb.preferred_over is not None:
+        other = _judged_record(conn, fb.preferred_over, owner, "preferred_over")
+        losing = fb.preferred_over_choice or 0
+        if losing >= len(other.choices):
+            raise InvalidRequest(
+                f"preferred_over_choice {losing} is out of range: completion "
+                f"`{fb.preferred_over}` has {len(other.choices)} choice(s).",
+                param="preferred_over_choice",
+            )
+        if fb.preferred_over == fb.completion_id and losing == fb.choice_index:
+            raise InvalidRequest(
+                "A choice cannot be preferred over itself.", param="preferred_over"
+            )
+        # Another model is fine (a side-by-side of two models is a DPO pair); the
+        # prompt, as rendered, must be the same — per choice, since one completions
+        # request may carry several prompts.
+        if other.prompt_of(losing) != target.prompt_of(fb.choice_index):
+            raise InvalidRequest(
+                "preferred_over must name a completion (and choice) of the same prompt.",
+                param="preferred_over",
+            )
+    row = FeedbackRow(
+        id=f"fb-{uuid.uuid4().hex}",
+        created_at=time.time(),
+        completion_id=fb.completion_id,
+        choice_index=fb.choice_index,
+        model=target.model,
+        judgment=fb.judgment,
+        rating=fb.rating,
+        rating_scale=fb.rating_scale,
+        label=fb.label,
+        preferred_over=fb.preferred_over,
+        preferred_over_choice=fb.preferred_over_choice,
+        annotator=fb.annotator,
+        key_id=fb.key_id,
+        idempotency_key=fb.idempotency_key,
+        payload_hash=digest,
+        seq=_next_seq(conn, FEEDBACK_SEQUENCE),
+    )
+    conn.execute(feedback.insert().values(**_feedback_values(row)))
+    return row, True
 
 
 def _feedback_values(row: FeedbackRow) -> dict[str, Any]:
