@@ -157,13 +157,18 @@ class RayCluster:
         serve.delete(app)
 
     def close(self) -> None:
-        """Stop watching and leave the cluster (the applications are deleted by their
-        engines' ``shutdown``)."""
+        """Stop watching, delete what is still deployed (normally each engine's
+        ``shutdown`` did; not when the start failed half-way) and leave the cluster."""
         import ray
 
         self._stop.set()
         if self._watcher is not None:
             self._watcher.join(timeout=10)
+        for app in list(self._wanted):
+            try:
+                self.delete(app)
+            except Exception:
+                log.exception("Could not delete Ray Serve application %s", app)
         ray.shutdown()
 
 
