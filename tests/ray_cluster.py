@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -41,7 +42,8 @@ class RayHead:
         return [int(pid) for pid, stat in rows if not stat.startswith("Z")]
 
     def replica_pids(self, marker: str = "ServeReplica:") -> list[int]:
-        """Processes of this cluster whose title names a Ray Serve replica."""
+        """Processes of this cluster whose title holds ``marker`` (default: Ray Serve
+        replicas; ``VLLM::EngineCore``: their engines' core processes)."""
         found = []
         for pid in self.pids():
             with contextlib.suppress(OSError):
@@ -109,6 +111,8 @@ def ray_head(num_cpus: int = 2) -> Iterator[RayHead]:
         yield head
     finally:
         stop_head(head)
+        if not head.pids():
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def stop_head(head: RayHead, timeout: float = 20) -> None:

@@ -145,28 +145,34 @@ async def _open_and_drop(gateway: Gateway, streams: int) -> None:
             async with http.stream(
                 "POST",
                 f"{gateway.url}/v1/chat/completions",
-                json={"model": gateway.model, "messages": LONG, "max_tokens": 400, "stream": True},
+                json={
+                    "model": gateway.model,
+                    "messages": LONG,
+                    "max_tokens": 2000,
+                    "min_tokens": 1500,
+                    "stream": True,
+                },
             ) as response:
+                events = 0
                 async for line in response.aiter_lines():
-                    if '"content"' in line and '"role"' not in line:
-                        break  # a token arrived: go away mid-stream
+                    events += bool(line)
+                    if events == 4:
+                        break  # tokens are coming: go away mid-stream
 
 
 def test_a_client_that_goes_away_is_aborted_on_its_replica(gateway: Gateway) -> None:
     asyncio.run(_open_and_drop(gateway, 4))
-    time.sleep(1)
-    # Each request's replica reports the requests its engine still holds as it takes one:
-    # after the aborts, none on either replica.
-    deadline = time.monotonic() + 30
-    while True:
-        seen = set(asyncio.run(replicas_serving(gateway, requests=6)))
-        held = {
-            r: metric(gateway, "aligngate_replica_engine_requests", replica=r, state="unfinished")
-            for r in seen
-        }
-        if len(seen) == 2 and not any(held.values()):
-            break
-        assert time.monotonic() < deadline, f"requests left on the replicas: {held}"
+    # Each replica reports the requests its engine holds as it takes a new one. One at a
+    # time, until both replicas said none (1,500+ tokens each would take minutes here).
+    started = time.monotonic()
+    held: dict[str, float] = {}
+    while len(held) < 2 or any(held.values()):
+        assert time.monotonic() - started < 30, f"requests left on the replicas: {held}"
+        replica = chat(gateway, FRANCE, max_tokens=2).headers[REPLICA]
+        held[replica] = metric(
+            gateway, "aligngate_replica_engine_requests", replica=replica, state="unfinished"
+        )
+    TIMINGS["aborted_within_s"] = time.monotonic() - started
 
 
 async def _stream_until_done(
@@ -265,3 +271,6 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(
         for r in dead
     )
     assert errors >= len(failed)
+    # The killed replica's engine core went with it: one per live replica is left.
+    engines = ray_cluster.replica_pids("VLLM::EngineCore")
+    assert len(engines) == 2, engines
