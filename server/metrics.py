@@ -105,6 +105,26 @@ class GatewayMetrics:
             ["model"],
             registry=r,
         )
+        # Per replica of a model's engine (Ray backend): what this gateway sent each one,
+        # how those ended, and the replica's scheduler queue as its last reply reported it.
+        self.replica_requests = Counter(
+            "aligngate_replica_requests",
+            "Engine requests by model, replica and outcome (ok, error, cancelled).",
+            ["model", "replica", "outcome"],
+            registry=r,
+        )
+        self.replica_in_flight = Gauge(
+            "aligngate_replica_in_flight_requests",
+            "Engine requests this gateway has running on each replica now.",
+            ["model", "replica"],
+            registry=r,
+        )
+        self.replica_engine_requests = Gauge(
+            "aligngate_replica_engine_requests",
+            "Each replica's engine (running, waiting, unfinished) as its last reply found it.",
+            ["model", "replica", "state"],
+            registry=r,
+        )
         self.store_writes = Counter(
             "aligngate_store_writes", "Writes committed to the store.", registry=r
         )
@@ -119,6 +139,17 @@ class GatewayMetrics:
             with contextlib.suppress(KeyError):
                 self.promoted_version.remove(alias, previous)
         self.promoted_version.labels(alias, version).set(1)
+
+    def replica_started(self, model: str, replica: str, queue: dict[str, int]) -> None:
+        """A request went to ``replica``, whose engine reported ``queue`` (running,
+        waiting, unfinished) as it took it."""
+        self.replica_in_flight.labels(model, replica).inc()
+        for state, count in queue.items():
+            self.replica_engine_requests.labels(model, replica, state).set(count)
+
+    def replica_finished(self, model: str, replica: str, outcome: str) -> None:
+        self.replica_in_flight.labels(model, replica).dec()
+        self.replica_requests.labels(model, replica, outcome).inc()
 
     def store_committed(self, seconds: float, writes: int) -> None:
         self.store_write_latency.observe(seconds)

@@ -1,5 +1,6 @@
 """The package layout holds: imports run one way between ``server``'s packages, only
-``engine/`` imports vLLM and only ``store/`` knows SQL (DESIGN §2, README "Layout")."""
+``engine/`` imports vLLM, only ``cluster/`` imports Ray and only ``store/`` knows SQL
+(DESIGN §2, README "Layout")."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ LAYERS: list[set[str]] = [
     {"bench"},
     {"serving", "feedback", "training", "evaluation"},
     {"models", "store", "protocol"},
+    {"cluster"},  # the Ray backend: replicas of the engine, below the registry
     {"engine", "guards", "metrics", "resources"},
     {"errors", "settings"},
 ]
@@ -90,5 +92,7 @@ def test_only_engine_imports_vllm_and_only_store_knows_sql() -> None:
         roots = {name.split(".")[0] for name in imports}
         if "vllm" in roots:
             assert module.startswith("server.engine."), module
+        if "ray" in roots:
+            assert module.startswith("server.cluster."), module
         if "sqlalchemy" in roots:
             assert module.startswith("server.store."), module

@@ -175,8 +175,13 @@ def test_completions_stream(client: openai.OpenAI, gateway: Gateway) -> None:
 
 
 def test_models_lists_the_default_model(client: openai.OpenAI, gateway: Gateway) -> None:
-    # adapters other tests loaded are listed too, each with its base as `parent`
-    models = [m for m in client.models.list().data if m.model_dump().get("parent") is None]
+    # adapters other tests loaded are listed too, each with its base as `parent`, and the
+    # promotion aliases (`NAME@latest`), each naming the version it serves as `alias_of`
+    models = [
+        m
+        for m in client.models.list().data
+        if m.model_dump().get("parent") is None and m.model_dump().get("alias_of") is None
+    ]
     assert [m.id for m in models] == [gateway.model]
     card = models[0].model_dump()
     assert card["owned_by"] == "aligngate"

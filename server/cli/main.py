@@ -47,6 +47,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             deployment.resources,
             judges=deployment.judges,
             self_url=f"http://{loopback}:{port}/v1",
+            cluster=deployment.cluster,
         )
     except (ModelsFileError, KeyConfigError) as exc:
         log.error("%s", exc)

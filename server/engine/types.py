@@ -78,6 +78,17 @@ class ChoiceDelta:
     stop_reason: int | str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """Which copy of a model's engine took a request (a cluster backend's replica), and that
+    engine's queue when it did: its scheduler's last counts, and the requests it holds."""
+
+    id: str
+    running: int = 0
+    waiting: int = 0
+    unfinished: int = 0
+
+
 @dataclass(slots=True)
 class EngineStats:
     running: int = 0

@@ -12,7 +12,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from server.engine.types import (
     AdapterRef,
     ChoiceDelta,
     EngineStats,
+    Replica,
     SamplingRejected,
     SamplingSpec,
     TokenLogprob,
@@ -214,8 +215,16 @@ def _async_llm_class() -> type:
     return _AsyncLLM
 
 
+def check_options(options: EngineOptions) -> None:
+    """Refuse engine arguments vLLM does not have, before an engine is started elsewhere
+    (a cluster replica) where the error would come back late and far away."""
+    _engine_args(options)
+
+
 class VllmEngine:
     """A running vLLM engine for one model."""
+
+    replicated = False  # one engine, in this process (see ``cluster.ray_engine``)
 
     def __init__(self, name: str, llm: Any, stats: EngineStats):
         self.name = name
@@ -240,6 +249,11 @@ class VllmEngine:
     def healthy(self) -> bool:
         return not self._llm.errored and not self._llm.is_stopped
 
+    @property
+    def status(self) -> str:
+        """``ok`` or ``down`` (an engine of several replicas may also be ``degraded``)."""
+        return "ok" if self.healthy else "down"
+
     def num_unfinished(self) -> int:
         return int(self._llm.get_num_unfinished_requests())
 
@@ -249,9 +263,11 @@ class VllmEngine:
         prompt_token_ids: list[int],
         spec: SamplingSpec,
         adapter: AdapterRef | None = None,
+        on_replica: Callable[[Replica], None] | None = None,
     ) -> AsyncIterator[list[ChoiceDelta]]:
         """Yield, per engine step, the deltas of the choices that moved; with ``adapter``,
-        the request runs with that (loaded) LoRA.
+        the request runs with that (loaded) LoRA. ``on_replica`` is for engines of several
+        replicas (``cluster.ray_engine``); this one is no replica and never calls it.
 
         Closing the iterator early (client gone) aborts the request in the engine.
         """

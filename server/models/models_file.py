@@ -1,8 +1,9 @@
 """The models file: its schema (YAML, every key checked), loading it, and where each
 entry's checkpoint and prompt format come from.
 
-Owns: `models:` entries (checkpoint, family, engine and LoRA settings, GPU placement), the
-`resources:` section and the `judges:` section (which endpoint judges, how, how often).
+Owns: `models:` entries (checkpoint, family, engine and LoRA settings, GPU placement,
+replicas on a cluster), the `resources:` section and the `judges:` section (which endpoint
+judges, how, how often); the `cluster:` section's schema is ``cluster.config``'s.
 Does not know: running engines (``registry``), HTTP.
 """
 
@@ -22,6 +23,7 @@ from pydantic import (
     model_validator,
 )
 
+from server.cluster.config import Autoscaling, ClusterSettings
 from server.models.default_model import DEFAULT_MODEL_NAME, builtin_model
 from server.models.families import templates_dir
 from server.models.render import FamilyDetectionError, Renderer
@@ -93,6 +95,13 @@ class ModelEntry(BaseModel):
     # sequences); the plan divides the memory in proportion to weights + this.
     kv_cache_tokens: int | None = Field(default=None, ge=16)
     engine_args: dict[str, Any] = Field(default_factory=dict)
+    # With a `cluster:` section: how many replicas of this model's engine run (a fixed
+    # number, or `autoscaling`), and what each replica reserves in Ray's accounting.
+    # Without one these are ignored: the model runs once, in this process.
+    replicas: int | None = Field(default=None, ge=1, le=1024)
+    autoscaling: Autoscaling | None = None
+    num_cpus: float | None = Field(default=None, ge=0)
+    num_gpus: float | None = Field(default=None, ge=0)
 
     @property
     def lora_settings(self) -> LoraSettings | None:
@@ -126,6 +135,8 @@ class ModelEntry(BaseModel):
             raise ValueError("devices: each CUDA index once")
         if self.devices is not None and min(self.devices) < 0:
             raise ValueError("devices: CUDA indices are 0 or more")
+        if self.replicas is not None and self.autoscaling is not None:
+            raise ValueError("give replicas or autoscaling, not both")
         return self
 
 
@@ -221,6 +232,7 @@ class ModelsFile(BaseModel):
     models: list[ModelEntry] = Field(min_length=1)
     resources: Resources = Field(default_factory=Resources)
     judges: list[JudgeEntry] = Field(default_factory=list)
+    cluster: ClusterSettings | None = None
 
     @field_validator("judges")
     @classmethod
@@ -242,6 +254,18 @@ class ModelsFile(BaseModel):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _cluster_places_replicas(self) -> ModelsFile:
+        if self.cluster is None:
+            return self
+        placed = [m.name for m in self.models if m.devices is not None]
+        if placed:
+            raise ValueError(
+                f"model(s) {', '.join(placed)}: `devices` places an engine on this machine; "
+                "on a cluster Ray places each replica (use num_gpus)"
+            )
+        return self
+
     @field_validator("models")
     @classmethod
     def _unique_names(cls, value: list[ModelEntry]) -> list[ModelEntry]:
@@ -259,6 +283,8 @@ class Deployment:
     models: list[ModelEntry]
     resources: Resources = field(default_factory=Resources)
     judges: list[JudgeEntry] = field(default_factory=list)
+    # None: every engine in this process (the default); else a Ray Serve deployment each.
+    cluster: ClusterSettings | None = None
 
 
 def load_models_file(path: Path) -> list[ModelEntry]:
@@ -294,7 +320,9 @@ def load_deployment(path: Path) -> Deployment:
                 f"templates/judges/ nor beside {path}"
             )
         judges.append(judge)
-    return Deployment(models=entries, resources=parsed.resources, judges=judges)
+    return Deployment(
+        models=entries, resources=parsed.resources, judges=judges, cluster=parsed.cluster
+    )
 
 
 def default_entries() -> list[ModelEntry]:

@@ -2,7 +2,8 @@
 resource plan says, and the LoRA adapters served on them.
 
 Owns: starting and stopping one engine per model (in the plan's order, with its devices and
-memory share), loading and unloading LoRA adapters (each served under its own name on its
+memory share; with a models file's `cluster:` section, as Ray Serve replicas instead, see
+``cluster``), loading and unloading LoRA adapters (each served under its own name on its
 base model's engine, with the base's prompt format), and name → model look-ups.
 Does not know: HTTP routes or response shapes; the models file's schema (``models_file``).
 """
@@ -12,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from server.cluster.config import ClusterSettings, deployment_options
 from server.engine.types import AdapterRef
-from server.engine.vllm_engine import AdapterLoadError, EngineOptions, VllmEngine
+from server.engine.vllm_engine import AdapterLoadError, EngineOptions, VllmEngine, check_options
 from server.errors import Conflict, InvalidRequest, ModelNotFound
 from server.models.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
 from server.models.adapter_meta import base_fingerprint
@@ -37,9 +40,13 @@ from server.resources.platform import (
     Platform,
     apply_engine_environment,
     detect,
+    effective_cpu_kv_cache_gib,
     engine_defaults,
 )
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from server.cluster.ray_engine import RayCluster, RayEngine
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +63,11 @@ def lora_engine_args(lora: LoraSettings | None) -> dict[str, Any]:
 
 
 def engine_options(
-    entry: ModelEntry, path: str, placed: EnginePlan, defaults: dict[str, object]
+    entry: ModelEntry, path: str, placed: EnginePlan | None, defaults: dict[str, object]
 ) -> EngineOptions:
     """What vLLM gets for ``entry``: the platform's defaults, LoRA, the plan's memory share
-    and devices, then the models file's own `engine_args` (which win)."""
+    and devices (none on a cluster: Ray places replicas), then the models file's own
+    `engine_args` (which win)."""
     return EngineOptions(
         model_path=path,
         max_model_len=entry.max_model_len,
@@ -69,10 +77,10 @@ def engine_options(
             **defaults,
             "trust_remote_code": entry.trust_remote_code,
             **lora_engine_args(entry.lora_settings),
-            **placed.engine_args(),
+            **(placed.engine_args() if placed else {}),
             **entry.engine_args,
         },
-        environment=placed.environment(),
+        environment=placed.environment() if placed else {},
     )
 
 
@@ -114,7 +122,7 @@ class ServedModel:
     entry: ModelEntry
     path: str
     renderer: Renderer
-    engine: VllmEngine
+    engine: VllmEngine | RayEngine
     created: int = field(default_factory=lambda: int(time.time()))
     # Set on an adapter: the engine runs its requests with this LoRA on the parent model.
     adapter: AdapterRef | None = None
@@ -144,6 +152,7 @@ class Registry:
         self.plan: Plan | None = None
         self.startup: dict[str, float] = {}
         self.aliases = AliasBook(adapters_root / PROMOTIONS_FILE if adapters_root else None)
+        self.cluster: RayCluster | None = None
 
     def register(self, model: ServedModel) -> None:
         self._models[model.name] = model
@@ -260,11 +269,13 @@ class Registry:
         settings: Settings,
         resources: Resources | None = None,
         platform: Platform | None = None,
+        cluster: ClusterSettings | None = None,
     ) -> None:
         """Build every renderer, plan the resources (refusing an over-committed plan before
         anything starts), then start the engines in the plan's order: on a CPU side by side
         (each spends most of its start-up in its own work, so they overlap well), on CUDA
-        one after another."""
+        one after another. With ``cluster``, deploy each model's replicas there instead
+        (Ray places them; this machine only renders and tokenizes)."""
         clock = time.perf_counter()
 
         def lap(phase: str) -> None:
@@ -282,6 +293,29 @@ class Registry:
             lap("checkpoints")
             prepared[entry.name] = (entry, path, build_renderer(entry, path))
             lap("renderers")
+        if cluster is not None:
+            await self._start_on_cluster(list(prepared.values()), settings, cluster)
+            lap("engines")
+        else:
+            await self._start_here(prepared, settings, resources, platform, lap)
+        for entry in entries:
+            for adapter in entry.adapters:
+                try:
+                    await self.load_adapter(adapter.name, adapter.path, base=entry.name)
+                except (InvalidRequest, ModelNotFound) as exc:
+                    raise ModelsFileError(f"adapter {adapter.name!r}: {exc.message}") from exc
+        await self._restore_aliases()
+        lap("adapters")
+
+    async def _start_here(
+        self,
+        prepared: dict[str, tuple[ModelEntry, str, Renderer]],
+        settings: Settings,
+        resources: Resources | None,
+        platform: Platform,
+        lap: Callable[[str], None],
+    ) -> None:
+        """Every engine in this process, in the resource plan's order."""
         try:
             plan = plan_entries(
                 [(entry, Path(path)) for entry, path, _ in prepared.values()],
@@ -323,14 +357,37 @@ class Registry:
             if errors:
                 raise errors[0]
         lap("engines")
-        for entry in entries:
-            for adapter in entry.adapters:
-                try:
-                    await self.load_adapter(adapter.name, adapter.path, base=entry.name)
-                except (InvalidRequest, ModelNotFound) as exc:
-                    raise ModelsFileError(f"adapter {adapter.name!r}: {exc.message}") from exc
-        await self._restore_aliases()
-        lap("adapters")
+
+    async def _start_on_cluster(
+        self,
+        prepared: list[tuple[ModelEntry, str, Renderer]],
+        settings: Settings,
+        cluster: ClusterSettings,
+    ) -> None:
+        """Each model a Ray Serve application of replicas on the cluster (``cluster``);
+        the engine arguments are checked here first, where a mistake is quick to report."""
+        from server.cluster.ray_engine import RayCluster
+
+        models = []
+        for entry, path, _ in prepared:
+            options = engine_options(entry, path, None, {})
+            check_options(options)
+            deployment = deployment_options(
+                name=entry.name,
+                cluster=cluster,
+                replicas=entry.replicas,
+                autoscaling=entry.autoscaling,
+                num_cpus=entry.num_cpus,
+                num_gpus=entry.num_gpus,
+                max_ongoing_requests=entry.max_pending_requests or settings.max_pending_requests,
+            )
+            wanted = entry.autoscaling.min if entry.autoscaling else (entry.replicas or 1)
+            models.append((entry.name, options, deployment, wanted))
+        self.cluster = await asyncio.to_thread(RayCluster.connect, cluster)
+        kv_cache_gib = effective_cpu_kv_cache_gib(settings.cpu_kv_cache_gib)
+        engines = await asyncio.to_thread(self.cluster.deploy, models, kv_cache_gib)
+        for (entry, path, renderer), engine in zip(prepared, engines, strict=True):
+            self.register(ServedModel(entry=entry, path=path, renderer=renderer, engine=engine))
 
     async def _restore_aliases(self) -> None:
         """``NAME@latest`` for every base: the version the promotions file names (loading
@@ -360,3 +417,9 @@ class Registry:
             except Exception:  # one failing engine must not keep the others running
                 log.exception("Engine %s did not shut down cleanly", model.name)
         self._models.clear()
+        if self.cluster is not None:
+            try:
+                self.cluster.close()
+            except Exception:
+                log.exception("Leaving the Ray cluster failed")
+            self.cluster = None

@@ -13,14 +13,15 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(registry: RegistryDep) -> JSONResponse:
-    """200 only when every engine is up."""
+    """200 while every model can serve: ``ok``, or ``degraded`` when a model runs on fewer
+    replicas than it should (Ray backend) but on at least one; 503 once any model is down."""
     models = registry.all()
-    status = {m.name: ("ok" if m.engine.healthy else "down") for m in models}
-    healthy = bool(models) and all(v == "ok" for v in status.values())
-    return JSONResponse(
-        {"status": "ok" if healthy else "unavailable", "models": status},
-        status_code=200 if healthy else 503,
-    )
+    status = {m.name: m.engine.status for m in models}
+    serving = bool(models) and all(v in ("ok", "degraded") for v in status.values())
+    overall = "unavailable" if not serving else "ok"
+    if serving and "degraded" in status.values():
+        overall = "degraded"
+    return JSONResponse({"status": overall, "models": status}, status_code=200 if serving else 503)
 
 
 @router.get("/metrics")

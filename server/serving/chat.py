@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncGenerator
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from server.engine.types import TokenLogprob
 from server.errors import InvalidRequest
@@ -41,9 +41,10 @@ from server.serving.generation import (
     new_id,
     record_completion,
     resolve_max_tokens,
+    response_headers,
     should_store,
     sse,
-    template_headers,
+    stream_response,
     tracker_for,
     unless_disconnected,
     usage,
@@ -100,7 +101,7 @@ async def create_chat_completion(
     spec = body.sampling_spec(max_tokens=max_tokens, logprobs=body.engine_logprobs(), family=family)
     request_id = new_id("chatcmpl")
     tracker = tracker_for(request, model, ENDPOINT, prompt_tokens=len(prompt.token_ids))
-    steps = merged([engine_steps(model, request_id, prompt.token_ids, spec)])
+    steps = merged([engine_steps(model, request_id, prompt.token_ids, spec, tracker)])
     created = int(time.time())
     storing = should_store(body.store, model)
 
@@ -178,11 +179,7 @@ async def create_chat_completion(
             if include_usage:
                 yield chunk([], usage(tracker.prompt_tokens, tracker.completion_tokens))
 
-        return StreamingResponse(
-            sse(chunks(), tracker),
-            media_type="text/event-stream",
-            headers=template_headers(model),
-        )
+        return stream_response(sse(chunks(), tracker), model, tracker)
 
     try:
         results = await unless_disconnected(request, collect(steps, tracker, body.n, 1))
@@ -209,5 +206,5 @@ async def create_chat_completion(
             usage=usage(len(prompt.token_ids), completion_tokens),
         ).model_dump_json(),
         media_type="application/json",
-        headers=template_headers(model),
+        headers=response_headers(model, tracker),
     )

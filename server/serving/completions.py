@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncGenerator
 
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from server.engine.types import TokenLogprob
 from server.errors import InvalidRequest
@@ -28,9 +28,10 @@ from server.serving.generation import (
     new_id,
     record_completion,
     resolve_max_tokens,
+    response_headers,
     should_store,
     sse,
-    template_headers,
+    stream_response,
     tracker_for,
     unless_disconnected,
     usage,
@@ -100,7 +101,10 @@ async def create_completion(
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     tracker = tracker_for(request, model, ENDPOINT, prompt_tokens=prompt_tokens)
     steps = merged(
-        [engine_steps(model, f"{request_id}-{i}", p.token_ids, spec) for i, p in enumerate(prompts)]
+        [
+            engine_steps(model, f"{request_id}-{i}", p.token_ids, spec, tracker)
+            for i, p in enumerate(prompts)
+        ]
     )
     created = int(time.time())
     n = body.n
@@ -187,11 +191,7 @@ async def create_completion(
                     usage=usage(tracker.prompt_tokens, tracker.completion_tokens),
                 )
 
-        return StreamingResponse(
-            sse(chunks(), tracker),
-            media_type="text/event-stream",
-            headers=template_headers(model),
-        )
+        return stream_response(sse(chunks(), tracker), model, tracker)
 
     try:
         results = await unless_disconnected(request, collect(steps, tracker, n, len(prompts)))
@@ -220,5 +220,5 @@ async def create_completion(
             usage=usage(tracker.prompt_tokens, sum(len(r.token_ids) for r in results)),
         ).model_dump_json(),
         media_type="application/json",
-        headers=template_headers(model),
+        headers=response_headers(model, tracker),
     )

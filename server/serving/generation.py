@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
+from starlette.types import Send
 
-from server.engine.types import ChoiceDelta, SamplingSpec, TokenLogprob
+from server.engine.types import ChoiceDelta, Replica, SamplingSpec, TokenLogprob
 from server.errors import (
     ContextLengthExceeded,
     EngineFailure,
@@ -48,11 +50,53 @@ def new_id(prefix: str) -> str:
 
 
 TEMPLATE_HEADER = "x-aligngate-template"
+REPLICA_HEADER = "x-aligngate-replica"
 
 
 def template_headers(model: ServedModel) -> dict[str, str]:
     """Every response names the template fingerprint the prompt was rendered with."""
     return {TEMPLATE_HEADER: model.renderer.fingerprint}
+
+
+def response_headers(model: ServedModel, tracker: Tracker) -> dict[str, str]:
+    """The template header, and on a replicated engine (Ray backend) the replica(s) that
+    served the request (several prompts of one completions request may go to several)."""
+    headers = template_headers(model)
+    if tracker.replicas:
+        headers[REPLICA_HEADER] = ",".join(tracker.replicas)
+    return headers
+
+
+class _PlacedStreamingResponse(StreamingResponse):
+    """A stream whose headers wait for its first chunk, so that they can name the replica
+    serving it: that is known once the engine answers, and the first chunk goes out with
+    the first token anyway (the chat role chunk too)."""
+
+    def __init__(self, content: AsyncIterator[bytes], headers: Callable[[], dict[str, str]]):
+        super().__init__(content, media_type="text/event-stream")
+        self._late_headers = headers
+
+    async def stream_response(self, send: Send) -> None:
+        chunks = aiter(self.body_iterator)
+        first = await anext(chunks, None)
+        self.headers.update(self._late_headers())
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        if first is not None:
+            await send({"type": "http.response.body", "body": first, "more_body": True})
+            async for chunk in chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def stream_response(
+    body: AsyncIterator[bytes], model: ServedModel, tracker: Tracker
+) -> StreamingResponse:
+    """The SSE response; on a replicated engine its headers name the replica."""
+    if getattr(model.engine, "replicated", False):
+        return _PlacedStreamingResponse(body, lambda: response_headers(model, tracker))
+    return StreamingResponse(body, media_type="text/event-stream", headers=template_headers(model))
 
 
 def resolve_max_tokens(
@@ -124,6 +168,8 @@ class Tracker:
     completion_tokens: int = 0
     first_token_at: float | None = None
     closed: bool = False
+    # The replicas that took this request's engine calls (Ray backend; none when local).
+    replicas: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.metrics.in_flight.labels(self.model).inc()
@@ -274,30 +320,57 @@ def ensure_healthy(model: ServedModel) -> None:
 
 
 async def engine_steps(
-    model: ServedModel, request_id: str, prompt_ids: list[int], spec: SamplingSpec
+    model: ServedModel,
+    request_id: str,
+    prompt_ids: list[int],
+    spec: SamplingSpec,
+    tracker: Tracker | None = None,
 ) -> AsyncIterator[list[ChoiceDelta]]:
-    """The engine's deltas, with engine failures turned into gateway errors."""
+    """The engine's deltas, with engine failures turned into gateway errors. On a
+    replicated engine the ``tracker`` learns the replica, counted per replica in metrics."""
     ensure_healthy(model)
+    engine_name = model.parent or model.name
+    replica: Replica | None = None
+    outcome = "cancelled"
+
+    def placed(where: Replica) -> None:
+        nonlocal replica
+        replica = where
+        if tracker is not None:
+            if where.id not in tracker.replicas:
+                tracker.replicas.append(where.id)
+            queue = {"running": where.running, "waiting": where.waiting}
+            tracker.metrics.replica_started(
+                engine_name, where.id, {**queue, "unfinished": where.unfinished}
+            )
+
     try:
         async for deltas in model.engine.generate(
-            request_id, prompt_ids, spec, adapter=model.adapter
+            request_id, prompt_ids, spec, adapter=model.adapter, on_replica=placed
         ):
             yield deltas
+        outcome = "ok"
     except GatewayError:
+        outcome = "error"
         raise
     except (asyncio.CancelledError, GeneratorExit):
         raise
     except ValueError as exc:
+        outcome = "error"
         # vLLM validates a request's input and parameters with ValueError: the request's
         # fault, so a 400 — unless the engine itself is gone.
         if not model.engine.healthy:
             raise EngineUnavailable(f"The engine of model `{model.name}` stopped.") from exc
         raise InvalidRequest(f"The engine refused the request: {exc}") from exc
     except Exception as exc:
+        outcome = "error"
         if not model.engine.healthy:
             raise EngineUnavailable(f"The engine of model `{model.name}` stopped.") from exc
         log.exception("Generation %s failed", request_id)
         raise EngineFailure("The engine failed to generate a response.") from exc
+    finally:
+        if replica is not None and tracker is not None:
+            tracker.metrics.replica_finished(engine_name, replica.id, outcome)
 
 
 async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:

@@ -1,0 +1,84 @@
+"""The models file's `cluster:` section and a model's replica settings, as plain data.
+
+Owns: their schema and the Ray Serve deployment options that follow from them (a plain
+function, tested without a cluster). Does not know: Ray itself, engines, HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Autoscaling(BaseModel):
+    """Ray Serve's autoscaling for one model: replicas between ``min`` and ``max``, aiming at
+    ``target_ongoing_requests`` requests in flight per replica."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min: int = Field(default=1, ge=0, le=1024)
+    max: int = Field(ge=1, le=1024)
+    target_ongoing_requests: float = Field(default=16, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min > self.max:
+            raise ValueError("autoscaling: min must not exceed max")
+        return self
+
+
+class ClusterSettings(BaseModel):
+    """The models file's `cluster:` section: serve every model as a Ray Serve deployment
+    on an existing Ray cluster instead of in this process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["ray"] = "ray"
+    # Where the cluster is: "auto" (the cluster this machine belongs to, as `ray start`
+    # recorded it), "HOST:PORT" of its head (GCS), or a Ray Client "ray://HOST:PORT".
+    address: str = Field(default="auto", min_length=1)
+    namespace: str = Field(default="aligngate", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    # How often Ray Serve checks each replica (its engine's own health check) and how long
+    # a check may take before the replica is replaced.
+    health_check_period_s: float = Field(default=2.0, gt=0, le=600)
+    health_check_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+
+
+def deployment_options(
+    *,
+    name: str,
+    cluster: ClusterSettings,
+    replicas: int | None,
+    autoscaling: Autoscaling | None,
+    num_cpus: float | None,
+    num_gpus: float | None,
+    max_ongoing_requests: int,
+) -> dict[str, Any]:
+    """Ray Serve ``Deployment.options`` for one model's engine.
+
+    Replicas: a fixed count (default 1) or Serve's autoscaling. Resources: what the models
+    file says, else one CPU per replica (Ray's accounting only, no pinning: two replicas
+    fit a 2-core machine) and no GPU. ``max_ongoing_requests`` is the gateway's own bound
+    per engine (Serve's default of 5 would leave vLLM's batch nearly empty)."""
+    options: dict[str, Any] = {
+        "name": name,
+        "ray_actor_options": {
+            "num_cpus": 1.0 if num_cpus is None else num_cpus,
+            "num_gpus": 0.0 if num_gpus is None else num_gpus,
+        },
+        "max_ongoing_requests": max_ongoing_requests,
+        "health_check_period_s": cluster.health_check_period_s,
+        "health_check_timeout_s": cluster.health_check_timeout_s,
+        # The engine aborts its requests at once; no need to wait for them.
+        "graceful_shutdown_timeout_s": 5,
+    }
+    if autoscaling is not None:
+        options["autoscaling_config"] = {
+            "min_replicas": autoscaling.min,
+            "max_replicas": autoscaling.max,
+            "target_ongoing_requests": autoscaling.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = replicas or 1
+    return options

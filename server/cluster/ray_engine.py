@@ -1,0 +1,310 @@
+"""The front end's side of the Ray backend: a connection to the cluster, one Ray Serve
+application per served model, and ``RayEngine`` — what the registry holds in place of a
+local ``VllmEngine``, with the same interface.
+
+Owns: connecting (``ray.init``) and starting Ray Serve without its HTTP proxy (the gateway
+is the front end), deploying and deleting the applications, streaming a request's deltas
+from whichever replica Ray Serve's router (power of two choices) picked, cancelling the
+call when the caller stops reading, turning a replica's death into the OpenAI error (or,
+before any output, into a retry that Ray Serve routes to a live replica), and each
+model's replica health as ``serve.status()`` reports it.
+Does not know: templates, HTTP status codes (``errors`` has those), metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from server.cluster.config import ClusterSettings
+from server.engine.types import AdapterRef, ChoiceDelta, EngineStats, Replica, SamplingSpec
+from server.engine.vllm_engine import AdapterLoadError, EngineOptions
+from server.errors import EngineUnavailable, Overloaded
+
+log = logging.getLogger(__name__)
+
+DEPLOYMENT = "engine"  # the one deployment in each model's application
+# Tries of one request when its replica dies before any output (then the next try goes
+# to a live replica: Ray Serve's router drops a replica it saw die).
+ATTEMPTS = 3
+STATUS_PERIOD_S = 1.0
+# A replica's queue (from its last reply) counts in the model's engine gauges this long.
+STATS_WINDOW_S = 30.0
+
+
+def app_name(namespace: str, model: str) -> str:
+    """The Ray Serve application of ``model`` (model names may hold ``/`` and ``:``)."""
+    return f"{namespace}-{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaHealth:
+    """A model's replicas as Ray Serve's controller last reported them."""
+
+    running: int = 0
+    wanted: int = 1  # the fewest replicas it should have (autoscaling: its `min`)
+    reachable: bool = False  # the controller answered
+    unhealthy: bool = False  # Serve marks the deployment UNHEALTHY
+
+    @property
+    def status(self) -> str:
+        """``ok``; ``degraded`` (fewer replicas than wanted, at least one serving); ``down``."""
+        if not self.reachable or (self.running == 0 and self.wanted > 0):
+            return "down"
+        if self.running < self.wanted or self.unhealthy:
+            return "degraded"
+        return "ok"
+
+
+class RayCluster:
+    """This gateway's connection to a Ray cluster and the applications it deployed there."""
+
+    def __init__(self, settings: ClusterSettings) -> None:
+        self.settings = settings
+        self._wanted: dict[str, int] = {}
+        self._health: dict[str, ReplicaHealth] = {}
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    @classmethod
+    def connect(cls, settings: ClusterSettings) -> RayCluster:
+        """Join the cluster as a driver and make sure Ray Serve runs there (blocking; run
+        it off the event loop's thread: in the main thread ``ray.init`` would also replace
+        the server's SIGTERM handler, which drains before stopping)."""
+        # Ray's C++ failure-signal handler would take the drain's SIGTERM for a crash and
+        # abort the process on the next Ray call (the shutdown's `serve.delete`).
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+        import ray
+        from ray import serve
+
+        ray.init(address=settings.address, namespace=settings.namespace)
+        serve.start(proxy_location="Disabled")
+        log.info("Connected to Ray at %s (namespace %s)", settings.address, settings.namespace)
+        return cls(settings)
+
+    def deploy(
+        self,
+        models: list[tuple[str, EngineOptions, dict[str, Any], int]],
+        cpu_kv_cache_gib: float,
+    ) -> list[RayEngine]:
+        """Deploy each ``(model, engine options, deployment options, fewest replicas)`` as
+        its own application and wait until every one is running (blocking)."""
+        from ray import serve
+
+        from server.cluster.replica import EngineReplica
+
+        targets = []
+        for name, options, deployment, wanted in models:
+            app = app_name(self.settings.namespace, name)
+            self._wanted[app] = wanted
+            bound = (
+                serve.deployment(EngineReplica)
+                .options(**{**deployment, "name": DEPLOYMENT})
+                .bind(name, options, cpu_kv_cache_gib)
+            )
+            targets.append(serve.RunTarget(bound, name=app, route_prefix=None))
+        handles = serve.run_many(targets)
+        engines = []
+        for (name, *_), handle, target in zip(models, handles, targets, strict=True):
+            info = handle.info.remote().result()
+            engines.append(RayEngine(name, target.name, handle, info, self))
+        self._poll()
+        self._watcher = threading.Thread(target=self._watch, name="ray-serve-status", daemon=True)
+        self._watcher.start()
+        return engines
+
+    def health(self, app: str) -> ReplicaHealth:
+        return self._health.get(app, ReplicaHealth(wanted=self._wanted.get(app, 1)))
+
+    def _poll(self) -> None:
+        from ray import serve
+
+        try:
+            applications = serve.status().applications
+        except Exception as exc:  # the controller or the cluster is gone
+            log.warning("Ray Serve status unavailable: %s", exc)
+            self._health = {app: ReplicaHealth(wanted=w) for app, w in self._wanted.items()}
+            return
+        health = {}
+        for app, wanted in self._wanted.items():
+            deployment = getattr(applications.get(app), "deployments", {}).get(DEPLOYMENT)
+            if deployment is None:
+                health[app] = ReplicaHealth(wanted=wanted, reachable=True)
+                continue
+            health[app] = ReplicaHealth(
+                running=int(deployment.replica_states.get("RUNNING", 0)),
+                wanted=wanted,
+                reachable=True,
+                unhealthy=str(deployment.status.value) == "UNHEALTHY",
+            )
+        self._health = health
+
+    def _watch(self) -> None:
+        while not self._stop.wait(STATUS_PERIOD_S):
+            self._poll()
+
+    def delete(self, app: str) -> None:
+        from ray import serve
+
+        self._wanted.pop(app, None)
+        serve.delete(app)
+
+    def close(self) -> None:
+        """Stop watching, delete what is still deployed (normally each engine's
+        ``shutdown`` did; not when the start failed half-way) and leave the cluster."""
+        import ray
+
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)
+        for app in list(self._wanted):
+            try:
+                self.delete(app)
+            except Exception:
+                log.exception("Could not delete Ray Serve application %s", app)
+        ray.shutdown()
+
+
+class RayEngine:
+    """A model served by the replicas of a Ray Serve deployment; the interface of
+    ``VllmEngine`` (the serving code cannot tell them apart, except for ``on_replica``)."""
+
+    replicated = True
+
+    def __init__(
+        self, name: str, app: str, handle: Any, info: dict[str, Any], cluster: RayCluster
+    ) -> None:
+        self.name = name
+        self.app = app
+        self._handle = handle
+        self._streaming = handle.options(stream=True)
+        self._info = info
+        self._cluster = cluster
+        self._in_flight = 0
+        self._seen: dict[str, tuple[float, Replica]] = {}
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self._info["max_model_len"])
+
+    @property
+    def lora_enabled(self) -> bool:
+        return bool(self._info["lora_enabled"])
+
+    @property
+    def max_lora_rank(self) -> int:
+        return int(self._info["max_lora_rank"])
+
+    @property
+    def healthy(self) -> bool:
+        return self._cluster.health(self.app).status != "down"
+
+    @property
+    def status(self) -> str:
+        return self._cluster.health(self.app).status
+
+    @property
+    def stats(self) -> EngineStats:
+        """The replicas' schedulers as their last replies (within a window) reported them."""
+        horizon = time.monotonic() - STATS_WINDOW_S
+        recent = [r for at, r in self._seen.values() if at >= horizon]
+        return EngineStats(
+            running=sum(r.running for r in recent), waiting=sum(r.waiting for r in recent)
+        )
+
+    def num_unfinished(self) -> int:
+        """Requests this front end has running on the replicas."""
+        return self._in_flight
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        spec: SamplingSpec,
+        adapter: AdapterRef | None = None,
+        on_replica: Callable[[Replica], None] | None = None,
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        """The deltas of ``request_id`` from one replica; ``on_replica`` learns which,
+        before the first delta. Closing the iterator early cancels the call, and Ray Serve
+        cancels it on the replica, whose engine aborts the request."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        self._in_flight += 1
+        try:
+            for attempt in range(1, ATTEMPTS + 1):
+                response = self._streaming.generate.remote(
+                    request_id, prompt_token_ids, spec, adapter
+                )
+                replica: Replica | None = None
+                started = over = False
+                try:
+                    async for item in response:
+                        if isinstance(item, Replica):
+                            replica = item
+                            self._seen[item.id] = (time.monotonic(), item)
+                            continue
+                        if not started:
+                            started = True
+                            if on_replica is not None and replica is not None:
+                                on_replica(replica)
+                        yield item
+                    over = True
+                    if not started and on_replica is not None and replica is not None:
+                        on_replica(replica)
+                    return
+                except RayActorError as exc:
+                    over = True
+                    where = f"replica {replica.id}" if replica else "a replica"
+                    if started or attempt == ATTEMPTS:
+                        if not started and on_replica is not None and replica is not None:
+                            on_replica(replica)
+                        raise EngineUnavailable(
+                            f"The engine of model `{self.name}` ({where}) stopped during "
+                            "the request."
+                        ) from exc
+                    log.warning(
+                        "Request %s: %s of %s died before answering; trying again (%d/%d)",
+                        request_id,
+                        where,
+                        self.name,
+                        attempt + 1,
+                        ATTEMPTS,
+                    )
+                except BackPressureError as exc:
+                    over = True
+                    raise Overloaded(f"Every replica of model `{self.name}` is full.") from exc
+                finally:
+                    if not over:
+                        response.cancel()
+                await asyncio.sleep(0.1 * attempt)
+        finally:
+            self._in_flight -= 1
+
+    async def add_adapter(self, ref: AdapterRef) -> None:
+        raise AdapterLoadError(
+            f"adapter {ref.name!r}: LoRA adapters are not served on the Ray backend yet"
+        )
+
+    async def remove_adapter(self, ref: AdapterRef) -> None:
+        return None
+
+    async def abort(self, request_id: str) -> None:
+        """Nothing to do: closing ``generate``'s iterator cancels the call on its replica."""
+        return None
+
+    async def check_health(self) -> None:
+        if not self.healthy:
+            raise RuntimeError(f"no replica of {self.name} is running")
+
+    def shutdown(self) -> None:
+        """Delete this model's application: Ray Serve stops its replicas (each shuts its
+        engine down)."""
+        self._cluster.delete(self.app)

@@ -1,0 +1,112 @@
+"""The models file's `cluster:` section and what it makes of each model on Ray Serve,
+checked without a cluster: the schema, the deployment options, and the health rule."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.cluster.config import Autoscaling, ClusterSettings, deployment_options
+from server.cluster.ray_engine import ReplicaHealth, app_name
+from server.models.models_file import ModelsFileError, load_deployment
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "models.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_file_without_cluster_serves_in_one_process(tmp_path: Path) -> None:
+    text = "models:\n  - {name: m, path: builtin:smollm2-135m-instruct, replicas: 3}\n"
+    deployment = load_deployment(write(tmp_path, text))
+    assert deployment.cluster is None
+    assert deployment.models[0].replicas == 3  # kept, unused without `cluster:`
+
+
+def test_cluster_section_and_replica_settings(tmp_path: Path) -> None:
+    deployment = load_deployment(
+        write(
+            tmp_path,
+            """
+cluster: {backend: ray, address: "ray://head:10001", namespace: prod}
+models:
+  - {name: a, path: builtin:smollm2-135m-instruct, replicas: 2, num_cpus: 4, num_gpus: 1}
+  - name: b
+    path: builtin:smollm2-135m-instruct
+    autoscaling: {min: 1, max: 8, target_ongoing_requests: 32}
+""",
+        )
+    )
+    assert deployment.cluster == ClusterSettings(address="ray://head:10001", namespace="prod")
+    a, b = deployment.models
+    options = deployment_options(
+        name=a.name,
+        cluster=deployment.cluster,
+        replicas=a.replicas,
+        autoscaling=a.autoscaling,
+        num_cpus=a.num_cpus,
+        num_gpus=a.num_gpus,
+        max_ongoing_requests=128,
+    )
+    assert options["num_replicas"] == 2
+    assert options["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1}
+    assert options["max_ongoing_requests"] == 128
+    assert "autoscaling_config" not in options
+    scaled = deployment_options(
+        name=b.name,
+        cluster=deployment.cluster,
+        replicas=b.replicas,
+        autoscaling=b.autoscaling,
+        num_cpus=None,
+        num_gpus=None,
+        max_ongoing_requests=64,
+    )
+    assert scaled["autoscaling_config"] == {
+        "min_replicas": 1,
+        "max_replicas": 8,
+        "target_ongoing_requests": 32,
+    }
+    assert "num_replicas" not in scaled
+    # One CPU per replica by default (Ray's accounting: two replicas fit two cores).
+    assert scaled["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+
+
+@pytest.mark.parametrize(
+    "bad, says",
+    [
+        ("cluster: {backend: kubernetes}\n", "backend"),
+        ("cluster: {adress: auto}\n", "adress"),
+        ("cluster: {}\nmodels_extra: 1\n", "models_extra"),
+    ],
+)
+def test_cluster_section_is_checked(tmp_path: Path, bad: str, says: str) -> None:
+    text = bad + "models:\n  - {name: m, path: builtin:smollm2-135m-instruct}\n"
+    with pytest.raises(ModelsFileError, match=says):
+        load_deployment(write(tmp_path, text))
+
+
+def test_replicas_or_autoscaling_and_no_devices_on_a_cluster(tmp_path: Path) -> None:
+    both = "models:\n  - name: m\n    path: x\n    replicas: 2\n    autoscaling: {max: 3}\n"
+    with pytest.raises(ModelsFileError, match="replicas or autoscaling"):
+        load_deployment(write(tmp_path, both))
+    placed = "cluster: {}\nmodels:\n  - {name: m, path: x, devices: [0]}\n"
+    with pytest.raises(ModelsFileError, match="num_gpus"):
+        load_deployment(write(tmp_path, placed))
+    with pytest.raises(ValueError, match="min must not exceed max"):
+        Autoscaling(min=4, max=2)
+
+
+def test_health_is_degraded_with_some_replicas_down() -> None:
+    assert ReplicaHealth(running=2, wanted=2, reachable=True).status == "ok"
+    assert ReplicaHealth(running=1, wanted=2, reachable=True).status == "degraded"
+    assert ReplicaHealth(running=2, wanted=2, reachable=True, unhealthy=True).status == ("degraded")
+    assert ReplicaHealth(running=0, wanted=2, reachable=True).status == "down"
+    assert ReplicaHealth(running=2, wanted=2, reachable=False).status == "down"
+    # Autoscaled to zero is not down: Ray Serve starts a replica for the next request.
+    assert ReplicaHealth(running=0, wanted=0, reachable=True).status == "ok"
+
+
+def test_application_names_are_safe_for_any_model_name() -> None:
+    assert app_name("aligngate", "org/model:v1") == "aligngate-org_model_v1"

@@ -1,0 +1,276 @@
+"""The Ray Serve backend, end to end: a Ray cluster on loopback started by the test, a
+gateway whose models file has a `cluster:` section serving the embedded model as two
+replicas, the same OpenAI API suite as the local backend, and a replica killed under load.
+One cluster for the module (the only one that needs it)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import Gateway, start_own_gateway, stop_gateway
+from tests.ray_cluster import RayHead, ray_head
+from tests.test_metrics_and_disconnects import metric
+
+# The OpenAI API suite, run here against the Ray backend (`gateway` below overrides the
+# session's local gateway for this module).
+from tests.test_openai_api import (  # noqa: F401
+    client,
+    test_chat_logprobs_are_finite,
+    test_completions_stream,
+    test_completions_take_several_prompts_and_token_ids,
+    test_greedy_answer_names_paris,
+    test_length_finish_and_usage_match_the_tokenizer,
+    test_models_lists_the_default_model,
+    test_n_returns_that_many_choices,
+    test_raw_sse_ends_with_done,
+    test_stop_string_ends_the_answer,
+    test_stream_concatenates_to_the_same_text,
+    test_stream_with_n_covers_every_choice,
+)
+
+pytestmark = pytest.mark.slow
+
+REPLICA = "x-aligngate-replica"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+LONG = [{"role": "user", "content": "Write a very long essay about the history of Europe."}]
+TIMINGS: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[RayHead]:
+    with ray_head(num_cpus=2) as head:
+        TIMINGS["cluster_start_s"] = head.started_s
+        yield head
+    assert not head.pids(), f"Ray processes outlived the cluster: {head.pids()}"
+
+
+@pytest.fixture(scope="module")
+def gateway(
+    ray_cluster: RayHead,
+    default_model_path: Path,
+    test_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Gateway]:
+    models_yaml = f"""
+cluster:
+  backend: ray
+  address: {ray_cluster.address}
+  namespace: aligngate-test
+models:
+  - name: smollm2-135m-instruct
+    path: builtin:smollm2-135m-instruct
+    max_model_len: 8192
+    replicas: 2
+    num_cpus: 1
+"""
+    started = time.monotonic()
+    gw = start_own_gateway(tmp_path_factory.mktemp("ray-gateway"), models_yaml, test_env, {})
+    TIMINGS["gateway_ready_s"] = time.monotonic() - started
+    yield gw
+    code = stop_gateway(gw)
+    assert code == 0, f"gateway exited with {code} on SIGTERM:\n{gw.log_tail()}"
+    # The gateway deleted its application: no replica is left on the cluster.
+    deadline = time.monotonic() + 30
+    while ray_cluster.replica_pids() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not ray_cluster.replica_pids(), "replicas outlived the gateway's application"
+    print("ray timings:", json.dumps({k: round(v, 1) for k, v in TIMINGS.items()}))
+
+
+def chat(gateway: Gateway, messages: list[dict[str, str]], **fields: object) -> httpx.Response:
+    return httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": gateway.model, "messages": messages, **fields},
+        timeout=120,
+    )
+
+
+async def replicas_serving(gateway: Gateway, requests: int = 12) -> list[str]:
+    """The replica header of ``requests`` concurrent short requests."""
+    async with httpx.AsyncClient(timeout=120) as http:
+        replies = await asyncio.gather(
+            *(
+                http.post(
+                    f"{gateway.url}/v1/chat/completions",
+                    json={"model": gateway.model, "messages": FRANCE, "max_tokens": 4},
+                )
+                for _ in range(requests)
+            )
+        )
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    return [r.headers[REPLICA] for r in replies]
+
+
+def test_every_response_names_its_replica_and_both_serve(gateway: Gateway) -> None:
+    seen = asyncio.run(replicas_serving(gateway))
+    assert len(set(seen)) == 2, seen
+    with httpx.stream(
+        "POST",
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": gateway.model, "messages": FRANCE, "max_tokens": 4, "stream": True},
+        timeout=60,
+    ) as response:
+        assert response.headers[REPLICA] in set(seen)
+        assert response.headers["x-aligngate-template"]
+        assert [line for line in response.iter_lines() if line][-1] == "data: [DONE]"
+    health = httpx.get(f"{gateway.url}/health", timeout=10)
+    assert health.status_code == 200
+    assert health.json() == {"status": "ok", "models": {gateway.model: "ok"}}
+    for replica in set(seen):
+        assert metric(gateway, "aligngate_replica_requests_total", replica=replica, outcome="ok")
+
+
+def test_errors_keep_the_openai_shape(gateway: Gateway) -> None:
+    # The replica's engine refuses the sampling parameters: a 400, as in local mode.
+    refused = chat(gateway, FRANCE, max_tokens=4, top_k=-5)
+    assert refused.status_code == 400
+    assert set(refused.json()["error"]) == {"message", "type", "param", "code"}
+    too_long = chat(gateway, FRANCE, max_tokens=9000)
+    assert too_long.status_code == 400
+    assert too_long.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def _open_and_drop(gateway: Gateway, streams: int) -> None:
+    async with httpx.AsyncClient(timeout=60) as http:
+        for _ in range(streams):
+            async with http.stream(
+                "POST",
+                f"{gateway.url}/v1/chat/completions",
+                json={
+                    "model": gateway.model,
+                    "messages": LONG,
+                    "max_tokens": 2000,
+                    "min_tokens": 1500,
+                    "stream": True,
+                },
+            ) as response:
+                events = 0
+                async for line in response.aiter_lines():
+                    events += bool(line)
+                    if events == 4:
+                        break  # tokens are coming: go away mid-stream
+
+
+def test_a_client_that_goes_away_is_aborted_on_its_replica(gateway: Gateway) -> None:
+    asyncio.run(_open_and_drop(gateway, 4))
+    # Each replica reports the requests its engine holds as it takes a new one. One at a
+    # time, until both replicas said none (1,500+ tokens each would take minutes here).
+    started = time.monotonic()
+    held: dict[str, float] = {}
+    while len(held) < 2 or any(held.values()):
+        assert time.monotonic() - started < 30, f"requests left on the replicas: {held}"
+        replica = chat(gateway, FRANCE, max_tokens=2).headers[REPLICA]
+        held[replica] = metric(
+            gateway, "aligngate_replica_engine_requests", replica=replica, state="unfinished"
+        )
+    TIMINGS["aborted_within_s"] = time.monotonic() - started
+
+
+async def _stream_until_done(
+    http: httpx.AsyncClient, gateway: Gateway, started: asyncio.Event
+) -> dict[str, object]:
+    events: list[str] = []
+    async with http.stream(
+        "POST",
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": gateway.model, "messages": LONG, "max_tokens": 300, "stream": True},
+    ) as response:
+        replica = response.headers.get(REPLICA)
+        async for line in response.aiter_lines():
+            if line:
+                events.append(line)
+                started.set()
+    return {"replica": replica, "status": response.status_code, "events": events}
+
+
+async def _kill_under_load(gateway: Gateway, cluster: RayHead) -> tuple[list, list, float]:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(90)) as http:
+        starts = [asyncio.Event() for _ in range(6)]
+        streams = [asyncio.create_task(_stream_until_done(http, gateway, s)) for s in starts]
+        await asyncio.wait_for(asyncio.gather(*(s.wait() for s in starts)), timeout=90)
+        whole = [
+            asyncio.create_task(
+                http.post(
+                    f"{gateway.url}/v1/chat/completions",
+                    json={"model": gateway.model, "messages": LONG, "max_tokens": 200},
+                )
+            )
+            for _ in range(2)
+        ]
+        await asyncio.sleep(0.5)
+        victims = cluster.replica_pids()
+        assert len(victims) == 2, victims
+        os.kill(victims[0], signal.SIGKILL)
+        killed_at = time.monotonic()
+        # No request hangs: all end well within the client timeout.
+        streamed = await asyncio.wait_for(asyncio.gather(*streams), timeout=120)
+        answered = await asyncio.wait_for(asyncio.gather(*whole), timeout=120)
+    return streamed, answered, killed_at
+
+
+def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(
+    gateway: Gateway, ray_cluster: RayHead
+) -> None:
+    before = set(asyncio.run(replicas_serving(gateway)))
+    assert len(before) == 2
+    streamed, answered, killed_at = asyncio.run(_kill_under_load(gateway, ray_cluster))
+
+    failed = [s for s in streamed if any('"error"' in e for e in s["events"])]
+    assert failed, "no stream was on the killed replica"
+    dead = {s["replica"] for s in failed}
+    assert len(dead) == 1, dead
+    for s in streamed:
+        events = s["events"]
+        assert s["status"] == 200 and events[-1] == "data: [DONE]", events[-3:]
+        if s in failed:
+            # The OpenAI error as an SSE event, then [DONE].
+            error = json.loads(events[-2].removeprefix("data: "))["error"]
+            assert error["code"] == "engine_unavailable", error
+            assert error["type"] == "server_error"
+        else:
+            assert s["replica"] not in dead
+            assert any('"finish_reason":"' in e for e in events), events[-3:]
+    for reply in answered:
+        if reply.status_code != 200:
+            assert reply.status_code == 503, reply.text
+            assert reply.json()["error"]["code"] == "engine_unavailable"
+
+    # New requests are served at once, by the live replica.
+    fresh = chat(gateway, FRANCE, max_tokens=4)
+    assert fresh.status_code == 200 and fresh.headers[REPLICA] not in dead
+
+    # Ray Serve replaces the replica; meanwhile /health says degraded (still 200).
+    statuses = set()
+    deadline = time.monotonic() + 240
+    while True:
+        health = httpx.get(f"{gateway.url}/health", timeout=10)
+        assert health.status_code == 200, health.text
+        statuses.add(health.json()["status"])
+        seen = set(asyncio.run(replicas_serving(gateway, requests=6)))
+        if len(seen) == 2 and not seen & dead:
+            break
+        assert time.monotonic() < deadline, f"no second replica after the kill: {seen}"
+        time.sleep(1)
+    TIMINGS["recovery_s"] = time.monotonic() - killed_at
+    assert "degraded" in statuses, statuses
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{gateway.url}/health", timeout=10).json()["status"] != "ok":
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    errors = sum(
+        metric(gateway, "aligngate_replica_requests_total", replica=r, outcome="error")
+        for r in dead
+    )
+    assert errors >= len(failed)
+    # The killed replica's engine core went with it: one per live replica is left.
+    engines = ray_cluster.replica_pids("VLLM::EngineCore")
+    assert len(engines) == 2, engines
