@@ -212,13 +212,13 @@ def test_online_iteration_trains_and_hot_loads_without_restart(
     name = job["adapter"]
     # Token-exact: the iteration trained on the ids the engine produced, not on re-tokenized
     # text, and on the prompt exactly as served.
-    stored = httpx.get(f"{gateway.url}/v1/completions/{completion['id']}").json()
+    stored = httpx.get(f"{gateway.url}/v1/completions/{completion['id']}", timeout=60).json()
     trained = json.loads((adapters_root / name / "train-data.json").read_text())
     judged = next(item for item in trained if item["judgment"])
     assert judged["output_token_ids"] == stored["choices"][0]["token_ids"]
     assert judged["prompt_token_ids"] == stored["prompt_token_ids"]
     assert judged["messages"] == [{"role": "user", "content": question}]
-    card = httpx.get(f"{gateway.url}/v1/models/{name}").json()
+    card = httpx.get(f"{gateway.url}/v1/models/{name}", timeout=60).json()
     assert card["parent"] == gateway.model and card["adapter"]["online"]["iteration"] == 1
     answer = httpx.post(
         f"{gateway.url}/v1/chat/completions",

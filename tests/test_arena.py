@@ -24,6 +24,12 @@ TUNED = "arena:tuned"
 
 @pytest.fixture(scope="module")
 def contenders(gateway: Gateway, arena_adapter: str) -> Iterator[list[str]]:
+    # The arena draws from every served model: adapters that earlier tests left on the
+    # session gateway (online iterations) would let the browser's random pair form a group
+    # that never met the API test's pairs, which the leaderboard refuses to rate together.
+    for card in httpx.get(f"{gateway.url}/v1/models", timeout=30).json()["data"]:
+        if card.get("parent") and not card.get("alias_of") and card["id"] != TUNED:
+            httpx.delete(f"{gateway.url}/admin/adapters/{card['id']}", timeout=60)
     r = httpx.post(
         f"{gateway.url}/admin/adapters", json={"name": TUNED, "path": arena_adapter}, timeout=120
     )
