@@ -99,18 +99,35 @@ def _engine_args(options: EngineOptions) -> Any:
 
 
 def _stat_logger_factory(stats: EngineStats) -> Any:
-    from vllm.v1.metrics.loggers import StatLoggerBase
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
 
-    class _SchedulerStatsSink(StatLoggerBase):
-        """Keeps the scheduler's latest running/waiting counts for /metrics."""
+    class _SchedulerStatsSink(PrometheusStatLogger):
+        """Keeps the scheduler's latest running/waiting counts for /metrics.
 
-        def __init__(self, vllm_config: Any, engine_index: int = 0):
-            pass
+        It takes the place of vLLM's own Prometheus logger (vLLM adds that one unless a
+        custom logger is one): vLLM's logger unregisters and re-registers every ``vllm:``
+        series in the process-global registry, so engines started at once in one process
+        (a models file of several) race and fail with ``DuplicateTimeseries``, and each
+        new engine would wipe the series of the others anyway. The gateway exports its own
+        per-model series.
+        """
+
+        def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None):
+            self.engine_indexes = engine_indexes or [0]
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):  # type: ignore[no-untyped-def]
             if scheduler_stats is not None:
                 stats.running = scheduler_stats.num_running_reqs
                 stats.waiting = scheduler_stats.num_waiting_reqs
+
+        def record_sleep_state(self, sleep: int = 0, level: int = 0) -> None:
+            pass
+
+        def record_admission_rejection(self, reason: str) -> None:
+            pass
+
+        def log(self) -> None:
+            pass
 
         def log_engine_initialized(self) -> None:
             pass
