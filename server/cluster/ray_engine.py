@@ -289,11 +289,18 @@ class RayEngine:
             self._in_flight -= 1
 
     async def add_adapter(self, ref: AdapterRef) -> None:
-        raise AdapterLoadError(
-            f"adapter {ref.name!r}: LoRA adapters are not served on the Ray backend yet"
-        )
+        """Check the adapter on one replica (its engine loads it: vLLM's own checks, now
+        rather than on the first request). Every other replica loads it on the first
+        request that names it: each request carries its ``AdapterRef``, and vLLM loads a
+        LoRA it has not cached from ``ref.path`` (which every node must read at the same
+        path), keeping up to ``max_cpu_loras`` in an LRU and ``max_loras`` per batch."""
+        problem = await self._handle.add_adapter.remote(ref)
+        if problem is not None:
+            raise AdapterLoadError(problem)
 
     async def remove_adapter(self, ref: AdapterRef) -> None:
+        """Nothing on the replicas: once the registry drops the name no request carries
+        the adapter, and the replicas' LRU evicts it when the room is needed."""
         return None
 
     async def abort(self, request_id: str) -> None:

@@ -22,7 +22,12 @@ from server.cluster.config import ClusterSettings, deployment_options
 from server.engine.types import AdapterRef
 from server.engine.vllm_engine import AdapterLoadError, EngineOptions, VllmEngine, check_options
 from server.errors import Conflict, InvalidRequest, ModelNotFound
-from server.models.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
+from server.models.adapter_files import (
+    AdapterFileError,
+    adapter_id,
+    inspect_adapter,
+    resolve_adapter,
+)
 from server.models.adapter_meta import base_fingerprint
 from server.models.aliases import PROMOTIONS_FILE, AliasBook, base_of_alias, latest_alias
 from server.models.models_file import (
@@ -145,7 +150,6 @@ class Registry:
         self._models: dict[str, ServedModel] = {}
         self._adapters: dict[str, ServedModel] = {}
         self._adapters_root = adapters_root
-        self._next_adapter_id = 1
         self._adapter_lock = asyncio.Lock()
         # The resource plan the engines were started with, and the seconds each phase of
         # ``start`` took.
@@ -227,12 +231,13 @@ class Registry:
                 raise Conflict(f"A model named `{name}` is already served.", param="name")
             parent = self._base_for(base, folder.meta)
             check_adapter_fits(parent, folder.meta, folder.rank)
-            ref = AdapterRef(name=name, id=self._next_adapter_id, path=str(folder.path))
+            ref = AdapterRef(name=name, id=adapter_id(name, folder.path), path=str(folder.path))
+            if any(a.adapter and a.adapter.id == ref.id for a in self._adapters.values()):
+                raise Conflict(f"Adapter id {ref.id} is taken; rename `{name}`.", param="name")
             try:
                 await parent.engine.add_adapter(ref)
             except AdapterLoadError as exc:
                 raise InvalidRequest(str(exc), param="path") from exc
-            self._next_adapter_id += 1
             served = ServedModel(
                 entry=parent.entry.model_copy(update={"name": name, "adapters": []}),
                 path=str(folder.path),
