@@ -178,6 +178,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         servers=args.servers,
         rounds=args.rounds,
         setup=args.setup,
+        ray_replicas=args.ray_replicas,
     )
     payload = run_compare(config)
     print(markdown(payload))
@@ -221,8 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--env", type=_key_value, action="append", default=[], help="KEY=VALUE for both servers"
     )
     compare.add_argument(
-        "--servers", type=lambda s: s.split(","), default=["raw-vllm", "aligngate"]
+        "--servers",
+        type=lambda s: s.split(","),
+        default=["raw-vllm", "aligngate"],
+        help="of raw-vllm, aligngate, aligngate-ray (the gateway on a Ray cluster this "
+        "command starts on loopback; strict setup only)",
     )
+    compare.add_argument("--ray-replicas", type=int, default=1, help="aligngate-ray's replicas")
     compare.add_argument(
         "--rounds", type=int, default=1, help="alternate the servers' order (ABBA); pooled"
     )
