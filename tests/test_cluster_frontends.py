@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -37,6 +39,8 @@ def front_ends(
     postgres_admin_url: str,
     test_env: dict[str, str],
     tmp_path_factory: pytest.TempPathFactory,
+    adapters_root: Path,
+    arena_adapter: str,
 ) -> Iterator[tuple[Gateway, Gateway]]:
     from tests.postgres import create_database
 
@@ -53,7 +57,14 @@ models:
     num_cpus: 1
     lora: {{max_rank: 8}}
 """
-    env = {"ALIGNGATE_DATABASE_URL": create_database(postgres_admin_url)}
+    # Adapters of their own: the iteration below writes `<base>-iter1`, which other
+    # modules' iterations (on the session's root) would otherwise continue from.
+    root = tmp_path_factory.mktemp("fe-adapters")
+    shutil.copytree(adapters_root / arena_adapter, root / arena_adapter)
+    env = {
+        "ALIGNGATE_DATABASE_URL": create_database(postgres_admin_url),
+        "ALIGNGATE_ADAPTERS_DIR": str(root),
+    }
     started = time.monotonic()
     first = start_own_gateway(tmp_path_factory.mktemp("fe1"), models_yaml, test_env, env)
     TIMINGS["first_ready_s"] = time.monotonic() - started

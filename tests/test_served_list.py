@@ -70,10 +70,11 @@ def test_what_one_front_end_loads_every_front_end_lists(tmp_path: Path) -> None:
         assert served.parent == "base" and served.adapter == first.get("tuned").adapter
         await second.load_adapter("other", "a2", base="base")  # both write the list
         assert {m.name for m in first.served()} == {"base", "tuned", "other"}
+        assert first.get("tuned").adapter is not None  # the first looks it up...
         await second.unload_adapter("tuned")
-        assert "tuned" not in {m.name for m in first.served()}
-        with pytest.raises(ModelNotFound):
+        with pytest.raises(ModelNotFound):  # ...and no longer once the second unloaded it
             first.get("tuned")
+        assert "tuned" not in {m.name for m in first.served()}
         # A front end started later serves what the others serve.
         third, _ = front_end(tmp_path)
         assert {m.name for m in third.served()} == {"base", "other"}

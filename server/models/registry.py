@@ -167,11 +167,9 @@ class Registry:
 
     def get(self, name: str) -> ServedModel:
         """A model, an adapter, or the version an alias (``NAME@latest``) points at."""
+        self._sync_adapters()  # on a cluster: one stat, unless another front end changed it
         target = self.aliases.resolve(name) or name
         model = self._models.get(target) or self._adapters.get(target)
-        if model is None:
-            self._sync_adapters()
-            model = self._adapters.get(target)
         if model is None:
             raise ModelNotFound(name)
         return model
