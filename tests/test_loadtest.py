@@ -451,3 +451,19 @@ def test_the_ray_row_serves_the_strict_models_file_on_a_cluster(tmp_path: Path) 
     assert [s.label for s in _specs(config)] == ["aligngate", "aligngate-ray"]
     with pytest.raises(ValueError, match="strict setup only"):
         _specs(dataclasses.replace(config, setup="default"))
+
+
+def test_the_scaling_estimate_by_hand() -> None:
+    from loadtest.scaling import ReplicaCurve, estimate
+
+    # 20 tok/s alone, 200 at 16 in flight: 16·20 / (1 + 15α) = 200 → α = 0.04.
+    curve = ReplicaCurve.fit(20.0, 16, 200.0)
+    assert math.isclose(curve.alpha, 0.04)
+    assert math.isclose(curve.tokens_per_s(16), 200.0)
+    # Two replicas of 8 each: 2 · 8·20 / 1.28 = 250; a 2 ms/1k-token front end never binds.
+    two = estimate(curve, replicas=[1, 2], concurrency=[16], front_end_ms_per_1k_tokens=2.0)
+    assert [round(r["tokens_per_s"]) for r in two] == [200, 250]
+    assert two[1]["bound"] == "replicas" and math.isclose(two[1]["speedup"], 1.25)
+    # A front end that spends 3 CPU ms per token streams at most 333 tok/s.
+    (eight,) = estimate(curve, replicas=[8], concurrency=[64], front_end_ms_per_1k_tokens=3000.0)
+    assert eight["bound"] == "front end" and round(eight["tokens_per_s"]) == 333
