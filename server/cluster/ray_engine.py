@@ -122,7 +122,8 @@ class RayCluster:
                 .bind(name, options, cpu_kv_cache_gib)
             )
             targets.append(serve.RunTarget(bound, name=app, route_prefix=None))
-        deployed = dict(zip((t.name for t in targets), serve.run_many(targets), strict=True))
+        handles = serve.run_many(targets) if targets else []
+        deployed = dict(zip((t.name for t in targets), handles, strict=True))
         if attach:
             log.info("Attaching to running application(s) %s", ", ".join(attach))
         engines = []
