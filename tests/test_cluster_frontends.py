@@ -55,7 +55,7 @@ models:
     max_model_len: 4096
     replicas: 1
     num_cpus: 1
-    lora: {{max_rank: 8}}
+    lora: {{}}  # rank 16: what an online iteration trains
 """
     # Adapters of their own: the iteration below writes `<base>-iter1`, which other
     # modules' iterations (on the session's root) would otherwise continue from.
