@@ -132,6 +132,8 @@ class GatewayMetrics:
             "aligngate_store_errors", "Store writes or reads that failed.", registry=r
         )
         self.judges = JudgeMetrics(r)
+        # A judge's stored verdicts count as feedback too, under source ``judge:<name>``.
+        self.judges.feedback = self.feedback
 
     def promoted(self, alias: str, version: str, previous: str | None) -> None:
         """One series per alias: the version it serves now."""
@@ -171,6 +173,8 @@ class JudgeMetrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry or CollectorRegistry(auto_describe=True)
+        # The gateway's aligngate_feedback_total{model,source,label}, when there is one.
+        self.feedback: Counter | None = None
         self.requests = Counter(
             "aligngate_judge_requests",
             "Requests sent to AI judges (each attempt), by judge and kind.",

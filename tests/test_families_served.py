@@ -99,8 +99,10 @@ def conversation(name: str) -> list[dict[str, str]]:
 def test_models_show_family_template_and_fingerprint(
     client: openai.OpenAI, local: dict[str, Renderer]
 ) -> None:
-    cards = {m.id: m.model_dump() for m in client.models.list().data}
+    listed = [m.model_dump() for m in client.models.list().data]
+    cards = {m["id"]: m for m in listed if not m.get("alias_of")}  # NAME@latest: aliases
     assert set(MODELS) <= set(cards) <= set(MODELS) | set(REAL_VOCAB)
+    assert {m["id"] for m in listed if m.get("alias_of")} == {f"{n}@latest" for n in cards}
     for name, (_, family, template) in MODELS.items():
         assert cards[name]["family"] == family
         assert cards[name]["template"] == template
@@ -320,7 +322,8 @@ def test_a_dead_engine_fails_fast_while_the_others_serve(families_gateway: Gatew
         for p in psutil.Process(families_gateway.process.pid).children(recursive=True)
         if "EngineCore" in " ".join(p.cmdline()) or "EngineCore" in p.name()
     ]
-    served = httpx.get(f"{families_gateway.url}/v1/models", timeout=10).json()["data"]
+    listed = httpx.get(f"{families_gateway.url}/v1/models", timeout=10).json()["data"]
+    served = [m for m in listed if not m.get("alias_of")]  # one engine per base model
     assert len(cores) == len(served), [p.name() for p in cores]
     for p in cores:
         p.cpu_percent(None)

@@ -354,7 +354,14 @@ def test_exports_filter_by_annotator_key_and_review(
         assert r.status_code == 200, r.text
         return [i["judgment"] for i in r.json()]
 
-    assert cli() == http() == ["ana: wrong.", "bo: wrong."]
+    # Two verdicts on one choice: the latest (bo's) wins, counted as superseded and conflicting.
+    assert cli() == http() == ["bo: wrong."]
+    r = httpx.get(
+        f"{gateway.url}/admin/export", params={"format": "cut", "since": since}, timeout=30
+    )
+    assert r.headers["x-aligngate-export-superseded"] == "1"
+    assert r.headers["x-aligngate-export-conflicts"] == "1"
+    # Filters select first; the rule then applies to what they selected.
     assert cli("--annotator", "ana") == http(annotator="ana") == ["ana: wrong."]
     assert cli("--reviewed") == http(reviewed_only=True) == ["bo: wrong."]
     assert cli("--key-id", "loopback") == http(key_id="loopback") == cli()

@@ -452,6 +452,12 @@ def test_live_traffic_is_judged_in_the_background(sampling_gateway: Gateway) -> 
         pytest.fail(f"no judge verdict in 120 s:\n{gw.log_tail()}")
     print(f"live: answered in {answered:.2f} s; verdicts {verdicts}, errors {unparseable}")
     assert verdicts >= 1  # constrained: the 135M judge's reply always carries a marker
+    # Stored verdicts are feedback too: counted per model under the judge's source.
+    text = httpx.get(f"{gw.url}/metrics", timeout=10).text
+    assert any(
+        line.startswith("aligngate_feedback_total{") and 'source="judge:live"' in line
+        for line in text.splitlines()
+    )
     assert _metric(gw, "aligngate_judge_requests_total") >= 1
     store = Store.open(f"sqlite:///{gw.log_path.parent / 'store.db'}")
     try:

@@ -161,6 +161,8 @@ async def store_verdict(
     call, _ = await store.add_judge_call(_call_row(judge, record, choice, verdict, source), fb)
     if judge.metrics is not None:
         judge.metrics.verdicts.labels(judge=judge.name, verdict=verdict.label).inc()
+        if judge.metrics.feedback is not None:
+            judge.metrics.feedback.labels(record.model, entry.annotator, verdict.label).inc()
     return call
 
 
@@ -190,6 +192,8 @@ async def store_pair_verdict(
     call, _ = await store.add_judge_call(row, fb)
     if judge.metrics is not None:
         judge.metrics.verdicts.labels(judge=judge.name, verdict=verdict.outcome).inc()
+        if fb is not None and judge.metrics.feedback is not None:
+            judge.metrics.feedback.labels(record.model, judge.entry.annotator, "preferred").inc()
     return call
 
 
