@@ -178,10 +178,33 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         servers=args.servers,
         rounds=args.rounds,
         setup=args.setup,
+        ray_replicas=args.ray_replicas,
     )
     payload = run_compare(config)
     print(markdown(payload))
     print(f"results in {config.out_dir}")
+    return 0
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    import json
+
+    from loadtest import scaling
+
+    payload = json.loads(args.results.read_text(encoding="utf-8"))
+    curve, front_end_cost = scaling.from_results(payload, args.server)
+    rows = scaling.estimate(
+        curve,
+        replicas=args.replicas,
+        concurrency=args.concurrency,
+        front_end_ms_per_1k_tokens=front_end_cost,
+        front_ends=args.front_ends,
+    )
+    print(
+        f"one replica of {args.server}: {curve.r1:.1f} tok/s at c=1, batch saturation "
+        f"alpha {curve.alpha:.3f}; front end {front_end_cost:.0f} CPU ms per 1k tokens"
+    )
+    print(scaling.markdown(rows))
     return 0
 
 
@@ -221,8 +244,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--env", type=_key_value, action="append", default=[], help="KEY=VALUE for both servers"
     )
     compare.add_argument(
-        "--servers", type=lambda s: s.split(","), default=["raw-vllm", "aligngate"]
+        "--servers",
+        type=lambda s: s.split(","),
+        default=["raw-vllm", "aligngate"],
+        help="of raw-vllm, aligngate, aligngate-ray (the gateway on a Ray cluster this "
+        "command starts on loopback; strict setup only)",
     )
+    compare.add_argument("--ray-replicas", type=int, default=1, help="aligngate-ray's replicas")
     compare.add_argument(
         "--rounds", type=int, default=1, help="alternate the servers' order (ABBA); pooled"
     )
@@ -237,6 +265,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path)
     _workload_args(compare)
     compare.set_defaults(func=_cmd_compare)
+
+    estimate = sub.add_parser(
+        "estimate", help="throughput vs replicas, from one replica's compare results"
+    )
+    estimate.add_argument("results", type=Path, help="a compare run's results.json")
+    estimate.add_argument("--server", default="aligngate-ray")
+    estimate.add_argument("--replicas", type=_ints, default=[1, 2, 4, 8])
+    estimate.add_argument("--concurrency", type=_ints, default=[16, 64])
+    estimate.add_argument("--front-ends", type=int, default=1)
+    estimate.set_defaults(func=_cmd_estimate)
     return parser
 
 

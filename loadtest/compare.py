@@ -4,17 +4,20 @@ one after the other on this machine, the identical workload against each, then t
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
 import platform
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loadtest import report
 from loadtest.client import Target
+from loadtest.ray_head import RayHead, ray_head
 from loadtest.runner import Load, RunResult, run_load
 from loadtest.servers import (
     DEFAULT_LORA_FLAGS,
@@ -52,6 +55,7 @@ class CompareConfig:
     # default: `aligngate serve` as users run it (LoRA on, storing on, 8,192 tokens) and raw
     # vLLM with the same LoRA and length settings.
     setup: str = "strict"
+    ray_replicas: int = 1  # the `aligngate-ray` row's replicas
 
 
 def default_model_path() -> Path:
@@ -69,6 +73,8 @@ def _specs(config: CompareConfig) -> list[ServerSpec]:
     env = engine_env(config.kv_cache_gib, config.extra_env)
     if config.setup not in ("strict", "default"):
         raise ValueError(f"unknown setup {config.setup!r} (strict, default)")
+    if "aligngate-ray" in config.servers and config.setup != "strict":
+        raise ValueError("aligngate-ray runs the strict setup only")
     specs = []
     for name in config.servers:
         if name == "raw-vllm" and config.setup == "default":
@@ -82,6 +88,12 @@ def _specs(config: CompareConfig) -> list[ServerSpec]:
             # Storing stays on, into a scratch database beside the results.
             store = {"ALIGNGATE_DATABASE_URL": f"sqlite:///{config.out_dir.resolve()}/store.db"}
             specs.append(gateway(None, {**env, **store}, config.gateway_command))
+        elif name == "aligngate-ray":
+            # The strict gateway's models file plus `cluster:` (written once the run's Ray
+            # head is up and its address known, see ``_ray_cluster``).
+            models = config.out_dir / "models-ray.yaml"
+            spec = gateway(models, env, config.gateway_command)
+            specs.append(dataclasses.replace(spec, label="aligngate-ray"))
         elif name == "aligngate":
             models = write_models_file(
                 config.out_dir / "models.yaml",
@@ -91,7 +103,7 @@ def _specs(config: CompareConfig) -> list[ServerSpec]:
             )
             specs.append(gateway(models, env, config.gateway_command))
         else:
-            raise ValueError(f"unknown server {name!r} (raw-vllm, aligngate)")
+            raise ValueError(f"unknown server {name!r} (raw-vllm, aligngate, aligngate-ray)")
     return specs
 
 
@@ -173,6 +185,23 @@ def _overhead(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _ray_cluster(config: CompareConfig, spec: ServerSpec, round_: int) -> Iterator[RayHead]:
+    """A Ray head for the `aligngate-ray` row (started with the engine environment, which
+    its replicas inherit), and that row's models file naming it."""
+    log = config.out_dir / f"ray-head-{round_ + 1}.log"
+    with ray_head(spec.env, log) as head:
+        write_models_file(
+            config.out_dir / "models-ray.yaml",
+            config.served_name,
+            config.model_path,
+            config.max_model_len,
+            cluster={"backend": "ray", "address": head.address, "namespace": "aligngate-bench"},
+            replicas=config.ray_replicas,
+        )
+        yield head
+
+
 def run_compare(config: CompareConfig) -> dict[str, Any]:
     """Rounds alternate the order (A B, B A, …) so drift of the machine between the first and
     the second server cancels out; every summary pools all rounds."""
@@ -183,7 +212,11 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
         for spec in specs if round_ % 2 == 0 else list(reversed(specs)):
             print(f"round {round_ + 1}: starting {spec.label} on {spec.base_url}", flush=True)
             log = config.out_dir / f"{spec.label}-{round_ + 1}.log"
-            with RunningServer(spec, log) as server:
+            with contextlib.ExitStack() as stack:
+                engine_pids = None
+                if spec.label == "aligngate-ray":
+                    engine_pids = stack.enter_context(_ray_cluster(config, spec, round_)).pids
+                server = stack.enter_context(RunningServer(spec, log, engine_pids))
                 start_s = server.wait_ready(config.served_name)
                 print(f"  ready in {start_s:.1f} s", flush=True)
                 measured[spec.label].start_s.append(start_s)
@@ -221,6 +254,16 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
             results["aligngate"]["levels"], results["raw-vllm"]["levels"]
         )
         payload["overhead"] = _overhead(results)
+    if {"aligngate", "aligngate-ray"} <= results.keys():
+        # The cost of the Ray hop: the Ray backend against the same gateway serving locally.
+        payload["ray_ratios"] = report.ratios(
+            results["aligngate-ray"]["levels"], results["aligngate"]["levels"]
+        )
+        payload["ray_overhead"] = {
+            k: results["aligngate-ray"]["overhead_probe"]["e2e_ms"][k]
+            - results["aligngate"]["overhead_probe"]["e2e_ms"][k]
+            for k in ("p50", "p99")
+        }
     report.write_json(config.out_dir / "results.json", payload)
     runs = {label: r["levels"] for label, r in results.items()}
     report.plot(runs, config.out_dir)
@@ -243,6 +286,13 @@ def markdown(payload: Mapping[str, Any]) -> str:
             "Per-request overhead (1-token requests, concurrency 1, end-to-end):\n\n"
             "| | p50 ms | p99 ms |\n|---|---|---|\n"
             + "\n".join(f"| {name} | {v['p50']:{f}} | {v['p99']:{f}} |" for name, v, f in rows)
+        )
+    if "ray_ratios" in payload:
+        parts.append(report.ratio_table(payload["ray_ratios"], "aligngate-ray", "aligngate"))
+        o = payload["ray_overhead"]
+        parts.append(
+            "The Ray hop per request (1-token requests, concurrency 1, end-to-end, Ray minus "
+            f"local): p50 {o['p50']:+.1f} ms, p99 {o['p99']:+.1f} ms."
         )
     cpu_rows = [
         "| server | load | front-end CPU s | engine CPU s | front-end CPU ms/request "

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,7 +106,11 @@ def write_models_file(
     model_path: Path,
     max_model_len: int,
     engine_args: Mapping[str, object] | None = None,
+    cluster: Mapping[str, object] | None = None,
+    replicas: int = 1,
 ) -> Path:
+    """A one-model models file; with ``cluster``, served by ``replicas`` Ray Serve
+    replicas of one CPU each (Ray's accounting) on that cluster."""
     import yaml
 
     entry: dict[str, object] = {
@@ -116,12 +120,24 @@ def write_models_file(
     }
     if engine_args:
         entry["engine_args"] = dict(engine_args)
-    path.write_text(yaml.safe_dump({"models": [entry]}, sort_keys=False), encoding="utf-8")
+    document: dict[str, object] = {"models": [entry]}
+    if cluster is not None:
+        entry |= {"replicas": replicas, "num_cpus": 1}
+        document = {"cluster": dict(cluster), **document}
+    path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return path
 
 
 class RunningServer:
-    def __init__(self, spec: ServerSpec, log_path: Path):
+    def __init__(
+        self,
+        spec: ServerSpec,
+        log_path: Path,
+        engine_pids: Callable[[], list[int]] | None = None,
+    ):
+        # engine_pids: where the engine runs when it is no child of the server (a Ray
+        # cluster's processes); its CPU seconds are counted as the engine's.
+        self._engine_pids = engine_pids
         self.spec = spec
         self.log_path = log_path
         self.started_s: float | None = None
@@ -186,6 +202,9 @@ class RunningServer:
         for child in main.children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 children += used(child)
+        for pid in self._engine_pids() if self._engine_pids else []:
+            with contextlib.suppress(psutil.Error):
+                children += used(psutil.Process(pid))
         return {"front_end": used(main), "engine": children}
 
     def __enter__(self) -> RunningServer:

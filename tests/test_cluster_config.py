@@ -1,5 +1,6 @@
 """The models file's `cluster:` section and what it makes of each model on Ray Serve,
-checked without a cluster: the schema, the deployment options, and the health rule."""
+checked without a cluster: the schema, the deployment options, the health rule, and the
+rule by which several front ends share the applications."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from server.cluster.config import Autoscaling, ClusterSettings, deployment_options
+from server.cluster.frontends import Membership
 from server.cluster.ray_engine import ReplicaHealth, app_name
 from server.models.models_file import ModelsFileError, load_deployment
 
@@ -110,3 +112,26 @@ def test_health_is_degraded_with_some_replicas_down() -> None:
 
 def test_application_names_are_safe_for_any_model_name() -> None:
     assert app_name("aligngate", "org/model:v1") == "aligngate-org_model_v1"
+
+
+def test_front_ends_share_applications_and_the_last_to_leave_deletes() -> None:
+    book = Membership()
+    assert book.join("app", "fe1", dead=[])  # the first deploys
+    assert not book.join("app", "fe2", dead=[])  # the second attaches
+    assert not book.join("app", "fe2", dead=[])  # joining twice changes nothing
+    assert not book.leave("app", "fe1", dead=[])  # fe2 still uses it: keep it
+    assert book.members("app") == ["fe2"]
+    assert book.leave("app", "fe2", dead=[])  # the last one deletes
+    assert book.members("app") == []
+
+
+def test_a_front_end_that_died_without_leaving_is_dropped() -> None:
+    book = Membership()
+    book.join("app", "crashed", dead=[])
+    # Its job is dead: the next front end is alone, so it deploys (replacing the leftover).
+    assert book.join("app", "fe2", dead=["crashed"])
+    book.join("app", "fe3", dead=[])
+    book.join("other", "fe3", dead=[])
+    # fe3 dies; fe2 leaving is then the last use of `app`.
+    assert book.leave("app", "fe2", dead=["fe3"])
+    assert book.members("other") == ["fe3"]  # pruned only where someone joins or leaves

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -71,6 +72,7 @@ models:
     max_model_len: 8192
     replicas: 2
     num_cpus: 1
+    lora: {{max_rank: 8}}
 """
     started = time.monotonic()
     gw = start_own_gateway(tmp_path_factory.mktemp("ray-gateway"), models_yaml, test_env, {})
@@ -127,6 +129,80 @@ def test_every_response_names_its_replica_and_both_serve(gateway: Gateway) -> No
     assert health.json() == {"status": "ok", "models": {gateway.model: "ok"}}
     for replica in set(seen):
         assert metric(gateway, "aligngate_replica_requests_total", replica=replica, outcome="ok")
+
+
+def _next_token(gateway: Gateway, model: str, prompt: str) -> tuple[str, float, str]:
+    """The replica, the greedy next token's log-probability and the token, for ``model``."""
+    r = httpx.post(
+        f"{gateway.url}/v1/completions",
+        json={"model": model, "prompt": prompt, "max_tokens": 1, "temperature": 0, "logprobs": 1},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    logprobs = r.json()["choices"][0]["logprobs"]
+    return r.headers[REPLICA], logprobs["token_logprobs"][0], logprobs["tokens"][0]
+
+
+async def _concurrently(gateway: Gateway, model: str, prompt: str, n: int) -> list[tuple]:
+    return list(
+        await asyncio.gather(
+            *(asyncio.to_thread(_next_token, gateway, model, prompt) for _ in range(n))
+        )
+    )
+
+
+def test_an_adapter_loaded_on_the_gateway_is_served_by_every_replica(
+    gateway: Gateway, arena_adapter: str, adapters_root: Path
+) -> None:
+    name = "ray-arena"
+    started = time.monotonic()
+    r = httpx.post(
+        f"{gateway.url}/admin/adapters",
+        json={"name": name, "path": arena_adapter},
+        timeout=120,
+    )
+    assert r.status_code == 201, r.text
+    TIMINGS["adapter_load_s"] = time.monotonic() - started
+    listed = {m["id"]: m for m in httpx.get(f"{gateway.url}/v1/models").json()["data"]}
+    assert listed[name]["parent"] == gateway.model
+
+    prompt = "The capital of France is"
+    base = asyncio.run(_concurrently(gateway, gateway.model, prompt, 8))
+    base_logprob = base[0][1]
+    # What batching alone moves a log-probability by (bf16 on the CPU), to compare with.
+    noise = max(abs(lp - base_logprob) for _, lp, _ in base)
+    tuned: list[tuple] = []
+    started = time.monotonic()
+    while len({replica for replica, _, _ in tuned}) < 2:
+        assert time.monotonic() - started < 120, f"one replica served the adapter: {tuned}"
+        tuned += asyncio.run(_concurrently(gateway, name, prompt, 8))
+    TIMINGS["adapter_on_both_replicas_s"] = time.monotonic() - started
+    # Every replica ran the adapter (the one that loaded it, and the other on demand):
+    # far from the base model's log-probability, and the replicas agree.
+    effect = min(abs(lp - base_logprob) for _, lp, _ in tuned)
+    assert effect > max(5 * noise, 0.01), (effect, noise, tuned, base_logprob)
+    per_replica = {replica: logprob for replica, logprob, _ in tuned}
+    assert max(per_replica.values()) - min(per_replica.values()) < effect / 2, per_replica
+    print(f"log p: base {base_logprob:.4f} (±{noise:.4f}), adapter per replica {per_replica}")
+
+    # The gateway's own checks still run first: a missing folder, a rank above the
+    # replicas' maximum.
+    refused = httpx.post(
+        f"{gateway.url}/admin/adapters", json={"name": "x", "path": "no-such-adapter"}
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "path"
+    wide = adapters_root / "ray-rank16"
+    if not wide.exists():
+        shutil.copytree(adapters_root / arena_adapter, wide)
+        config = json.loads((wide / "adapter_config.json").read_text())
+        (wide / "adapter_config.json").write_text(json.dumps({**config, "r": 16}))
+    refused = httpx.post(f"{gateway.url}/admin/adapters", json={"name": "x", "path": wide.name})
+    assert refused.status_code == 400 and "max LoRA rank 8" in refused.text, refused.text
+    assert httpx.delete(f"{gateway.url}/admin/adapters/{name}", timeout=60).status_code == 200
+    gone = httpx.post(
+        f"{gateway.url}/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 1}
+    )
+    assert gone.status_code == 404
 
 
 def test_errors_keep_the_openai_shape(gateway: Gateway) -> None:

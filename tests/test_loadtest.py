@@ -4,6 +4,7 @@ against a live gateway and (slow) the side-by-side comparison with raw vLLM."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import os
@@ -412,3 +413,57 @@ def test_the_default_setup_gives_raw_vllm_the_gateways_default_settings() -> Non
         "--max-loras": str(lora.max_loras),
         "--max-cpu-loras": str(lora.max_cpu_loras),
     }
+
+
+def test_the_ray_row_serves_the_strict_models_file_on_a_cluster(tmp_path: Path) -> None:
+    """`--servers aligngate,aligngate-ray`: the same model and length as the local row, plus
+    `cluster:` (the gateway reads it as a Ray deployment of the asked-for replicas)."""
+    from loadtest.compare import CompareConfig, _specs
+    from loadtest.servers import write_models_file
+    from server.models.models_file import load_deployment
+
+    common = dict(model_path=tmp_path, served_name="m", max_model_len=2048)
+    local = load_deployment(write_models_file(tmp_path / "local.yaml", **common))
+    ray = load_deployment(
+        write_models_file(
+            tmp_path / "ray.yaml",
+            **common,
+            cluster={"backend": "ray", "address": "127.0.0.1:6379", "namespace": "bench"},
+            replicas=2,
+        )
+    )
+    assert local.cluster is None and ray.cluster is not None
+    assert ray.cluster.address == "127.0.0.1:6379"
+    (l_entry,), (r_entry,) = local.models, ray.models
+    assert r_entry.replicas == 2 and r_entry.num_cpus == 1
+    assert r_entry.model_dump(exclude={"replicas", "num_cpus"}) == l_entry.model_dump(
+        exclude={"replicas", "num_cpus"}
+    )
+    config = CompareConfig(
+        model_path=tmp_path,
+        served_name="m",
+        items=[],
+        concurrency=[1],
+        requests_per_level={1: 1},
+        out_dir=tmp_path,
+        servers=("aligngate", "aligngate-ray"),
+    )
+    assert [s.label for s in _specs(config)] == ["aligngate", "aligngate-ray"]
+    with pytest.raises(ValueError, match="strict setup only"):
+        _specs(dataclasses.replace(config, setup="default"))
+
+
+def test_the_scaling_estimate_by_hand() -> None:
+    from loadtest.scaling import ReplicaCurve, estimate
+
+    # 20 tok/s alone, 200 at 16 in flight: 16·20 / (1 + 15α) = 200 → α = 0.04.
+    curve = ReplicaCurve.fit(20.0, 16, 200.0)
+    assert math.isclose(curve.alpha, 0.04)
+    assert math.isclose(curve.tokens_per_s(16), 200.0)
+    # Two replicas of 8 each: 2 · 8·20 / 1.28 = 250; a 2 ms/1k-token front end never binds.
+    two = estimate(curve, replicas=[1, 2], concurrency=[16], front_end_ms_per_1k_tokens=2.0)
+    assert [round(r["tokens_per_s"]) for r in two] == [200, 250]
+    assert two[1]["bound"] == "replicas" and math.isclose(two[1]["speedup"], 1.25)
+    # A front end that spends 3 CPU ms per token streams at most 333 tok/s.
+    (eight,) = estimate(curve, replicas=[8], concurrency=[64], front_end_ms_per_1k_tokens=3000.0)
+    assert eight["bound"] == "front end" and round(eight["tokens_per_s"]) == 333

@@ -77,3 +77,23 @@ def test_promotions_are_kept_in_the_adapters_root(tmp_path: Path) -> None:
     assert again.saved() == {"m@latest": "m-iter1"}
     (tmp_path / "promotions.json").write_text("{not json")
     assert again.saved() == {}  # unreadable: ignored with a warning, the bases serve
+
+
+def test_adapter_ids_are_stable_and_follow_the_files(tmp_path: Path) -> None:
+    """Engines cache a LoRA by its id: every front end (and a restarted one) must give the
+    same adapter the same id, and changed files a new one."""
+    import os
+
+    from server.models.adapter_files import adapter_id
+    from server.models.adapter_meta import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    folder = tmp_path / "a"
+    folder.mkdir()
+    (folder / ADAPTER_CONFIG).write_text("{}")
+    (folder / ADAPTER_WEIGHTS).write_bytes(b"weights")
+    first = adapter_id("a", folder)
+    assert first == adapter_id("a", folder) and 0 < first < 2**31
+    assert adapter_id("b", folder) != first
+    stat = (folder / ADAPTER_WEIGHTS).stat()
+    os.utime(folder / ADAPTER_WEIGHTS, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert adapter_id("a", folder) != first  # retrained in place: not the cached weights

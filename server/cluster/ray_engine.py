@@ -3,7 +3,8 @@ application per served model, and ``RayEngine`` — what the registry holds in p
 local ``VllmEngine``, with the same interface.
 
 Owns: connecting (``ray.init``) and starting Ray Serve without its HTTP proxy (the gateway
-is the front end), deploying and deleting the applications, streaming a request's deltas
+is the front end), deploying or attaching to the applications and leaving them (the rule
+of several front ends is ``frontends``'), streaming a request's deltas
 from whichever replica Ray Serve's router (power of two choices) picked, cancelling the
 call when the caller stops reading, turning a replica's death into the OpenAI error (or,
 before any output, into a retry that Ray Serve routes to a live replica), and each
@@ -37,6 +38,8 @@ ATTEMPTS = 3
 STATUS_PERIOD_S = 1.0
 # A replica's queue (from its last reply) counts in the model's engine gauges this long.
 STATS_WINDOW_S = 30.0
+# How long a front end waits for an application another one is deploying.
+ATTACH_TIMEOUT_S = 900.0
 
 
 def app_name(namespace: str, model: str) -> str:
@@ -72,6 +75,8 @@ class RayCluster:
         self._health: dict[str, ReplicaHealth] = {}
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._book: Any = None  # ``frontends``' book of members, once deployed
+        self._me = ""
 
     @classmethod
     def connect(cls, settings: ClusterSettings) -> RayCluster:
@@ -94,31 +99,56 @@ class RayCluster:
         models: list[tuple[str, EngineOptions, dict[str, Any], int]],
         cpu_kv_cache_gib: float,
     ) -> list[RayEngine]:
-        """Deploy each ``(model, engine options, deployment options, fewest replicas)`` as
-        its own application and wait until every one is running (blocking)."""
+        """Join each ``(model, engine options, deployment options, fewest replicas)``'s
+        application (``frontends``): deploy the ones this front end is the first member
+        of, attach to the others, and wait until every one is running (blocking)."""
+        import ray
         from ray import serve
 
+        from server.cluster.frontends import book, dead_members, me
         from server.cluster.replica import EngineReplica
 
-        targets = []
+        self._book, self._me = book(self.settings.namespace), me()
+        targets, attach = [], []
         for name, options, deployment, wanted in models:
             app = app_name(self.settings.namespace, name)
             self._wanted[app] = wanted
+            if not ray.get(self._book.join.remote(app, self._me, dead_members())):
+                attach.append(app)
+                continue
             bound = (
                 serve.deployment(EngineReplica)
                 .options(**{**deployment, "name": DEPLOYMENT})
                 .bind(name, options, cpu_kv_cache_gib)
             )
             targets.append(serve.RunTarget(bound, name=app, route_prefix=None))
-        handles = serve.run_many(targets)
+        handles = serve.run_many(targets) if targets else []
+        deployed = dict(zip((t.name for t in targets), handles, strict=True))
+        if attach:
+            log.info("Attaching to running application(s) %s", ", ".join(attach))
         engines = []
-        for (name, *_), handle, target in zip(models, handles, targets, strict=True):
+        for name, *_ in models:
+            app = app_name(self.settings.namespace, name)
+            handle = deployed.get(app) or self._attach(app)
             info = handle.info.remote().result()
-            engines.append(RayEngine(name, target.name, handle, info, self))
+            engines.append(RayEngine(name, app, handle, info, self))
         self._poll()
         self._watcher = threading.Thread(target=self._watch, name="ray-serve-status", daemon=True)
         self._watcher.start()
         return engines
+
+    def _attach(self, app: str) -> Any:
+        """The handle of ``app``, deployed by another front end (waiting while it starts)."""
+        from ray import serve
+
+        deadline = time.monotonic() + ATTACH_TIMEOUT_S
+        while True:
+            status = getattr(serve.status().applications.get(app), "status", None)
+            if str(getattr(status, "value", status)) == "RUNNING":
+                return serve.get_app_handle(app)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Ray Serve application {app} is not running ({status})")
+            time.sleep(1.0)
 
     def health(self, app: str) -> ReplicaHealth:
         return self._health.get(app, ReplicaHealth(wanted=self._wanted.get(app, 1)))
@@ -150,14 +180,23 @@ class RayCluster:
         while not self._stop.wait(STATUS_PERIOD_S):
             self._poll()
 
-    def delete(self, app: str) -> None:
+    def release(self, app: str) -> None:
+        """Leave ``app``; the last front end to leave deletes it (Ray Serve stops its
+        replicas)."""
+        import ray
         from ray import serve
 
-        self._wanted.pop(app, None)
-        serve.delete(app)
+        from server.cluster.frontends import dead_members
+
+        if self._wanted.pop(app, None) is None or self._book is None:
+            return
+        if ray.get(self._book.leave.remote(app, self._me, dead_members())):
+            serve.delete(app)
+        else:
+            log.info("Leaving %s to the other front ends that use it", app)
 
     def close(self) -> None:
-        """Stop watching, delete what is still deployed (normally each engine's
+        """Stop watching, release what this front end still uses (normally each engine's
         ``shutdown`` did; not when the start failed half-way) and leave the cluster."""
         import ray
 
@@ -166,7 +205,7 @@ class RayCluster:
             self._watcher.join(timeout=10)
         for app in list(self._wanted):
             try:
-                self.delete(app)
+                self.release(app)
             except Exception:
                 log.exception("Could not delete Ray Serve application %s", app)
         ray.shutdown()
@@ -289,11 +328,18 @@ class RayEngine:
             self._in_flight -= 1
 
     async def add_adapter(self, ref: AdapterRef) -> None:
-        raise AdapterLoadError(
-            f"adapter {ref.name!r}: LoRA adapters are not served on the Ray backend yet"
-        )
+        """Check the adapter on one replica (its engine loads it: vLLM's own checks, now
+        rather than on the first request). Every other replica loads it on the first
+        request that names it: each request carries its ``AdapterRef``, and vLLM loads a
+        LoRA it has not cached from ``ref.path`` (which every node must read at the same
+        path), keeping up to ``max_cpu_loras`` in an LRU and ``max_loras`` per batch."""
+        problem = await self._handle.add_adapter.remote(ref)
+        if problem is not None:
+            raise AdapterLoadError(problem)
 
     async def remove_adapter(self, ref: AdapterRef) -> None:
+        """Nothing on the replicas: once the registry drops the name no request carries
+        the adapter, and the replicas' LRU evicts it when the room is needed."""
         return None
 
     async def abort(self, request_id: str) -> None:
@@ -305,6 +351,6 @@ class RayEngine:
             raise RuntimeError(f"no replica of {self.name} is running")
 
     def shutdown(self) -> None:
-        """Delete this model's application: Ray Serve stops its replicas (each shuts its
-        engine down)."""
-        self._cluster.delete(self.app)
+        """Leave this model's application; the last front end to leave deletes it, and
+        Ray Serve stops its replicas (each shuts its engine down)."""
+        self._cluster.release(self.app)

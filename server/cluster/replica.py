@@ -5,7 +5,8 @@ Owns: what runs in each replica actor — its platform's engine environment and 
 (decided by ``resources.platform`` for *that* machine, which may differ from the front
 end's), the engine's start and stop, streaming a request's deltas back (first a
 ``Replica`` saying who took it), aborting in the engine when Ray Serve cancels the call
-(client gone), and the health check Ray Serve calls.
+(client gone), loading an adapter when asked (otherwise the engine loads it on the first
+request that carries it), and the health check Ray Serve calls.
 Does not know: templates or tokenizers (the front end sends token ids), HTTP, routing.
 """
 
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from server.engine.types import AdapterRef, ChoiceDelta, Replica, SamplingSpec
-from server.engine.vllm_engine import EngineOptions, VllmEngine
+from server.engine.vllm_engine import AdapterLoadError, EngineOptions, VllmEngine
 from server.resources.platform import apply_engine_environment, detect, engine_defaults
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,15 @@ class EngineReplica:
         async with contextlib.aclosing(steps):
             async for deltas in steps:
                 yield deltas
+
+    async def add_adapter(self, ref: AdapterRef) -> str | None:
+        """Load ``ref`` into this replica's engine; None, or why vLLM refused it (as text:
+        the front end raises its own error, not a pickled one from the replica)."""
+        try:
+            await self._engine.add_adapter(ref)
+        except AdapterLoadError as exc:
+            return str(exc)
+        return None
 
     async def check_health(self) -> None:
         """Ray Serve's periodic health check: an engine that errored or stopped fails it,

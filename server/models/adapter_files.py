@@ -9,6 +9,7 @@ Owns: path confinement and the adapter folder checks. Does not know: vLLM, HTTP.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -74,3 +75,18 @@ def inspect_adapter(folder: Path) -> AdapterFolder:
         target_modules=sorted(targets) if isinstance(targets, list) else [str(targets)],
         meta=meta,
     )
+
+
+def adapter_id(name: str, folder: Path) -> int:
+    """The LoRA id an engine keys ``name`` by: the same for the same name and files in every
+    front end and after a restart, and a different one when the files change.
+
+    An engine caches an adapter's weights by this id (vLLM's LRU): replicas shared by
+    several front ends, or that outlive a restarted one, would otherwise serve another
+    adapter's cached weights under a counter's reused id."""
+    digest = hashlib.sha256(name.encode())
+    digest.update(str(folder).encode())
+    for file in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        stat = (folder / file).stat()
+        digest.update(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return int.from_bytes(digest.digest()[:4], "big") % (2**31 - 1) + 1

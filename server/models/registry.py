@@ -4,7 +4,8 @@ resource plan says, and the LoRA adapters served on them.
 Owns: starting and stopping one engine per model (in the plan's order, with its devices and
 memory share; with a models file's `cluster:` section, as Ray Serve replicas instead, see
 ``cluster``), loading and unloading LoRA adapters (each served under its own name on its
-base model's engine, with the base's prompt format), and name → model look-ups.
+base model's engine, with the base's prompt format; on a cluster, the same adapters as the
+other front ends, see ``served_list``), and name → model look-ups.
 Does not know: HTTP routes or response shapes; the models file's schema (``models_file``).
 """
 
@@ -22,7 +23,12 @@ from server.cluster.config import ClusterSettings, deployment_options
 from server.engine.types import AdapterRef
 from server.engine.vllm_engine import AdapterLoadError, EngineOptions, VllmEngine, check_options
 from server.errors import Conflict, InvalidRequest, ModelNotFound
-from server.models.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
+from server.models.adapter_files import (
+    AdapterFileError,
+    adapter_id,
+    inspect_adapter,
+    resolve_adapter,
+)
 from server.models.adapter_meta import base_fingerprint
 from server.models.aliases import PROMOTIONS_FILE, AliasBook, base_of_alias, latest_alias
 from server.models.models_file import (
@@ -35,6 +41,7 @@ from server.models.models_file import (
 )
 from server.models.planning import PlanningError, plan_entries
 from server.models.render import Renderer
+from server.models.served_list import ServedList
 from server.resources.plan import EnginePlan, Plan
 from server.resources.platform import (
     Platform,
@@ -145,7 +152,6 @@ class Registry:
         self._models: dict[str, ServedModel] = {}
         self._adapters: dict[str, ServedModel] = {}
         self._adapters_root = adapters_root
-        self._next_adapter_id = 1
         self._adapter_lock = asyncio.Lock()
         # The resource plan the engines were started with, and the seconds each phase of
         # ``start`` took.
@@ -153,12 +159,15 @@ class Registry:
         self.startup: dict[str, float] = {}
         self.aliases = AliasBook(adapters_root / PROMOTIONS_FILE if adapters_root else None)
         self.cluster: RayCluster | None = None
+        # On a cluster: the adapters every front end serves (``served_list``).
+        self.served_list: ServedList | None = None
 
     def register(self, model: ServedModel) -> None:
         self._models[model.name] = model
 
     def get(self, name: str) -> ServedModel:
         """A model, an adapter, or the version an alias (``NAME@latest``) points at."""
+        self._sync_adapters()  # on a cluster: one stat, unless another front end changed it
         target = self.aliases.resolve(name) or name
         model = self._models.get(target) or self._adapters.get(target)
         if model is None:
@@ -191,9 +200,11 @@ class Registry:
         return list(self._models.values())
 
     def adapters(self) -> list[ServedModel]:
+        self._sync_adapters()
         return list(self._adapters.values())
 
     def served(self) -> list[ServedModel]:
+        self._sync_adapters()
         return [*self._models.values(), *self._adapters.values()]
 
     @property
@@ -218,36 +229,70 @@ class Registry:
 
     async def load_adapter(self, name: str, path: str, base: str | None = None) -> ServedModel:
         """Serve the adapter folder ``path`` (under the adapters root) as model ``name``."""
+        async with self._adapter_lock:
+            self._sync_adapters()
+            served = self._prepare_adapter(name, path, base)
+            assert served.adapter is not None and served.parent is not None
+            try:
+                await served.engine.add_adapter(served.adapter)
+            except AdapterLoadError as exc:
+                raise InvalidRequest(str(exc), param="path") from exc
+            # The list first, then this registry, with no await between: a look-up that
+            # syncs meanwhile cannot find the list without it and drop it.
+            if self.served_list is not None:
+                self.served_list.put(name, path, served.parent)
+            self._adapters[name] = served
+            log.info("Adapter %s (%s) serving on %s", name, served.path, served.parent)
+            return served
+
+    def _prepare_adapter(self, name: str, path: str, base: str | None) -> ServedModel:
+        """The checked, not yet registered, adapter ``name`` (no engine involved)."""
         try:
             folder = inspect_adapter(resolve_adapter(self.adapters_root, path))
         except AdapterFileError as exc:
             raise InvalidRequest(str(exc), param="path") from exc
-        async with self._adapter_lock:
-            if name in self._models or name in self._adapters:
-                raise Conflict(f"A model named `{name}` is already served.", param="name")
-            parent = self._base_for(base, folder.meta)
-            check_adapter_fits(parent, folder.meta, folder.rank)
-            ref = AdapterRef(name=name, id=self._next_adapter_id, path=str(folder.path))
+        if name in self._models or name in self._adapters:
+            raise Conflict(f"A model named `{name}` is already served.", param="name")
+        parent = self._base_for(base, folder.meta)
+        check_adapter_fits(parent, folder.meta, folder.rank)
+        ref = AdapterRef(name=name, id=adapter_id(name, folder.path), path=str(folder.path))
+        if any(a.adapter and a.adapter.id == ref.id for a in self._adapters.values()):
+            raise Conflict(f"Adapter id {ref.id} is taken; rename `{name}`.", param="name")
+        return ServedModel(
+            entry=parent.entry.model_copy(update={"name": name, "adapters": []}),
+            path=str(folder.path),
+            renderer=parent.renderer,
+            engine=parent.engine,
+            adapter=ref,
+            parent=parent.name,
+            adapter_meta=folder.meta,
+        )
+
+    def _sync_adapters(self) -> None:
+        """On a cluster: serve what the other front ends loaded and stop serving what they
+        unloaded (``served_list``); a ``stat`` when nothing changed. The replicas load an
+        adapter on its first request, so nothing here calls an engine."""
+        if self.served_list is None or not self.served_list.changed():
+            return
+        listed = self.served_list.read()
+        for name, item in listed.items():
+            if name in self._adapters or name in self._models:
+                continue
             try:
-                await parent.engine.add_adapter(ref)
-            except AdapterLoadError as exc:
-                raise InvalidRequest(str(exc), param="path") from exc
-            self._next_adapter_id += 1
-            served = ServedModel(
-                entry=parent.entry.model_copy(update={"name": name, "adapters": []}),
-                path=str(folder.path),
-                renderer=parent.renderer,
-                engine=parent.engine,
-                adapter=ref,
-                parent=parent.name,
-                adapter_meta=folder.meta,
-            )
-            self._adapters[name] = served
-            log.info("Adapter %s (%s) serving on %s", name, folder.path, parent.name)
-            return served
+                self._adapters[name] = self._prepare_adapter(name, item["path"], item["base"])
+                log.info(
+                    "Adapter %s serving on %s (loaded by another front end)", name, item["base"]
+                )
+            except (InvalidRequest, ModelNotFound, Conflict) as exc:
+                log.warning("Not serving listed adapter %s: %s", name, exc.message)
+        for name in list(self._adapters):
+            if name not in listed and not self.aliases.pointing_at(name):
+                del self._adapters[name]
+                log.info("Adapter %s unloaded by another front end", name)
 
     async def unload_adapter(self, name: str) -> ServedModel:
         async with self._adapter_lock:
+            self._sync_adapters()
             served = self._adapters.get(name)
             if served is None or served.adapter is None:
                 raise ModelNotFound(name)
@@ -259,6 +304,8 @@ class Registry:
                 )
             # Requests already running with it finish; vLLM drops it from its cache.
             await served.engine.remove_adapter(served.adapter)
+            if self.served_list is not None:
+                self.served_list.remove(name)
             del self._adapters[name]
             log.info("Adapter %s unloaded", name)
             return served
@@ -298,8 +345,11 @@ class Registry:
             lap("engines")
         else:
             await self._start_here(prepared, settings, resources, platform, lap)
+        self._sync_adapters()  # on a cluster: what its front ends serve already
         for entry in entries:
             for adapter in entry.adapters:
+                if adapter.name in self._adapters:
+                    continue  # listed by the cluster's front ends
                 try:
                     await self.load_adapter(adapter.name, adapter.path, base=entry.name)
                 except (InvalidRequest, ModelNotFound) as exc:
@@ -383,6 +433,8 @@ class Registry:
             )
             wanted = entry.autoscaling.min if entry.autoscaling else (entry.replicas or 1)
             models.append((entry.name, options, deployment, wanted))
+        if self._adapters_root is not None:
+            self.served_list = ServedList(self._adapters_root, cluster.namespace)
         self.cluster = await asyncio.to_thread(RayCluster.connect, cluster)
         kv_cache_gib = effective_cpu_kv_cache_gib(settings.cpu_kv_cache_gib)
         engines = await asyncio.to_thread(self.cluster.deploy, models, kv_cache_gib)

@@ -32,6 +32,7 @@ from server.store import chat_completions as chat
 from server.store import judge_calls as judges
 from server.store.battles import BattleCreate, BattleRow
 from server.store.database import migrate, open_engine
+from server.store.locks import HeldLock, try_lock
 from server.store.records import (
     CompletionRecord,
     FeedbackCreate,
@@ -503,6 +504,10 @@ class Store:
                 select(counters.c.value).where(counters.c.name == FEEDBACK_SEQUENCE)
             ).scalar_one()
         return int(value)
+
+    def try_lock(self, name: str) -> HeldLock | None:
+        """``name``'s lock across every front end of this database, or None if held."""
+        return try_lock(self.engine, name)
 
     def _with(self, fn: Callable[..., Any], *args: Any) -> Any:
         with self.engine.connect() as conn:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from server.feedback.export import build_export
 from server.models.adapter_meta import META_FILE, read_meta, write_json_atomic
 from server.store import Store
+from server.store.locks import HeldLock
 from server.training.trainer import CutConfig
 
 log = logging.getLogger(__name__)
@@ -206,9 +207,11 @@ async def run_iteration(
     load: Callable[[str, str], Awaitable[None]] | None = None,
     min_records: int = 1,
     gate: Gate | None = None,
+    lock: HeldLock | None = None,
 ) -> AlignJob:
     """Export → train (worker process) → write the adapter → ``load(name, folder)`` →
-    ``gate(name)``: promoted only if it wins; otherwise it stays served under its own name."""
+    ``gate(name)``: promoted only if it wins; otherwise it stays served under its own name.
+    ``lock`` (the base's iteration lock, taken before planning) is released at the end."""
     job.iteration, job.since, job.adapter = plan.iteration, plan.since, plan.name
     job.after_seq = plan.after_seq
     work = plan.root / ".align" / job.id
@@ -309,6 +312,8 @@ async def run_iteration(
     finally:
         job.finished = time.time()
         shutil.rmtree(work, ignore_errors=True)
+        if lock is not None:
+            await asyncio.to_thread(lock.release)
     return job
 
 
@@ -335,6 +340,7 @@ class AlignJobs:
         load: Callable[[str, str], Awaitable[None]],
         min_records: int = 1,
         gate: Gate | None = None,
+        lock: HeldLock | None = None,
     ) -> AlignJob:
         busy = self.running()
         if busy is not None:
@@ -347,7 +353,9 @@ class AlignJobs:
             since=plan.since,
         )
         self._jobs[job.id] = job
-        task = asyncio.create_task(run_iteration(plan, store, config, job, load, min_records, gate))
+        task = asyncio.create_task(
+            run_iteration(plan, store, config, job, load, min_records, gate, lock)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job

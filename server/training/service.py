@@ -230,19 +230,36 @@ def start_align(
     if since is not None and not math.isfinite(since):
         raise InvalidRequest("since: not a finite time", param="since")
     trusted = trusted_for(settings, body.trusted_annotators, body.include_unreviewed)
-    plan = plan_for(registry, body.model, since, trusted)
-
-    async def load(name: str, path: str) -> None:
-        await registry.load_adapter(name, path, base=plan.base_name)
-
-    config = placed_by_plan(cut_config(body.hyperparameters), registry.plan, plan.base_path)
-    gate = make_gate(
-        body.gate, plan.base_name, registry, store, judges or {}, settings, metrics, key_id
-    )
+    served = registry.get(body.model)
+    base_name = served.parent or served.name
+    busy = jobs.running()
+    if busy is not None:
+        raise Conflict(f"align job {busy.id} is still {busy.status}")
+    # Held from planning (which picks the iteration and its feedback window) until the
+    # job ends: a second front end on the same store cannot train the same window.
+    lock = store.try_lock(f"align:{base_name}")
+    if lock is None:
+        raise Conflict(
+            f"An online iteration of `{base_name}` is running on another front end of "
+            "this store; try again when it has finished."
+        )
     try:
-        return jobs.start(plan, store, config, load, body.min_judged, gate)
+        plan = plan_for(registry, body.model, since, trusted)
+
+        async def load(name: str, path: str) -> None:
+            await registry.load_adapter(name, path, base=plan.base_name)
+
+        config = placed_by_plan(cut_config(body.hyperparameters), registry.plan, plan.base_path)
+        gate = make_gate(
+            body.gate, plan.base_name, registry, store, judges or {}, settings, metrics, key_id
+        )
+        return jobs.start(plan, store, config, load, body.min_judged, gate, lock)
     except AlignError as exc:
+        lock.release()
         raise Conflict(str(exc)) from exc
+    except BaseException:
+        lock.release()
+        raise
 
 
 def plan_offline(
