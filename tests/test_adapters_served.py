@@ -206,6 +206,7 @@ def test_online_iteration_trains_and_hot_loads_without_restart(
     assert job["status"] == "succeeded", job
     # downsampling keeps int(1 judged × 0.25) = 0 fine responses: 1 example × 2 epochs
     assert job["judged"] == 1 and job["records"] == 2 and job["train"]["steps"] == 2
+    assert job["trained_on"] == {"backend": "local"}  # a child process of the gateway
     print("align job:", json.dumps(job["timings"]), json.dumps(job["train"]))
     assert state["status"] in ("training", "loading", "succeeded")
 

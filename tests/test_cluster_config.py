@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from server.cluster.config import Autoscaling, ClusterSettings, deployment_options
-from server.cluster.frontends import Membership
+from server.cluster.config import (
+    Autoscaling,
+    ClusterSettings,
+    TrainingTask,
+    deployment_options,
+    training_resources,
+)
+from server.cluster.frontends import Membership, differences
 from server.cluster.ray_engine import ReplicaHealth, app_name
 from server.models.models_file import ModelsFileError, load_deployment
 
@@ -75,6 +81,20 @@ models:
     assert scaled["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
 
 
+def test_training_runs_as_a_task_with_a_gpu_when_the_cluster_has_one(tmp_path: Path) -> None:
+    default = ClusterSettings().training
+    assert training_resources(default, cluster_gpus=0) == {"num_cpus": 1, "num_gpus": 0.0}
+    assert training_resources(default, cluster_gpus=4) == {"num_cpus": 1, "num_gpus": 1.0}
+    asked = TrainingTask(num_cpus=8, num_gpus=2)
+    assert training_resources(asked, cluster_gpus=0) == {"num_cpus": 8, "num_gpus": 2}
+    models = "models:\n  - {name: m, path: x}\n"
+    text = "cluster: {training: {num_cpus: 2, num_gpus: 0}}\n" + models
+    cluster = load_deployment(write(tmp_path, text)).cluster
+    assert cluster is not None and cluster.training == TrainingTask(num_cpus=2, num_gpus=0)
+    with pytest.raises(ModelsFileError, match="num_gpu"):  # a misspelt field is refused
+        load_deployment(write(tmp_path, "cluster: {training: {num_gpu: 1}}\n" + models))
+
+
 @pytest.mark.parametrize(
     "bad, says",
     [
@@ -135,3 +155,20 @@ def test_a_front_end_that_died_without_leaving_is_dropped() -> None:
     # fe3 dies; fe2 leaving is then the last use of `app`.
     assert book.leave("app", "fe2", dead=["fe3"])
     assert book.members("other") == ["fe3"]  # pruned only where someone joins or leaves
+
+
+def test_a_front_end_that_attaches_learns_how_the_application_was_deployed() -> None:
+    book = Membership()
+    deployed = {"deployment": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 1}}}
+    assert book.join("app", "fe1", dead=[], settings={**deployed, "wanted": 2})
+    mine = {"deployment": {"num_replicas": 4, "ray_actor_options": {"num_cpus": 1}}, "wanted": 4}
+    assert not book.join("app", "fe2", dead=[], settings=mine)  # attaches: not recorded
+    assert book.deployed_with("app") == {**deployed, "wanted": 2}
+    assert differences(mine, book.deployed_with("app")) == [
+        "deployment.num_replicas: 2 deployed, 4 here",
+        "wanted: 2 deployed, 4 here",
+    ]
+    assert differences(mine, mine) == []
+    book.leave("app", "fe1", dead=[])
+    book.leave("app", "fe2", dead=[])
+    assert book.deployed_with("app") == {}  # deleted with its last member

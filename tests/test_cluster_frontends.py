@@ -1,9 +1,9 @@
 """Stateless front ends: two `aligngate serve` processes with the same models file share one
 Ray cluster's application (the second attaches; neither redeploys it) and one PostgreSQL
 store. What one stores the other serves and judges; an adapter one loads, both list and
-serve; an online iteration started on both at once runs once (the store's lock), and its
-adapter is hot-loaded onto the replicas; the application outlives the first front end to
-leave and goes with the last."""
+serve; an online iteration started on both at once runs once (the store's lock) as a Ray
+task, and its adapter is hot-loaded onto the replicas; what one promotes, the other serves;
+the application outlives the first front end to leave and goes with the last."""
 
 from __future__ import annotations
 
@@ -70,11 +70,17 @@ models:
     TIMINGS["first_ready_s"] = time.monotonic() - started
     replicas = ray_cluster.replica_pids()
     started = time.monotonic()
-    second = start_own_gateway(tmp_path_factory.mktemp("fe2"), models_yaml, test_env, env)
+    # The second front end's file asks for two replicas: it attaches to the application as
+    # deployed (one replica, not redeployed) and says what differs.
+    second_yaml = models_yaml.replace("replicas: 1", "replicas: 2")
+    second = start_own_gateway(tmp_path_factory.mktemp("fe2"), second_yaml, test_env, env)
     TIMINGS["second_ready_s"] = time.monotonic() - started
-    # The second attached: the same replica, not a redeployed one.
     assert ray_cluster.replica_pids() == replicas, (replicas, ray_cluster.replica_pids())
-    assert "Attaching to running application" in second.log_path.read_text()
+    log_text = second.log_path.read_text()
+    assert "Attaching to running application" in log_text
+    assert "deployment.num_replicas: 1 deployed, 2 here" in log_text, log_text[-3000:]
+    # Its health counts the replicas the application was deployed with.
+    assert httpx.get(f"{second.url}/health", timeout=30).json()["status"] == "ok"
     yield first, second
     for gateway in (first, second):
         if gateway.process.poll() is None:
@@ -175,6 +181,10 @@ def test_an_iteration_runs_on_one_front_end_at_a_time(
         job = httpx.get(f"{runner.url}/admin/align/{job['id']}").json()
     TIMINGS["align_s"] = time.monotonic() - started
     assert job["status"] == "succeeded", job
+    # The worker ran as a Ray task (this cluster has no GPU: none was asked for).
+    assert job["trained_on"]["backend"] == "ray", job
+    assert job["trained_on"]["node"] == "127.0.0.1"
+    assert job["trained_on"]["resources"] == {"num_cpus": 1, "num_gpus": 0.0}
     # Hot-loaded onto the replicas, and listed and served by the other front end too.
     name = job["adapter"]
     for gateway in (runner, other):
@@ -184,6 +194,14 @@ def test_an_iteration_runs_on_one_front_end_at_a_time(
             timeout=120,
         )
         assert answer.status_code == 200, answer.text
+    # Promoted on one front end, `NAME@latest` serves the new version on the other too.
+    alias = f"{runner.model}@latest"
+    promoted = httpx.post(f"{runner.url}/admin/promote", json={"alias": alias, "version": name})
+    assert promoted.status_code == 200, promoted.text
+    assert chat(other, "Hi", model=alias).json()["model"] == name
+    back = httpx.post(f"{other.url}/admin/promote", json={"alias": alias, "version": runner.model})
+    assert back.json()["previous"] == name, back.text
+    assert chat(runner, "Hi", model=alias).json()["model"] == runner.model
     # The lock went with the job: the next iteration may start (and finds nothing new).
     again = httpx.post(f"{other.url}/admin/align", json=body)
     assert again.status_code == 202, again.text

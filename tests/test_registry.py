@@ -79,6 +79,45 @@ def test_promotions_are_kept_in_the_adapters_root(tmp_path: Path) -> None:
     assert again.saved() == {}  # unreadable: ignored with a warning, the bases serve
 
 
+def test_front_ends_sharing_the_root_see_each_others_promotions(tmp_path: Path) -> None:
+    """Two front ends of one cluster: what one promotes, the other serves at its next
+    look-up; promotions of two aliases at once both land (each reads under the lock)."""
+    import threading
+
+    from server.models.aliases import AliasBook
+
+    path = tmp_path / "promotions.json"
+    first, second = AliasBook(path), AliasBook(path)
+    for book in (first, second):
+        book.set("a@latest", "a", by="start")
+        book.set("b@latest", "b", by="start")
+    assert not second.sync()  # no file yet: nothing to take up
+    first.set("a@latest", "a-iter1", by="gate")
+    assert second.sync() and second.resolve("a@latest") == "a-iter1"
+    assert [p.by for p in second.history("a@latest")] == ["start", "gate"]  # the file's
+    assert not second.sync()  # unchanged: one stat, no read
+    # Only versions this front end serves are taken up.
+    first.set("b@latest", "b-iter9", by="admin")
+    assert second.sync(lambda version: version != "b-iter9")
+    assert second.resolve("b@latest") == "b"
+
+    both = threading.Barrier(2)
+
+    def promote(book: AliasBook, alias: str, version: str) -> None:
+        both.wait()
+        book.set(alias, version, by="gate")
+
+    threads = [
+        threading.Thread(target=promote, args=(first, "a@latest", "a-iter2")),
+        threading.Thread(target=promote, args=(second, "b@latest", "b-iter2")),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert AliasBook(path).saved() == {"a@latest": "a-iter2", "b@latest": "b-iter2"}
+
+
 def test_adapter_ids_are_stable_and_follow_the_files(tmp_path: Path) -> None:
     """Engines cache a LoRA by its id: every front end (and a restarted one) must give the
     same adapter the same id, and changed files a new one."""

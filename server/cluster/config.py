@@ -28,6 +28,17 @@ class Autoscaling(BaseModel):
         return self
 
 
+class TrainingTask(BaseModel):
+    """Where an online iteration trains on the cluster: a Ray task with these resources,
+    on whichever node has them (its adapters root must be the front ends' one)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_cpus: float = Field(default=1, ge=0)
+    # None: one GPU when the cluster has any (the trainer then runs on it), else none.
+    num_gpus: float | None = Field(default=None, ge=0)
+
+
 class ClusterSettings(BaseModel):
     """The models file's `cluster:` section: serve every model as a Ray Serve deployment
     on an existing Ray cluster instead of in this process."""
@@ -43,6 +54,7 @@ class ClusterSettings(BaseModel):
     # a check may take before the replica is replaced.
     health_check_period_s: float = Field(default=2.0, gt=0, le=600)
     health_check_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    training: TrainingTask = Field(default_factory=TrainingTask)
 
 
 def deployment_options(
@@ -82,3 +94,10 @@ def deployment_options(
     else:
         options["num_replicas"] = replicas or 1
     return options
+
+
+def training_resources(task: TrainingTask, cluster_gpus: float) -> dict[str, float]:
+    """Ray task options for one training run: what the models file asks for, else one GPU
+    when the cluster has one (training wants it most) and none otherwise."""
+    gpus = task.num_gpus if task.num_gpus is not None else (1.0 if cluster_gpus >= 1 else 0.0)
+    return {"num_cpus": task.num_cpus, "num_gpus": gpus}

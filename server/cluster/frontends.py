@@ -3,11 +3,12 @@ with the same models file share one cluster's applications, and only the last to
 deletes them.
 
 The rule: a front end *joins* each of its models' applications before using it. The first
-member deploys it (replacing a leftover one: it is the only user); a later member attaches
-to the running application (its own deployment options, if they differ, are ignored and
-logged). On shutdown a member *leaves*; the last to leave deletes the application. A front
-end that died without leaving is dropped the next time anyone joins or leaves: members are
-Ray job ids, and the cluster knows which jobs are dead.
+member deploys it (replacing a leftover one: it is the only user) and records the settings
+it deployed with; a later member attaches to the running application as it was deployed
+(its own settings, if they differ, are ignored and the differences logged: changing them
+takes every front end to restart). On shutdown a member *leaves*; the last to leave deletes
+the application. A front end that died without leaving is dropped the next time anyone
+joins or leaves: members are Ray job ids, and the cluster knows which jobs are dead.
 
 The book is one detached Ray actor per namespace (its calls run one at a time, so join and
 leave are atomic across front ends); it lives as long as the cluster and holds no engine.
@@ -31,13 +32,24 @@ class Membership:
 
     def __init__(self) -> None:
         self._members: dict[str, set[str]] = {}
+        self._settings: dict[str, dict[str, Any]] = {}
 
-    def join(self, app: str, member: str, dead: list[str]) -> bool:
-        """Add ``member`` to ``app``; True when it is the only one (it deploys)."""
+    def join(
+        self, app: str, member: str, dead: list[str], settings: dict[str, Any] | None = None
+    ) -> bool:
+        """Add ``member`` to ``app``; True when it is the only one (it deploys, with
+        ``settings``, which the book keeps for the members that attach later)."""
         members = self._members.setdefault(app, set())
         members.difference_update(dead)
         members.add(member)
-        return members == {member}
+        first = members == {member}
+        if first:
+            self._settings[app] = settings or {}
+        return first
+
+    def deployed_with(self, app: str) -> dict[str, Any]:
+        """The settings ``app``'s first member deployed it with."""
+        return self._settings.get(app, {})
 
     def leave(self, app: str, member: str, dead: list[str]) -> bool:
         """Remove ``member`` from ``app``; True when nobody is left (it deletes)."""
@@ -45,6 +57,7 @@ class Membership:
         members.difference_update([*dead, member])
         if not members:
             self._members.pop(app, None)
+            self._settings.pop(app, None)
             return True
         return False
 
@@ -78,3 +91,16 @@ def dead_members() -> list[str]:
     except Exception as exc:  # an internal API: without it, nobody is pruned
         log.warning("Could not list Ray jobs: %s", exc)
         return []
+
+
+def differences(mine: dict[str, Any], deployed: dict[str, Any], prefix: str = "") -> list[str]:
+    """Where this front end's settings differ from those ``app`` was deployed with, as
+    dotted paths (``deployment.num_replicas``)."""
+    out = []
+    for key in sorted(set(mine) | set(deployed)):
+        a, b = mine.get(key), deployed.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {b!r} deployed, {a!r} here")
+    return out

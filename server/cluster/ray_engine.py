@@ -15,12 +15,13 @@ Does not know: templates, HTTP status codes (``errors`` has those), metrics.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +67,15 @@ class ReplicaHealth:
         return "ok"
 
 
+def _comparable(value: Any) -> Any:
+    """Plain dicts, lists and scalars (what two front ends' settings compare as)."""
+    if isinstance(value, dict | Mapping):
+        return {str(k): _comparable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_comparable(v) for v in value]
+    return value
+
+
 class RayCluster:
     """This gateway's connection to a Ray cluster and the applications it deployed there."""
 
@@ -105,7 +115,7 @@ class RayCluster:
         import ray
         from ray import serve
 
-        from server.cluster.frontends import book, dead_members, me
+        from server.cluster.frontends import book, dead_members, differences, me
         from server.cluster.replica import EngineReplica
 
         self._book, self._me = book(self.settings.namespace), me()
@@ -113,8 +123,22 @@ class RayCluster:
         for name, options, deployment, wanted in models:
             app = app_name(self.settings.namespace, name)
             self._wanted[app] = wanted
-            if not ray.get(self._book.join.remote(app, self._me, dead_members())):
+            mine = _comparable(
+                {"engine": dataclasses.asdict(options), "deployment": deployment, "wanted": wanted}
+            )
+            if not ray.get(self._book.join.remote(app, self._me, dead_members(), mine)):
                 attach.append(app)
+                deployed = ray.get(self._book.deployed_with.remote(app))
+                if deployed:
+                    # Served as deployed: health counts the replicas it was deployed with.
+                    self._wanted[app] = int(deployed.get("wanted", wanted))
+                    if changed := differences(mine, deployed):
+                        log.warning(
+                            "%s runs as another front end deployed it; this models file "
+                            "differs (%s): restart every front end of the cluster to change it",
+                            app,
+                            "; ".join(changed),
+                        )
                 continue
             bound = (
                 serve.deployment(EngineReplica)

@@ -270,11 +270,15 @@ class Registry:
 
     def _sync_adapters(self) -> None:
         """On a cluster: serve what the other front ends loaded and stop serving what they
-        unloaded (``served_list``); a ``stat`` when nothing changed. The replicas load an
-        adapter on its first request, so nothing here calls an engine."""
-        if self.served_list is None or not self.served_list.changed():
-            return
-        listed = self.served_list.read()
+        unloaded (``served_list``), and point the aliases where they promoted; a ``stat``
+        each when nothing changed. The replicas load an adapter on its first request, so
+        nothing here calls an engine."""
+        if self.served_list is not None and self.served_list.changed():
+            self._take_up_served_list(self.served_list.read())
+        # Then what another front end promoted (after the adapters it names).
+        self.aliases.sync(lambda version: version in self._models or version in self._adapters)
+
+    def _take_up_served_list(self, listed: dict[str, dict[str, str]]) -> None:
         for name, item in listed.items():
             if name in self._adapters or name in self._models:
                 continue

@@ -1,6 +1,7 @@
 """One online-alignment iteration (the CUT paper's loop, inside the gateway):
 judgments collected since the last iteration → CUT training data → LoRA training in a worker
-process (serving goes on) → ``<adapters>/<base>-iter<K>`` → hot-loaded as model
+process (serving goes on; on a Ray cluster a Ray task, ``cluster.training``) →
+``<adapters>/<base>-iter<K>`` → hot-loaded as model
 ``<base>-iter<K>``.
 
 An iteration on an adapter's traffic continues training that adapter; an iteration on a base
@@ -145,6 +146,7 @@ class AlignJob:
     total_steps: int = 0
     loss: float | None = None
     train: dict[str, Any] | None = None
+    trained_on: dict[str, Any] | None = None  # where the worker ran (``TrainingRun.where``)
     gate: dict[str, Any] | None = None  # the promotion gate's report
     promoted: bool = False
     error: str | None = None
@@ -187,6 +189,40 @@ def _train_command(plan: AlignPlan, data: Path, progress: Path, settings: Path) 
     return cmd
 
 
+@dataclass
+class TrainingRun:
+    """What a training worker left: its exit status, its standard output (the last line
+    is the run's JSON summary) and where it ran."""
+
+    returncode: int
+    stdout: str
+    where: dict[str, Any]
+
+
+# Runs the training command (``cmd[0]`` is a Python interpreter) with ``env`` added to the
+# environment, its standard error into ``log_path``; cancelling it stops the worker.
+TrainingRunner = Callable[[list[str], dict[str, str], Path], Awaitable[TrainingRun]]
+
+
+async def run_here(cmd: list[str], env: dict[str, str], log_path: Path) -> TrainingRun:
+    """The worker as a child process of this gateway (one machine)."""
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            *cmd,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log_file,
+            env={**os.environ, **env},
+        )
+        try:
+            stdout, _ = await process.communicate()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    assert process.returncode is not None
+    return TrainingRun(process.returncode, stdout.decode(errors="replace"), {"backend": "local"})
+
+
 async def _watch_progress(job: AlignJob, path: Path) -> None:
     while True:
         await asyncio.sleep(0.5)
@@ -208,10 +244,12 @@ async def run_iteration(
     min_records: int = 1,
     gate: Gate | None = None,
     lock: HeldLock | None = None,
+    runner: TrainingRunner = run_here,
 ) -> AlignJob:
-    """Export → train (worker process) → write the adapter → ``load(name, folder)`` →
-    ``gate(name)``: promoted only if it wins; otherwise it stays served under its own name.
-    ``lock`` (the base's iteration lock, taken before planning) is released at the end."""
+    """Export → train (a worker process: ``runner`` starts it here or on a cluster) → write
+    the adapter → ``load(name, folder)`` → ``gate(name)``: promoted only if it wins;
+    otherwise it stays served under its own name. ``lock`` (the base's iteration lock, taken
+    before planning) is released at the end."""
     job.iteration, job.since, job.adapter = plan.iteration, plan.since, plan.name
     job.after_seq = plan.after_seq
     work = plan.root / ".align" / job.id
@@ -253,25 +291,18 @@ async def run_iteration(
         log_path = work / "train.log"
         settings = work / "hyperparameters.json"
         config.to_json(settings)
-        with log_path.open("wb") as log_file:
-            process = await asyncio.create_subprocess_exec(
-                *_train_command(plan, data, progress, settings),
-                stdout=asyncio.subprocess.PIPE,
-                stderr=log_file,
-                env={**os.environ, "TQDM_DISABLE": "1"},
+        watcher = asyncio.create_task(_watch_progress(job, progress))
+        try:
+            run = await runner(
+                _train_command(plan, data, progress, settings), {"TQDM_DISABLE": "1"}, log_path
             )
-            watcher = asyncio.create_task(_watch_progress(job, progress))
-            try:
-                stdout, _ = await process.communicate()
-            finally:
-                watcher.cancel()
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
-        if process.returncode != 0:
+        finally:
+            watcher.cancel()
+        job.trained_on = run.where
+        if run.returncode != 0:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
             raise AlignError("training failed: " + " | ".join(tail))
-        job.train = json.loads(stdout.decode().strip().splitlines()[-1])
+        job.train = json.loads(run.stdout.strip().splitlines()[-1])
         job.timings["train_s"] = round(time.perf_counter() - started, 3)
 
         # The adapter keeps its training data and its place in the loop.
@@ -341,6 +372,7 @@ class AlignJobs:
         min_records: int = 1,
         gate: Gate | None = None,
         lock: HeldLock | None = None,
+        runner: TrainingRunner = run_here,
     ) -> AlignJob:
         busy = self.running()
         if busy is not None:
@@ -354,7 +386,7 @@ class AlignJobs:
         )
         self._jobs[job.id] = job
         task = asyncio.create_task(
-            run_iteration(plan, store, config, job, load, min_records, gate, lock)
+            run_iteration(plan, store, config, job, load, min_records, gate, lock, runner)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

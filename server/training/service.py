@@ -32,7 +32,9 @@ from server.training.online import (
     AlignJobs,
     AlignPlan,
     Gate,
+    TrainingRunner,
     plan_iteration,
+    run_here,
 )
 from server.training.trainer import CutConfig, memory_needed, placed
 
@@ -253,13 +255,26 @@ def start_align(
         gate = make_gate(
             body.gate, plan.base_name, registry, store, judges or {}, settings, metrics, key_id
         )
-        return jobs.start(plan, store, config, load, body.min_judged, gate, lock)
+        return jobs.start(
+            plan, store, config, load, body.min_judged, gate, lock, training_runner(registry)
+        )
     except AlignError as exc:
         lock.release()
         raise Conflict(str(exc)) from exc
     except BaseException:
         lock.release()
         raise
+
+
+def training_runner(registry: Registry) -> TrainingRunner:
+    """Where the iteration's worker runs: a child process of this gateway, or on a Ray
+    cluster a Ray task with the resources the models file's ``cluster.training`` asks for
+    (the device is then decided on that node, as its replicas' engines are)."""
+    if registry.cluster is None:
+        return run_here
+    from server.cluster.training import RayTrainingRunner
+
+    return RayTrainingRunner(registry.cluster.settings.training)
 
 
 def plan_offline(

@@ -1,0 +1,85 @@
+"""An online iteration's training as a Ray task: the same worker command the gateway runs as
+a child process on one machine (``training.online.run_here``), started on a node of the
+cluster that has the resources the models file asks for (``cluster.training``; a GPU when
+the cluster has one). The adapters root is shared, so the task reads the exported data
+and writes the adapter and its progress file where the front end looks.
+
+Owns: the task, its resources, stopping the worker when the iteration is cancelled.
+Does not know: what is trained (the command says), HTTP, the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from server.cluster.config import TrainingTask, training_resources
+from server.training.online import TrainingRun
+
+
+def _train(cmd: list[str], env: dict[str, str], log_path: str) -> dict[str, Any]:
+    """The task's body, on the node Ray picked: run the worker with this node's Python and
+    this node's copy of the package (Ray has set ``CUDA_VISIBLE_DEVICES`` to the GPUs it
+    granted, which the trainer's ``auto`` device then finds)."""
+    import os
+    import sys
+
+    import ray
+
+    import server
+
+    package_root = str(Path(server.__file__).resolve().parent.parent)
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, *cmd[1:]],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            env={**os.environ, **env},
+            cwd=package_root,
+        )
+        try:
+            stdout, _ = process.communicate()
+        except BaseException:  # ``ray.cancel``: KeyboardInterrupt here; the worker goes too
+            process.kill()
+            process.wait()
+            raise
+    return {
+        "returncode": process.returncode,
+        "stdout": stdout.decode(errors="replace"),
+        "node": ray.util.get_node_ip_address(),
+        "gpus": [str(g) for g in ray.get_gpu_ids()],
+    }
+
+
+class RayTrainingRunner:
+    """A ``training.online.TrainingRunner`` that runs the worker as a Ray task."""
+
+    def __init__(self, task: TrainingTask) -> None:
+        self.task = task
+
+    async def __call__(self, cmd: list[str], env: dict[str, str], log_path: Path) -> TrainingRun:
+        import ray
+
+        cluster_gpus = (await asyncio.to_thread(ray.cluster_resources)).get("GPU", 0.0)
+        resources = training_resources(self.task, cluster_gpus)
+        remote = ray.remote(_train).options(
+            **resources, name="aligngate-train", max_retries=0, retry_exceptions=False
+        )
+        ref = remote.remote(cmd, env, str(log_path))
+        try:
+            result = await ref
+        except asyncio.CancelledError:
+            ray.cancel(ref)  # the task's KeyboardInterrupt kills the worker process
+            raise
+        return TrainingRun(
+            returncode=int(result["returncode"]),
+            stdout=str(result["stdout"]),
+            where={
+                "backend": "ray",
+                "node": result["node"],
+                "gpus": result["gpus"],
+                "resources": resources,
+            },
+        )
