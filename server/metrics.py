@@ -142,6 +142,13 @@ class GatewayMetrics:
                 self.promoted_version.remove(alias, previous)
         self.promoted_version.labels(alias, version).set(1)
 
+    def promotions(self, current: list[tuple[str, str]]) -> None:
+        """Every alias's series as ``current`` says (promotions made by other front ends of
+        a cluster included)."""
+        self.promoted_version.clear()
+        for alias, version in current:
+            self.promoted_version.labels(alias, version).set(1)
+
     def replica_started(self, model: str, replica: str, queue: dict[str, int]) -> None:
         """A request went to ``replica``, whose engine reported ``queue`` (running,
         waiting, unfinished) as it took it."""

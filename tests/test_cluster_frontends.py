@@ -199,6 +199,8 @@ def test_an_iteration_runs_on_one_front_end_at_a_time(
     promoted = httpx.post(f"{runner.url}/admin/promote", json={"alias": alias, "version": name})
     assert promoted.status_code == 200, promoted.text
     assert chat(other, "Hi", model=alias).json()["model"] == name
+    series = f'aligngate_promoted_version{{alias="{alias}",version="{name}"}} 1.0'
+    assert series in httpx.get(f"{other.url}/metrics").text
     back = httpx.post(f"{other.url}/admin/promote", json={"alias": alias, "version": runner.model})
     assert back.json()["previous"] == name, back.text
     assert chat(runner, "Hi", model=alias).json()["model"] == runner.model

@@ -25,5 +25,7 @@ async def health(registry: RegistryDep) -> JSONResponse:
 
 
 @router.get("/metrics")
-async def metrics(metrics: MetricsDep) -> Response:
+async def metrics(metrics: MetricsDep, registry: RegistryDep) -> Response:
+    registry.served()  # takes up what other front ends of a cluster promoted meanwhile
+    metrics.promotions(registry.aliases.items())
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
