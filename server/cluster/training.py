@@ -24,6 +24,7 @@ def _train(cmd: list[str], env: dict[str, str], log_path: str) -> dict[str, Any]
     this node's copy of the package (Ray has set ``CUDA_VISIBLE_DEVICES`` to the GPUs it
     granted, which the trainer's ``auto`` device then finds)."""
     import os
+    import socket
     import sys
 
     import ray
@@ -48,7 +49,8 @@ def _train(cmd: list[str], env: dict[str, str], log_path: str) -> dict[str, Any]
     return {
         "returncode": process.returncode,
         "stdout": stdout.decode(errors="replace"),
-        "node": ray.util.get_node_ip_address(),
+        "node": ray.get_runtime_context().get_node_id(),
+        "host": socket.gethostname(),
         "gpus": [str(g) for g in ray.get_gpu_ids()],
     }
 
@@ -79,6 +81,7 @@ class RayTrainingRunner:
             where={
                 "backend": "ray",
                 "node": result["node"],
+                "host": result["host"],
                 "gpus": result["gpus"],
                 "resources": resources,
             },
