@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from server.cluster.config import TrainingTask, training_resources
-from server.training.online import TrainingRun
 
 
 def _train(cmd: list[str], env: dict[str, str], log_path: str) -> dict[str, Any]:
@@ -55,34 +54,29 @@ def _train(cmd: list[str], env: dict[str, str], log_path: str) -> dict[str, Any]
     }
 
 
-class RayTrainingRunner:
-    """A ``training.online.TrainingRunner`` that runs the worker as a Ray task."""
+async def run_as_task(
+    task: TrainingTask, cmd: list[str], env: dict[str, str], log_path: Path
+) -> tuple[int, str, dict[str, Any]]:
+    """Run the worker command as a Ray task; its exit status, standard output and where it
+    ran (``trained_on``). Cancelling the coroutine cancels the task, which kills the worker."""
+    import ray
 
-    def __init__(self, task: TrainingTask) -> None:
-        self.task = task
-
-    async def __call__(self, cmd: list[str], env: dict[str, str], log_path: Path) -> TrainingRun:
-        import ray
-
-        cluster_gpus = (await asyncio.to_thread(ray.cluster_resources)).get("GPU", 0.0)
-        resources = training_resources(self.task, cluster_gpus)
-        remote = ray.remote(_train).options(
-            **resources, name="aligngate-train", max_retries=0, retry_exceptions=False
-        )
-        ref = remote.remote(cmd, env, str(log_path))
-        try:
-            result = await ref
-        except asyncio.CancelledError:
-            ray.cancel(ref)  # the task's KeyboardInterrupt kills the worker process
-            raise
-        return TrainingRun(
-            returncode=int(result["returncode"]),
-            stdout=str(result["stdout"]),
-            where={
-                "backend": "ray",
-                "node": result["node"],
-                "host": result["host"],
-                "gpus": result["gpus"],
-                "resources": resources,
-            },
-        )
+    cluster_gpus = (await asyncio.to_thread(ray.cluster_resources)).get("GPU", 0.0)
+    resources = training_resources(task, cluster_gpus)
+    remote = ray.remote(_train).options(
+        **resources, name="aligngate-train", max_retries=0, retry_exceptions=False
+    )
+    ref = remote.remote(cmd, env, str(log_path))
+    try:
+        result = await ref
+    except asyncio.CancelledError:
+        ray.cancel(ref)  # the task's KeyboardInterrupt kills the worker process
+        raise
+    where = {
+        "backend": "ray",
+        "node": result["node"],
+        "host": result["host"],
+        "gpus": result["gpus"],
+        "resources": resources,
+    }
+    return int(result["returncode"]), str(result["stdout"]), where

@@ -32,6 +32,7 @@ from server.training.online import (
     AlignJobs,
     AlignPlan,
     Gate,
+    TrainingRun,
     TrainingRunner,
     plan_iteration,
     run_here,
@@ -272,9 +273,14 @@ def training_runner(registry: Registry) -> TrainingRunner:
     (the device is then decided on that node, as its replicas' engines are)."""
     if registry.cluster is None:
         return run_here
-    from server.cluster.training import RayTrainingRunner
+    from server.cluster.training import run_as_task
 
-    return RayTrainingRunner(registry.cluster.settings.training)
+    task = registry.cluster.settings.training
+
+    async def run_on_cluster(cmd: list[str], env: dict[str, str], log_path: Path) -> TrainingRun:
+        return TrainingRun(*await run_as_task(task, cmd, env, log_path))
+
+    return run_on_cluster
 
 
 def plan_offline(
