@@ -143,7 +143,7 @@ class RayCluster:
             bound = (
                 serve.deployment(EngineReplica)
                 .options(**{**deployment, "name": DEPLOYMENT})
-                .bind(name, options, cpu_kv_cache_gib)
+                .bind(name, options, cpu_kv_cache_gib, self.settings.stream_interval_ms)
             )
             targets.append(serve.RunTarget(bound, name=app, route_prefix=None))
         handles = serve.run_many(targets) if targets else []
@@ -318,7 +318,8 @@ class RayEngine:
                             started = True
                             if on_replica is not None and replica is not None:
                                 on_replica(replica)
-                        yield item
+                        for step in item:  # a batch of engine steps (``replica.coalesced``)
+                            yield step
                     over = True
                     if not started and on_replica is not None and replica is not None:
                         on_replica(replica)
