@@ -36,7 +36,13 @@ DEPLOYMENT = "engine"  # the one deployment in each model's application
 # Tries of one request when its replica dies before any output (then the next try goes
 # to a live replica: Ray Serve's router drops a replica it saw die).
 ATTEMPTS = 3
-STATUS_PERIOD_S = 1.0
+# How often the front end asks Ray Serve for its replicas' state: ``serve.status()`` costs
+# ~0.17 s of the front end's CPU here (it cloudpickles each deployment's router class), so
+# once a second took ~17 % of a core and held the GIL in the middle of the streams. Every
+# 10 s while all is well; every second while a model is short of replicas, and at once
+# after a request saw its replica die.
+STATUS_PERIOD_S = 10.0
+STATUS_PERIOD_UNSETTLED_S = 1.0
 # A replica's queue (from its last reply) counts in the model's engine gauges this long.
 STATS_WINDOW_S = 30.0
 # How long a front end waits for an application another one is deploying.
@@ -84,6 +90,7 @@ class RayCluster:
         self._wanted: dict[str, int] = {}
         self._health: dict[str, ReplicaHealth] = {}
         self._stop = threading.Event()
+        self._poke = threading.Event()
         self._watcher: threading.Thread | None = None
         self._book: Any = None  # ``frontends``' book of members, once deployed
         self._me = ""
@@ -201,8 +208,16 @@ class RayCluster:
         self._health = health
 
     def _watch(self) -> None:
-        while not self._stop.wait(STATUS_PERIOD_S):
-            self._poll()
+        while not self._stop.is_set():
+            settled = all(h.status == "ok" for h in self._health.values())
+            self._poke.wait(STATUS_PERIOD_S if settled else STATUS_PERIOD_UNSETTLED_S)
+            self._poke.clear()
+            if not self._stop.is_set():
+                self._poll()
+
+    def poke(self) -> None:
+        """Look at the replicas now (a request just saw one die)."""
+        self._poke.set()
 
     def release(self, app: str) -> None:
         """Leave ``app``; the last front end to leave deletes it (Ray Serve stops its
@@ -225,6 +240,7 @@ class RayCluster:
         import ray
 
         self._stop.set()
+        self._poke.set()
         if self._watcher is not None:
             self._watcher.join(timeout=10)
         for app in list(self._wanted):
@@ -326,6 +342,7 @@ class RayEngine:
                     return
                 except RayActorError as exc:
                     over = True
+                    self._cluster.poke()
                     where = f"replica {replica.id}" if replica else "a replica"
                     if started or attempt == ATTEMPTS:
                         if not started and on_replica is not None and replica is not None:

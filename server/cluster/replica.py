@@ -42,10 +42,9 @@ async def coalesced(
 ) -> AsyncIterator[tuple[list[ChoiceDelta], ...]]:
     """The engine's steps, batched: the first at once (time to first token), then at most
     one batch per ``interval_s`` holding every step that arrived meanwhile (0: each step on
-    its own). Each batch is one object through Ray; per-step objects cost the front end
-    ~6x the CPU per token of a local engine here. Ray Serve LLM batches its streams the
-    same way (every 50 ms by default). Errors of the engine's stream come after the steps
-    before them."""
+    its own). Each batch is one object through Ray, so a batch per interval bounds the
+    objects per stream (Ray Serve LLM batches its streams the same way, every 50 ms by
+    default). Errors of the engine's stream come after the steps before them."""
     if interval_s <= 0:
         async for step in steps:
             yield (step,)
