@@ -43,6 +43,9 @@ ATTEMPTS = 3
 # after a request saw its replica die.
 STATUS_PERIOD_S = 10.0
 STATUS_PERIOD_UNSETTLED_S = 1.0
+# After a request saw a replica die, poll at the unsettled rate this long: Ray Serve's
+# controller learns of the death up to a second or so after the router does.
+UNSETTLED_AFTER_POKE_S = 60.0
 # A replica's queue (from its last reply) counts in the model's engine gauges this long.
 STATS_WINDOW_S = 30.0
 # How long a front end waits for an application another one is deploying.
@@ -91,6 +94,7 @@ class RayCluster:
         self._health: dict[str, ReplicaHealth] = {}
         self._stop = threading.Event()
         self._poke = threading.Event()
+        self._unsettled_until = 0.0
         self._watcher: threading.Thread | None = None
         self._book: Any = None  # ``frontends``' book of members, once deployed
         self._me = ""
@@ -209,14 +213,18 @@ class RayCluster:
 
     def _watch(self) -> None:
         while not self._stop.is_set():
-            settled = all(h.status == "ok" for h in self._health.values())
+            settled = time.monotonic() >= self._unsettled_until and all(
+                h.status == "ok" for h in self._health.values()
+            )
             self._poke.wait(STATUS_PERIOD_S if settled else STATUS_PERIOD_UNSETTLED_S)
             self._poke.clear()
             if not self._stop.is_set():
                 self._poll()
 
     def poke(self) -> None:
-        """Look at the replicas now (a request just saw one die)."""
+        """Look at the replicas now and every second for a while (a request just saw
+        one die)."""
+        self._unsettled_until = time.monotonic() + UNSETTLED_AFTER_POKE_S
         self._poke.set()
 
     def release(self, app: str) -> None:
