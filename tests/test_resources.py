@@ -21,6 +21,7 @@ from server.resources.platform import (
     PlatformError,
     apply_engine_environment,
     assumed_gpus,
+    engine_core_preloaded,
     engine_defaults,
     engine_environment,
     training_device,
@@ -57,6 +58,10 @@ def test_cpu_gets_todays_settings_and_cuda_gets_vllms_own() -> None:
     # process) and no engine argument overriding vLLM's CUDA graphs or prefix caching.
     assert engine_environment(ONE_H100, 2) == {}
     assert engine_defaults(ONE_H100) == {}
+    # The engine core: forked from a process that imported vLLM during start-up on a CPU
+    # (vLLM would spawn a fresh interpreter); on CUDA vLLM forks it from the gateway itself.
+    assert engine_core_preloaded(CPU)
+    assert not engine_core_preloaded(ONE_H100)
 
 
 def test_an_explicit_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from server.engine import core_process
 from server.engine.types import (
     AdapterRef,
     ChoiceDelta,
@@ -252,6 +253,7 @@ class VllmEngine:
     def start(cls, name: str, options: EngineOptions) -> VllmEngine:
         args = _engine_args(options)
         stats = EngineStats()
+        core_process.install()  # the core forks from the preloaded process where it can
         with _environment(options.environment):
             llm = _async_llm_class().from_engine_args(
                 args, stat_loggers=[_stat_logger_factory(stats)]

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from server.cluster.config import ClusterSettings, deployment_options
+from server.engine import core_process
 from server.engine.types import AdapterRef
 from server.engine.vllm_engine import AdapterLoadError, EngineOptions, VllmEngine, check_options
 from server.errors import Conflict, InvalidRequest, ModelNotFound
@@ -48,6 +49,7 @@ from server.resources.platform import (
     apply_engine_environment,
     detect,
     effective_cpu_kv_cache_gib,
+    engine_core_preloaded,
     engine_defaults,
 )
 from server.settings import Settings
@@ -337,6 +339,8 @@ class Registry:
 
         platform = platform or await asyncio.to_thread(detect)
         apply_engine_environment(platform, settings.cpu_kv_cache_gib)
+        if cluster is None and engine_core_preloaded(platform):
+            core_process.preload()  # imports vLLM for the engine cores while we go on
         lap("platform")
         prepared = {}
         for entry in entries:

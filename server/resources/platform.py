@@ -168,6 +168,14 @@ def apply_engine_environment(platform: Platform, cpu_kv_cache_gib: float) -> dic
     return applied
 
 
+def engine_core_preloaded(platform: Platform) -> bool:
+    """Whether a local engine's core process forks from a process that imported vLLM while
+    the gateway started (``engine.core_process``). CPU: yes — vLLM spawns the core there,
+    and the fresh interpreter spends ~13 s re-importing vLLM. CUDA: no — vLLM forks the
+    core from the gateway already (which never initialises CUDA itself, see ``detect``)."""
+    return not platform.on_cuda
+
+
 def engine_defaults(platform: Platform) -> dict[str, object]:
     """vLLM engine arguments that differ by platform (a models file's `engine_args` win).
 
