@@ -4,6 +4,7 @@ gateway with raw vLLM side by side.
     python -m loadtest run --url http://127.0.0.1:8000 --model smollm2-135m-instruct \
         --concurrency 1,4,16 --num-requests 64 --max-tokens 128
     python -m loadtest compare --concurrency 1,16 --max-tokens 128
+    python -m loadtest startup --rounds 3
 """
 
 from __future__ import annotations
@@ -186,6 +187,22 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_startup(args: argparse.Namespace) -> int:
+    from loadtest import startup
+
+    config = startup.StartupConfig(
+        model_path=args.model_path or default_model_path(),
+        served_name=args.served_name,
+        out_dir=args.out or _default_out("startup"),
+        rounds=args.rounds,
+        kv_cache_gib=args.kv_cache_gib,
+    )
+    payload = startup.run_startup(config)
+    print(startup.markdown(payload["start_s"]))
+    print(f"results in {config.out_dir}")
+    return 0
+
+
 def _cmd_estimate(args: argparse.Namespace) -> int:
     import json
 
@@ -265,6 +282,16 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--out", type=Path)
     _workload_args(compare)
     compare.set_defaults(func=_cmd_compare)
+
+    startup = sub.add_parser(
+        "startup", help="start to ready: aligngate serve (preloaded / spawned core), raw vLLM"
+    )
+    startup.add_argument("--model-path", type=Path, help="default: the embedded default model")
+    startup.add_argument("--served-name", default="smollm2-135m-instruct")
+    startup.add_argument("--rounds", type=int, default=3, help="starts per server")
+    startup.add_argument("--kv-cache-gib", type=int, default=2)
+    startup.add_argument("--out", type=Path)
+    startup.set_defaults(func=_cmd_startup)
 
     estimate = sub.add_parser(
         "estimate", help="throughput vs replicas, from one replica's compare results"

@@ -65,6 +65,8 @@ def build_app(
     background. ``self_url``: this gateway's …/v1 address (what a judge's ``url: self`` is)."""
     metrics = GatewayMetrics()
     registry = Registry(adapters_root=settings.adapters_dir.resolve())
+    if entries:
+        registry.prepare(settings, cluster)  # the engine cores' vLLM import starts now
     # Built now, so a missing key variable or prompt file stops `serve` before any engine.
     built = {
         j.name: build_judge(j, self_url=self_url, metrics=metrics.judges) for j in judges or []

@@ -159,6 +159,7 @@ class Registry:
         # ``start`` took.
         self.plan: Plan | None = None
         self.startup: dict[str, float] = {}
+        self._platform: Platform | None = None  # ``prepare``'s
         self.aliases = AliasBook(adapters_root / PROMOTIONS_FILE if adapters_root else None)
         self.cluster: RayCluster | None = None
         # On a cluster: the adapters every front end serves (``served_list``).
@@ -316,6 +317,29 @@ class Registry:
             log.info("Adapter %s unloaded", name)
             return served
 
+    def prepare(
+        self,
+        settings: Settings,
+        cluster: ClusterSettings | None = None,
+        platform: Platform | None = None,
+        engines: bool = True,
+    ) -> None:
+        """The platform (detected unless given) and what follows from it before any engine:
+        vLLM's environment and, where ``engines`` start here on a CPU, the process their
+        cores fork from, importing vLLM from now on. ``serve`` calls it before its app
+        starts, so that import overlaps the gateway's own; ``start`` where nobody did."""
+        clock = time.perf_counter()
+        self._platform = platform or detect()
+        apply_engine_environment(self._platform, settings.cpu_kv_cache_gib)
+        if (
+            engines
+            and cluster is None
+            and settings.engine_core_preload
+            and engine_core_preloaded(self._platform)
+        ):
+            core_process.preload()
+        self.startup["platform"] = time.perf_counter() - clock
+
     async def start(
         self,
         entries: list[ModelEntry],
@@ -337,11 +361,11 @@ class Registry:
             self.startup[phase] = self.startup.get(phase, 0.0) + now - clock
             clock = now
 
-        platform = platform or await asyncio.to_thread(detect)
-        apply_engine_environment(platform, settings.cpu_kv_cache_gib)
-        if cluster is None and engine_core_preloaded(platform):
-            core_process.preload()  # imports vLLM for the engine cores while we go on
-        lap("platform")
+        if platform is not None or self._platform is None:
+            await asyncio.to_thread(self.prepare, settings, cluster, platform, bool(entries))
+        platform = self._platform
+        assert platform is not None
+        clock = time.perf_counter()  # ``prepare`` timed the platform
         prepared = {}
         for entry in entries:
             path = resolve_path(entry, settings)
