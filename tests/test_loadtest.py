@@ -467,3 +467,34 @@ def test_the_scaling_estimate_by_hand() -> None:
     # A front end that spends 3 CPU ms per token streams at most 333 tok/s.
     (eight,) = estimate(curve, replicas=[8], concurrency=[64], front_end_ms_per_1k_tokens=3000.0)
     assert eight["bound"] == "front end" and round(eight["tokens_per_s"]) == 333
+
+
+def test_startup_times_the_default_gateway_with_either_core_against_raw_vllm(
+    test_env: dict[str, str], default_model_path: Path, tmp_path: Path
+) -> None:
+    """`python -m loadtest startup`: three real starts, one per server; the gateway's two
+    variants differ only in how the engine core's process begins (their logs say so)."""
+    out = tmp_path / "startup"
+    proc = _loadtest(
+        ["startup", "--model-path", str(default_model_path), "--rounds", "1",
+         "--kv-cache-gib", "1", "--out", str(out)],
+        env=test_env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    payload = json.loads((out / "startup.json").read_text())
+    starts = payload["start_s"]
+    assert list(starts) == ["raw-vllm", "aligngate-spawned-core", "aligngate"]
+    assert all(len(runs) == 1 and runs[0] > 0 for runs in starts.values())
+    assert "Engine core forked from the preloaded process" in (out / "aligngate-1.log").read_text()
+    spawned = (out / "aligngate-spawned-core-1.log").read_text()
+    assert "Models ready" in spawned and "fork server" not in spawned
+    table = (out / "startup.md").read_text()
+    assert "| raw-vllm | 1 |" in table and "| 1.00 |" in table
+
+
+def test_the_startup_table_compares_medians_with_raw_vllm() -> None:
+    from loadtest.startup import markdown
+
+    table = markdown({"raw-vllm": [30.0, 20.0, 25.0], "aligngate": [20.0, 22.0, 19.0]})
+    assert "| raw-vllm | 3 | 25.0 | 20.0 | 30.0 | 1.00 |" in table
+    assert "| aligngate | 3 | 20.0 | 19.0 | 22.0 | 0.80 |" in table
