@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     config: Path | None = Field(default=None, description="Models file (YAML).")
     # KV cache per engine on CPU, in GiB (vLLM's VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: int = Field(default=2, ge=1, le=64)
-    # On CPU, engine cores fork from a process that imported vLLM during start-up (~10 s
+    # On CPU, engine cores fork from a process that imported vLLM during start-up (~7 s
     # sooner ready); false: vLLM's own spawn (engine.core_process).
     engine_core_preload: bool = True
     log_level: str = "info"

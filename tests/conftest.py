@@ -42,7 +42,21 @@ class Gateway:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
+class _PortTaken(RuntimeError):
+    pass
+
+
 def start_gateway(args: list[str], log_path: Path, env: dict[str, str]) -> Gateway:
+    """``aligngate serve`` on a free loopback port, once healthy. A port taken between
+    choosing it and the gateway binding it (a Ray driver binds ephemeral ports of its own
+    while the gateway starts) gets the gateway started again on another one."""
+    for _ in range(2):
+        with contextlib.suppress(_PortTaken):
+            return _start_gateway_once(args, log_path, env)
+    return _start_gateway_once(args, log_path, env)
+
+
+def _start_gateway_once(args: list[str], log_path: Path, env: dict[str, str]) -> Gateway:
     port = free_port()
     log_file = log_path.open("wb")
     process = subprocess.Popen(
@@ -68,6 +82,8 @@ def start_gateway(args: list[str], log_path: Path, env: dict[str, str]) -> Gatew
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            if "address already in use" in log_path.read_text(errors="replace"):
+                raise _PortTaken(port)
             raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log_tail()}")
         try:
             if httpx.get(f"{gateway.url}/health", timeout=2).status_code == 200:
