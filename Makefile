@@ -24,13 +24,13 @@ fmt:
 # identical workload against each, alternating rounds (results, tables, plots under
 # loadtest/results/<row>/):
 #   default       `aligngate serve` as the README runs it (LoRA on, storing on) vs raw vLLM
-#                 with the same LoRA and length settings
+#                 with the same LoRA and length settings (4 rounds: the headline row)
 #   strict        both without LoRA or storing, the same plain engine settings
 #   multiprocess  the default row with both engine cores in their own processes (the GPU path)
 # and start to ready: raw vLLM, `aligngate serve` with the preloaded and the spawned engine core.
 BENCH := $(BIN)/python -m loadtest compare --concurrency 1,16 --max-tokens 128 --rounds 2
 bench:
-	$(BENCH) --setup default --out loadtest/results/default
+	$(BENCH) --setup default --rounds 4 --out loadtest/results/default
 	$(BENCH) --setup strict --out loadtest/results/latest
 	$(BENCH) --setup default --env VLLM_ENABLE_V1_MULTIPROCESSING=1 --out loadtest/results/multiprocess
 	$(BIN)/python -m loadtest startup --rounds 3 --out loadtest/results/startup

@@ -95,24 +95,23 @@ def preload(modules: tuple[str, ...] = PRELOADED_MODULES) -> None:
     with _lock:
         if _server_environment is not None:
             return
-        environment = dict(os.environ) | _vllm_cpu_environment()
+        platform_values = _vllm_cpu_environment()
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(list(modules))
-        saved = dict(os.environ)
-        os.environ.update(environment)
+        saved = {name: os.environ.get(name) for name in platform_values}
+        os.environ.update(platform_values)
         try:  # the server process starts with this environment and keeps it
             from multiprocessing import forkserver
 
             forkserver.ensure_running()
+            _server_environment = dict(os.environ)
         finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        _server_environment = environment
+            for name, value in saved.items():
+                if value is None:
+                    del os.environ[name]
+                else:
+                    os.environ[name] = value
     log.info("Engine-core fork server started; it imports vLLM while the gateway starts")
-
-
-def preloaded() -> bool:
-    return _server_environment is not None
 
 
 def blocking_differences(current: Mapping[str, str], server: Mapping[str, str]) -> list[str]:
