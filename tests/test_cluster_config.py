@@ -79,6 +79,17 @@ models:
     assert "num_replicas" not in scaled
     # One CPU per replica by default (Ray's accounting: two replicas fit two cores).
     assert scaled["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
+    # The project's router, with prefix and adapter affinity on by default.
+    assert options["request_router_config"] == {
+        "request_router_class": "server.cluster.routing.AffinityRouter",
+        "request_router_kwargs": {"affinity_enabled": True, "max_imbalance": 8},
+    }
+    plain = ClusterSettings(routing={"affinity": False, "max_imbalance": 2})
+    kwargs = deployment_options(
+        name="c", cluster=plain, replicas=1, autoscaling=None, num_cpus=None, num_gpus=None,
+        max_ongoing_requests=8,
+    )["request_router_config"]["request_router_kwargs"]  # fmt: skip
+    assert kwargs == {"affinity_enabled": False, "max_imbalance": 2}
 
 
 def test_training_runs_as_a_task_with_a_gpu_when_the_cluster_has_one(tmp_path: Path) -> None:
@@ -100,6 +111,8 @@ def test_training_runs_as_a_task_with_a_gpu_when_the_cluster_has_one(tmp_path: P
     [
         ("cluster: {backend: kubernetes}\n", "backend"),
         ("cluster: {adress: auto}\n", "adress"),
+        ("cluster: {routing: {max_imbalance: -1}}\n", "max_imbalance"),
+        ("cluster: {routing: {afinity: true}}\n", "afinity"),
         ("cluster: {}\nmodels_extra: 1\n", "models_extra"),
     ],
 )

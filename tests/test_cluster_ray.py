@@ -67,6 +67,9 @@ cluster:
   backend: ray
   address: {ray_cluster.address}
   namespace: aligngate-test
+  # Affinity gives way at 2 requests beyond the least busy replica (default 8), so a burst
+  # of identical requests (below) still reaches both replicas.
+  routing: {{max_imbalance: 2}}
 models:
   - name: smollm2-135m-instruct
     path: builtin:smollm2-135m-instruct
@@ -204,6 +207,54 @@ def test_an_adapter_loaded_on_the_gateway_is_served_by_every_replica(
         f"{gateway.url}/v1/completions", json={"model": name, "prompt": "hi", "max_tokens": 1}
     )
     assert gone.status_code == 404
+
+
+def test_a_conversation_stays_on_the_replica_that_holds_its_prefix(gateway: Gateway) -> None:
+    # Each turn's prompt begins with the previous turn's (the template renders the history
+    # first), and the router sends it where those blocks are cached. Power of two choices
+    # alone would put 8 sequential requests on one of two idle replicas 1 time in 128.
+    messages = [
+        {
+            "role": "user",
+            "content": "Let us plan a trip through the Alps in late spring, by train, "
+            "with stops in Chamonix, Zermatt and the Bernese Oberland. Start with Chamonix.",
+        }
+    ]
+    served = []
+    for turn in range(8):
+        r = chat(gateway, messages, max_tokens=8, temperature=0)
+        assert r.status_code == 200, r.text
+        served.append(r.headers[REPLICA])
+        answer = r.json()["choices"][0]["message"]["content"]
+        messages += [
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": f"Good. Now step {turn + 2}: what comes next?"},
+        ]
+    assert len(set(served)) == 1, served
+
+
+def test_adapter_requests_prefer_a_replica_that_has_it_loaded(
+    gateway: Gateway, arena_adapter: str
+) -> None:
+    name = "ray-affinity"
+    r = httpx.post(
+        f"{gateway.url}/admin/adapters", json={"name": name, "path": arena_adapter}, timeout=120
+    )
+    assert r.status_code == 201, r.text
+    try:
+        # Prompts shorter than one cache block: only the adapter can attract them.
+        first, _, _ = _next_token(gateway, name, "Hello")
+        time.sleep(2)  # the replica reports its adapters through Serve's controller
+        served = [_next_token(gateway, name, f"Word {i}:")[0] for i in range(8)]
+        assert set(served) == {first}, (first, served)
+        # Without the adapter, the same prompts go anywhere (both replicas).
+        base = set()
+        started = time.monotonic()
+        while len(base) < 2:
+            assert time.monotonic() - started < 60, base
+            base |= {_next_token(gateway, gateway.model, f"Word {i}:")[0] for i in range(4)}
+    finally:
+        httpx.delete(f"{gateway.url}/admin/adapters/{name}", timeout=60)
 
 
 def test_errors_keep_the_openai_shape(gateway: Gateway) -> None:

@@ -39,6 +39,23 @@ class TrainingTask(BaseModel):
     num_gpus: float | None = Field(default=None, ge=0)
 
 
+# Ray Serve's request router for every model (``routing``): power of two choices with a
+# first choice for a request's cached prefix or loaded adapter.
+ROUTER_CLASS = "server.cluster.routing.AffinityRouter"
+
+
+class Routing(BaseModel):
+    """How Ray Serve picks a replica for each request (``routing.AffinityRouter``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Prefer the replica that holds a request's prompt prefix (a conversation's earlier
+    # turns: its KV cache) or, failing that, its adapter; false: power of two choices only.
+    affinity: bool = True
+    # ... unless that replica has more than this many requests beyond the least busy one.
+    max_imbalance: int = Field(default=8, ge=0, le=1_000_000)
+
+
 class ClusterSettings(BaseModel):
     """The models file's `cluster:` section: serve every model as a Ray Serve deployment
     on an existing Ray cluster instead of in this process."""
@@ -59,6 +76,7 @@ class ClusterSettings(BaseModel):
     # LLM batches every 50 ms; on this one-node CPU cluster that measured no gain and
     # coarser inter-token gaps (loadtest/README.md), so it is left to multi-node clusters.
     stream_interval_ms: float = Field(default=0.0, ge=0, le=1000)
+    routing: Routing = Field(default_factory=Routing)
     training: TrainingTask = Field(default_factory=TrainingTask)
 
 
@@ -77,7 +95,8 @@ def deployment_options(
     Replicas: a fixed count (default 1) or Serve's autoscaling. Resources: what the models
     file says, else one CPU per replica (Ray's accounting only, no pinning: two replicas
     fit a 2-core machine) and no GPU. ``max_ongoing_requests`` is the gateway's own bound
-    per engine (Serve's default of 5 would leave vLLM's batch nearly empty)."""
+    per engine (Serve's default of 5 would leave vLLM's batch nearly empty). Routing: the
+    project's router (``ROUTER_CLASS``) with the `routing:` settings."""
     options: dict[str, Any] = {
         "name": name,
         "ray_actor_options": {
@@ -89,6 +108,13 @@ def deployment_options(
         "health_check_timeout_s": cluster.health_check_timeout_s,
         # The engine aborts its requests at once; no need to wait for them.
         "graceful_shutdown_timeout_s": 5,
+        "request_router_config": {
+            "request_router_class": ROUTER_CLASS,
+            "request_router_kwargs": {
+                "affinity_enabled": cluster.routing.affinity,
+                "max_imbalance": cluster.routing.max_imbalance,
+            },
+        },
     }
     if autoscaling is not None:
         options["autoscaling_config"] = {

@@ -5,7 +5,8 @@ local ``VllmEngine``, with the same interface.
 Owns: connecting (``ray.init``) and starting Ray Serve without its HTTP proxy (the gateway
 is the front end), deploying or attaching to the applications and leaving them (the rule
 of several front ends is ``frontends``'), streaming a request's deltas
-from whichever replica Ray Serve's router (power of two choices) picked, cancelling the
+from whichever replica Ray Serve's router (``routing``: power of two choices, with a first
+choice for a cached prefix or a loaded adapter) picked, cancelling the
 call when the caller stops reading, turning a replica's death into the OpenAI error (or,
 before any output, into a retry that Ray Serve routes to a live replica), and each
 model's replica health as ``serve.status()`` reports it.
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from server.cluster.affinity import adapter_key
 from server.cluster.config import ClusterSettings
 from server.engine.types import AdapterRef, ChoiceDelta, EngineStats, Replica, SamplingSpec
 from server.engine.vllm_engine import AdapterLoadError, EngineOptions
@@ -125,6 +127,7 @@ class RayCluster:
         of, attach to the others, and wait until every one is running (blocking)."""
         import ray
         from ray import serve
+        from ray.serve.config import RequestRouterConfig
 
         from server.cluster.frontends import book, dead_members, differences, me
         from server.cluster.replica import EngineReplica
@@ -151,9 +154,10 @@ class RayCluster:
                             "; ".join(changed),
                         )
                 continue
+            router = RequestRouterConfig(**deployment["request_router_config"])
             bound = (
                 serve.deployment(EngineReplica)
-                .options(**{**deployment, "name": DEPLOYMENT})
+                .options(**{**deployment, "name": DEPLOYMENT, "request_router_config": router})
                 .bind(name, options, cpu_kv_cache_gib, self.settings.stream_interval_ms)
             )
             targets.append(serve.RunTarget(bound, name=app, route_prefix=None))
@@ -272,6 +276,7 @@ class RayEngine:
         self.app = app
         self._handle = handle
         self._streaming = handle.options(stream=True)
+        self._streaming_with: dict[str, Any] = {}  # by adapter (``_stream_handle``)
         self._info = info
         self._cluster = cluster
         self._in_flight = 0
@@ -306,6 +311,20 @@ class RayEngine:
             running=sum(r.running for r in recent), waiting=sum(r.waiting for r in recent)
         )
 
+    def _stream_handle(self, adapter: AdapterRef | None) -> Any:
+        """The streaming handle for a request: with an adapter, one that names it as Ray
+        Serve's multiplexed model id, so the router knows which replicas hold it
+        (``routing``) and the replica counts it as loaded (``replica``)."""
+        if adapter is None:
+            return self._streaming
+        key = adapter_key(adapter)
+        handle = self._streaming_with.get(key)
+        if handle is None:
+            handle = self._streaming_with[key] = self._handle.options(
+                stream=True, multiplexed_model_id=key
+            )
+        return handle
+
     def num_unfinished(self) -> int:
         """Requests this front end has running on the replicas."""
         return self._in_flight
@@ -327,7 +346,7 @@ class RayEngine:
         self._in_flight += 1
         try:
             for attempt in range(1, ATTEMPTS + 1):
-                response = self._streaming.generate.remote(
+                response = self._stream_handle(adapter).generate.remote(
                     request_id, prompt_token_ids, spec, adapter
                 )
                 replica: Replica | None = None
@@ -389,7 +408,8 @@ class RayEngine:
 
     async def remove_adapter(self, ref: AdapterRef) -> None:
         """Nothing on the replicas: once the registry drops the name no request carries
-        the adapter, and the replicas' LRU evicts it when the room is needed."""
+        the adapter, and the replicas' LRU (vLLM's, and Ray Serve's multiplexed set of the
+        same size) evicts it when the room is needed."""
         return None
 
     async def abort(self, request_id: str) -> None:

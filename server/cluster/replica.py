@@ -5,8 +5,9 @@ Owns: what runs in each replica actor — its platform's engine environment and 
 (decided by ``resources.platform`` for *that* machine, which may differ from the front
 end's), the engine's start and stop, streaming a request's deltas back (first a
 ``Replica`` saying who took it), aborting in the engine when Ray Serve cancels the call
-(client gone), loading an adapter when asked (otherwise the engine loads it on the first
-request that carries it), and the health check Ray Serve calls.
+(client gone), loading an adapter when asked or on the first request that carries it
+(through Ray Serve's multiplexing, which tells the routers which replicas hold it), and
+the health check Ray Serve calls.
 Does not know: templates or tokenizers (the front end sends token ids), HTTP, routing.
 """
 
@@ -18,9 +19,10 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from server.cluster.affinity import adapter_key
 from server.engine.types import AdapterRef, ChoiceDelta, Replica, SamplingSpec
 from server.engine.vllm_engine import AdapterLoadError, EngineOptions, VllmEngine
 from server.resources.platform import apply_engine_environment, detect, engine_defaults
@@ -84,6 +86,37 @@ async def coalesced(
             await reader
 
 
+def _adapter_set(
+    engine: VllmEngine, capacity: int
+) -> Callable[[AdapterRef], Awaitable[None]] | None:
+    """What the replica calls before a request with an adapter: Ray Serve's multiplexing
+    (``serve.multiplexed``), which loads the adapter into the engine the first time and
+    reports the replica's adapters to every front end's router (``routing`` prefers a
+    replica that has a request's adapter). Its LRU has the engine's own size
+    (``max_cpu_loras``), so the two evict alike. None without LoRA."""
+    if capacity <= 0:
+        return None
+    from ray import serve
+
+    refs: dict[str, AdapterRef] = {}
+
+    async def load(key: str) -> str:
+        try:
+            await engine.add_adapter(refs[key])
+        except AdapterLoadError as exc:  # the request gets vLLM's own error as it runs
+            log.warning("Adapter %s not loaded ahead of its request: %s", key, exc)
+        return key
+
+    multiplexed = serve.multiplexed(max_num_models_per_replica=capacity)(load)
+
+    async def hold(adapter: AdapterRef) -> None:
+        key = adapter_key(adapter)
+        refs[key] = adapter
+        await multiplexed(key)
+
+    return hold
+
+
 class EngineReplica:
     """The class each Ray Serve replica instantiates (``serve.deployment`` wraps it in
     ``ray_engine``; kept a plain class so it imports and reads without Ray)."""
@@ -103,6 +136,7 @@ class EngineReplica:
         self.stream_interval_s = stream_interval_ms / 1000
         # As the local registry does: vLLM's start blocks; off the replica's event loop.
         self._engine = await asyncio.to_thread(VllmEngine.start, name, options)
+        self._hold = _adapter_set(self._engine, int(options.extra.get("max_cpu_loras") or 0))
         log.info("Replica %s of %s up (pid %d)", self.replica, name, os.getpid())
 
     async def info(self) -> dict[str, Any]:
@@ -133,6 +167,8 @@ class EngineReplica:
             waiting=stats.waiting,
             unfinished=self._engine.num_unfinished(),
         )
+        if adapter is not None and self._hold is not None:
+            await self._hold(adapter)
         steps = self._engine.generate(request_id, prompt_token_ids, spec, adapter=adapter)
         async with contextlib.aclosing(steps):
             async for batch in coalesced(steps, self.stream_interval_s):

@@ -1,0 +1,100 @@
+"""Which replica takes a request: Ray Serve's request-router extension (the class each
+model's deployment names in its ``request_router_config``; it runs inside every front
+end's deployment handle).
+
+Owns: power of two choices as Ray Serve's default router does it (two random replicas,
+the nearer ones first, the less busy of the two), preceded by a first choice for requests
+that continue a cached prefix (a conversation's next turn: the replica that was sent its
+earlier turns, remembered by ``affinity``) or name an adapter (the replicas that report it
+loaded, through Ray Serve's multiplexing), unless that replica is far busier than the
+least busy (``affinity.preferred``).
+Does not know: HTTP, templates, engines.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from ray.serve.request_router import (
+    FIFOMixin,
+    LocalityMixin,
+    MultiplexMixin,
+    PendingRequest,
+    ReplicaID,
+    RequestRouter,
+    RunningReplica,
+)
+
+from server.cluster import affinity
+
+
+def _two_of(candidates: list[Any]) -> list[Any]:
+    if len(candidates) <= 2:
+        return random.sample(candidates, len(candidates))
+    return random.sample(candidates, 2)
+
+
+class AffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
+    """Power of two choices, with a first choice for a request's prefix or adapter."""
+
+    def initialize_state(self, affinity_enabled: bool = True, max_imbalance: int = 8) -> None:
+        self._affinity = affinity_enabled
+        self._max_imbalance = max_imbalance
+        self._memory = affinity.memory(self._deployment_id.app_name)
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        nearby = self.apply_locality_routing(pending_request)  # all of them, in the end
+        fallback = _two_of([self._replicas[r] for r in nearby if r in self._replicas])
+        if not self._affinity or pending_request is None or len(candidate_replicas) < 2:
+            return [fallback]
+        first = self._first_choice(candidate_replicas, pending_request)
+        return [first, fallback] if first else [fallback]
+
+    def _first_choice(
+        self, candidates: list[RunningReplica], request: PendingRequest
+    ) -> list[RunningReplica]:
+        token_ids, adapter = _prompt_and_adapter(request)
+        if token_ids is None:
+            return []
+        by_id = {r.replica_id.unique_id: r for r in candidates}
+        prefix_holders, _ = self._memory.deepest(
+            affinity.block_hashes(token_ids, affinity.adapter_key(adapter)), by_id
+        )
+        model_id = request.metadata.multiplexed_model_id
+        adapter_holders = {
+            r.unique_id for r in self._multiplexed_model_id_to_replica_ids.get(model_id, ())
+        }
+        load = {
+            rid: self._replica_queue_len_cache.get(r.replica_id) or 0 for rid, r in by_id.items()
+        }
+        chosen = affinity.preferred(
+            by_id, prefix_holders, adapter_holders, load, self._max_imbalance
+        )
+        return [by_id[r] for r in chosen]
+
+    def on_request_routed(
+        self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
+    ) -> None:
+        """The replica now holds the request's prompt (its engine caches the prefix)."""
+        token_ids, adapter = _prompt_and_adapter(pending_request)
+        if token_ids is not None:
+            hashes = affinity.block_hashes(token_ids, affinity.adapter_key(adapter))
+            self._memory.record(hashes, replica_id.unique_id)
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self._memory.forget(replica_id.unique_id)
+
+
+def _prompt_and_adapter(request: PendingRequest) -> tuple[list[int] | None, Any]:
+    """A ``generate`` call's prompt token ids and adapter (its arguments are
+    ``request_id, prompt_token_ids, spec, adapter``); None for other calls."""
+    args = request.args
+    if len(args) < 2 or not isinstance(args[1], list):
+        return None, None
+    return args[1], args[3] if len(args) > 3 else None
