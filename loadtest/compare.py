@@ -198,6 +198,9 @@ def _ray_cluster(config: CompareConfig, spec: ServerSpec, round_: int) -> Iterat
             config.max_model_len,
             cluster={"backend": "ray", "address": head.address, "namespace": "aligngate-bench"},
             replicas=config.ray_replicas,
+            # The machine's cores shared by the replicas, as the local engine has them all:
+            # a replica's CPUs are its engine's threads (Ray's OMP_NUM_THREADS).
+            replica_cpus=max(1, _cpu_count() // config.ray_replicas),
         )
         yield head
 

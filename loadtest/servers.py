@@ -108,9 +108,11 @@ def write_models_file(
     engine_args: Mapping[str, object] | None = None,
     cluster: Mapping[str, object] | None = None,
     replicas: int = 1,
+    replica_cpus: int = 1,
 ) -> Path:
     """A one-model models file; with ``cluster``, served by ``replicas`` Ray Serve
-    replicas of one CPU each (Ray's accounting) on that cluster."""
+    replicas of ``replica_cpus`` CPUs each on that cluster (on a CPU node also the threads
+    its engine computes with: Ray sets a replica's `OMP_NUM_THREADS` to its CPUs)."""
     import yaml
 
     entry: dict[str, object] = {
@@ -122,7 +124,7 @@ def write_models_file(
         entry["engine_args"] = dict(engine_args)
     document: dict[str, object] = {"models": [entry]}
     if cluster is not None:
-        entry |= {"replicas": replicas, "num_cpus": 1}
+        entry |= {"replicas": replicas, "num_cpus": replica_cpus}
         document = {"cluster": dict(cluster), **document}
     path.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
     return path

@@ -1,6 +1,7 @@
 """A replica's stream batching (``cluster.replica.coalesced``): the first step at once, then
 at most one batch per interval, every step in order, errors after the steps before them,
-and a cancelled stream closes the engine's."""
+and a cancelled stream closes the engine's; each step crosses as plain values
+(``cluster.stream_items``) and comes back as the same deltas."""
 
 from __future__ import annotations
 
@@ -10,11 +11,16 @@ from collections.abc import AsyncIterator
 import pytest
 
 from server.cluster.replica import coalesced
-from server.engine.types import ChoiceDelta
+from server.cluster.stream_items import decode_step, encode_step
+from server.engine.types import ChoiceDelta, TokenLogprob, TopLogprob
 
 
 def step(i: int) -> list[ChoiceDelta]:
     return [ChoiceDelta(index=0, text=f"t{i}", token_ids=[i])]
+
+
+def wire(i: int) -> tuple:
+    return encode_step(step(i))
 
 
 async def engine_steps(
@@ -37,15 +43,15 @@ async def collect(source: AsyncIterator[list[ChoiceDelta]], interval_s: float) -
 def test_steps_are_batched_per_interval_in_order() -> None:
     closed: list[bool] = []
     batches = asyncio.run(collect(engine_steps(40, 0.005, closed), 0.05))
-    assert batches[0] == (step(0),)  # the first token is not held back
-    assert [s for batch in batches for s in batch] == [step(i) for i in range(40)]
+    assert batches[0] == (wire(0),)  # the first token is not held back
+    assert [s for batch in batches for s in batch] == [wire(i) for i in range(40)]
     assert len(batches) < 20  # ~5 steps per 50 ms batch (timing-tolerant bound)
     assert closed == [True]
 
 
 def test_interval_zero_sends_every_step() -> None:
     batches = asyncio.run(collect(engine_steps(5, 0.0, []), 0.0))
-    assert batches == [(step(i),) for i in range(5)]
+    assert batches == [(wire(i),) for i in range(5)]
 
 
 def test_an_engine_error_comes_after_the_steps_before_it() -> None:
@@ -57,7 +63,7 @@ def test_an_engine_error_comes_after_the_steps_before_it() -> None:
 
     with pytest.raises(RuntimeError, match="engine stopped"):
         asyncio.run(run())
-    assert [s for batch in seen for s in batch] == [step(i) for i in range(6)]
+    assert [s for batch in seen for s in batch] == [wire(i) for i in range(6)]
 
 
 def test_cancelling_the_stream_closes_the_engines() -> None:
@@ -75,3 +81,31 @@ def test_cancelling_the_stream_closes_the_engines() -> None:
 
     asyncio.run(run())
     assert closed == [True]
+
+
+def test_a_step_crosses_as_plain_values_and_comes_back_whole() -> None:
+    deltas = [
+        ChoiceDelta(index=0, text="Par", token_ids=[42, 7]),
+        ChoiceDelta(
+            index=1,
+            text="is",
+            token_ids=[9],
+            logprobs=[TokenLogprob("is", -0.5, (TopLogprob("is", -0.5), TopLogprob("was", -1.25)))],
+            finish_reason="stop",
+            stop_reason=2,
+        ),
+    ]
+    encoded = encode_step(deltas)
+
+    def plain(value: object) -> bool:
+        if isinstance(value, tuple | list):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, str | int | float)
+
+    assert plain(encoded)  # msgpack's types only: no object goes through cloudpickle
+    assert decode_step(encoded) == deltas
+
+    def as_lists(value: object) -> object:  # msgpack may hand tuples back as lists
+        return [as_lists(v) for v in value] if isinstance(value, tuple | list) else value
+
+    assert decode_step(as_lists(encoded)) == deltas  # type: ignore[arg-type]

@@ -76,6 +76,11 @@ class ClusterSettings(BaseModel):
     # LLM batches every 50 ms; on this one-node CPU cluster that measured no gain and
     # coarser inter-token gaps (loadtest/README.md), so it is left to multi-node clusters.
     stream_interval_ms: float = Field(default=0.0, ge=0, le=1000)
+    # A replica sends a front end the steps of all its requests on whichever of their
+    # streams is free, about one object per engine step instead of one per request
+    # (``shared_streams``); false: each request's steps on its own stream (then
+    # ``stream_interval_ms`` applies).
+    shared_streams: bool = True
     routing: Routing = Field(default_factory=Routing)
     training: TrainingTask = Field(default_factory=TrainingTask)
 

@@ -16,18 +16,22 @@ Does not know: templates, HTTP status codes (``errors`` has those), metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
 import re
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from server.cluster.affinity import adapter_key
 from server.cluster.config import ClusterSettings
+from server.cluster.shared_streams import Inbox, StreamLost, receive
+from server.cluster.stream_items import decode_step
 from server.engine.types import AdapterRef, ChoiceDelta, EngineStats, Replica, SamplingSpec
 from server.engine.vllm_engine import AdapterLoadError, EngineOptions
 from server.errors import EngineUnavailable, Overloaded
@@ -48,6 +52,8 @@ STATUS_PERIOD_UNSETTLED_S = 1.0
 # After a request saw a replica die, poll at the unsettled rate this long: Ray Serve's
 # controller learns of the death up to a second or so after the router does.
 UNSETTLED_AFTER_POKE_S = 60.0
+# How long aborting a request whose client went away may wait for its replica.
+ABORT_TIMEOUT_S = 30.0
 # A replica's queue (from its last reply) counts in the model's engine gauges this long.
 STATS_WINDOW_S = 30.0
 # How long a front end waits for an application another one is deploying.
@@ -263,6 +269,10 @@ class RayCluster:
         ray.shutdown()
 
 
+class _Retry(Exception):
+    """The replica died before the request's first output: send it again."""
+
+
 class RayEngine:
     """A model served by the replicas of a Ray Serve deployment; the interface of
     ``VllmEngine`` (the serving code cannot tell them apart, except for ``on_replica``)."""
@@ -281,6 +291,11 @@ class RayEngine:
         self._cluster = cluster
         self._in_flight = 0
         self._seen: dict[str, tuple[float, Replica]] = {}
+        # Shared streams (``shared_streams``): this front end's name on the replicas, each
+        # request's inbox, and the calls still being read (a call may outlive its request).
+        self._frontend = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        self._inboxes: dict[str, Inbox] = {}
+        self._pumps: set[asyncio.Task[None]] = set()
 
     @property
     def max_model_len(self) -> int:
@@ -338,63 +353,194 @@ class RayEngine:
         on_replica: Callable[[Replica], None] | None = None,
     ) -> AsyncIterator[list[ChoiceDelta]]:
         """The deltas of ``request_id`` from one replica; ``on_replica`` learns which,
-        before the first delta. Closing the iterator early cancels the call, and Ray Serve
-        cancels it on the replica, whose engine aborts the request."""
-        from ray.exceptions import RayActorError
-        from ray.serve.exceptions import BackPressureError
-
+        before the first delta. A replica that dies before any output: the request goes
+        again (Ray Serve's router has dropped the dead one). Closing the iterator early
+        aborts the request on its replica."""
         self._in_flight += 1
         try:
             for attempt in range(1, ATTEMPTS + 1):
-                response = self._stream_handle(adapter).generate.remote(
-                    request_id, prompt_token_ids, spec, adapter
-                )
-                replica: Replica | None = None
-                started = over = False
+                calls = self._shared if self._cluster.settings.shared_streams else self._own
                 try:
-                    async for item in response:
-                        if isinstance(item, Replica):
-                            replica = item
-                            self._seen[item.id] = (time.monotonic(), item)
-                            continue
-                        if not started:
-                            started = True
-                            if on_replica is not None and replica is not None:
-                                on_replica(replica)
-                        for step in item:  # a batch of engine steps (``replica.coalesced``)
+                    tried = calls(request_id, prompt_token_ids, spec, adapter, on_replica)
+                    async with contextlib.aclosing(tried):  # its ``finally`` runs at once
+                        async for step in tried:
                             yield step
-                    over = True
-                    if not started and on_replica is not None and replica is not None:
-                        on_replica(replica)
                     return
-                except RayActorError as exc:
-                    over = True
-                    self._cluster.poke()
-                    where = f"replica {replica.id}" if replica else "a replica"
-                    if started or attempt == ATTEMPTS:
-                        if not started and on_replica is not None and replica is not None:
-                            on_replica(replica)
+                except _Retry as retry:
+                    if attempt == ATTEMPTS:
                         raise EngineUnavailable(
-                            f"The engine of model `{self.name}` ({where}) stopped during "
-                            "the request."
-                        ) from exc
+                            f"The engine of model `{self.name}` stopped before answering "
+                            f"({ATTEMPTS} tries)."
+                        ) from retry
                     log.warning(
-                        "Request %s: %s of %s died before answering; trying again (%d/%d)",
+                        "Request %s: its replica of %s died before answering; trying again (%d/%d)",
                         request_id,
-                        where,
                         self.name,
                         attempt + 1,
                         ATTEMPTS,
                     )
-                except BackPressureError as exc:
-                    over = True
-                    raise Overloaded(f"Every replica of model `{self.name}` is full.") from exc
-                finally:
-                    if not over:
-                        response.cancel()
-                await asyncio.sleep(0.1 * attempt)
+                    await asyncio.sleep(0.1 * attempt)
         finally:
             self._in_flight -= 1
+
+    def _failure(self, exc: BaseException, replica: Replica | None, started: bool) -> Exception:
+        """What a call's failure means for the request: ``_Retry`` (its replica died before
+        any output), the OpenAI errors, or the replica's own error as raised there."""
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        if isinstance(exc, RayActorError):
+            self._cluster.poke()
+            if not started:
+                return _Retry()
+            where = f"replica {replica.id}" if replica else "a replica"
+            return EngineUnavailable(
+                f"The engine of model `{self.name}` ({where}) stopped during the request."
+            )
+        if isinstance(exc, BackPressureError):
+            return Overloaded(f"Every replica of model `{self.name}` is full.")
+        return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+
+    def _took(self, replica: Replica) -> None:
+        self._seen[replica.id] = (time.monotonic(), replica)
+
+    async def _own(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        spec: SamplingSpec,
+        adapter: AdapterRef | None,
+        on_replica: Callable[[Replica], None] | None,
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        """One try, each step on the request's own stream (``shared_streams: false``):
+        closing it cancels the call, and Ray Serve cancels it on the replica."""
+        response = self._stream_handle(adapter).generate.remote(
+            request_id, prompt_token_ids, spec, adapter
+        )
+        replica: Replica | None = None
+        started = over = False
+        try:
+            async for item in response:
+                if isinstance(item, Replica):
+                    replica = item
+                    self._took(item)
+                    continue
+                if not started:
+                    started = True
+                    if on_replica is not None and replica is not None:
+                        on_replica(replica)
+                for step in item:  # a batch of engine steps (``replica.coalesced``)
+                    yield decode_step(step)
+            over = True
+        except (GeneratorExit, asyncio.CancelledError):
+            raise  # the caller stopped reading: ``finally`` cancels the call
+        except Exception as exc:
+            over = True
+            failure = self._failure(exc, replica, started)
+            if not isinstance(failure, _Retry) and not started and on_replica and replica:
+                on_replica(replica)
+            if failure is exc:
+                raise
+            raise failure from exc
+        finally:
+            if not over:
+                response.cancel()
+        if not started and on_replica is not None and replica is not None:
+            on_replica(replica)
+
+    async def _shared(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        spec: SamplingSpec,
+        adapter: AdapterRef | None,
+        on_replica: Callable[[Replica], None] | None,
+    ) -> AsyncIterator[list[ChoiceDelta]]:
+        """One try, the steps from this front end's shared streams (``shared_streams``):
+        the request's own call brings its replica, its errors and everyone's entries."""
+        inbox = self._inboxes[request_id] = Inbox()
+        response = self._stream_handle(adapter).generate.remote(
+            request_id, prompt_token_ids, spec, adapter, self._frontend
+        )
+        pump = asyncio.create_task(self._pump(response, inbox))
+        self._pumps.add(pump)
+        pump.add_done_callback(self._pumps.discard)
+        started = done = False
+        try:
+            async for step in receive(inbox):  # no ``finally`` in it: needs no closing
+                if not started:
+                    started = True
+                    if on_replica is not None and inbox.replica is not None:
+                        on_replica(inbox.replica)
+                yield decode_step(step)
+            done = True
+            if not started and on_replica is not None and inbox.replica is not None:
+                on_replica(inbox.replica)
+        except StreamLost as exc:
+            done = True
+            raise EngineUnavailable(
+                f"The stream of model `{self.name}` lost the end of the request."
+            ) from exc
+        except Exception as exc:  # the call's own error (``_pump``)
+            done = True
+            failure = self._failure(exc, inbox.replica, started)
+            told = not isinstance(failure, _Retry) and not started
+            if told and on_replica is not None and inbox.replica is not None:
+                on_replica(inbox.replica)
+            if failure is exc:
+                raise
+            raise failure from exc
+        finally:
+            self._inboxes.pop(request_id, None)
+            if not done and not inbox.call_over:
+                # The caller stopped reading. Cancelling the call could drop other
+                # requests' entries it carries: the replica aborts the request instead,
+                # and the call ends as any other.
+                aborting = asyncio.create_task(self._abort_on_replica(request_id, inbox, pump))
+                self._pumps.add(aborting)
+                aborting.add_done_callback(self._pumps.discard)
+
+    async def _pump(self, response: Any, inbox: Inbox) -> None:
+        """Read one call to its end: the replica that took it, then batches of entries
+        for any of this front end's requests."""
+        try:
+            async for item in response:
+                if isinstance(item, Replica):
+                    self._took(item)
+                    inbox.set_replica(item)
+                    continue
+                for request_id, seq, step in item:
+                    box = self._inboxes.get(request_id)
+                    if box is not None:  # else the request is over here (client gone)
+                        box.add(seq, step)
+        except asyncio.CancelledError:
+            inbox.finish_call(EngineUnavailable(f"Model `{self.name}` is shutting down."))
+            raise
+        except Exception as exc:
+            inbox.finish_call(exc)
+        else:
+            inbox.finish_call()
+
+    async def _abort_on_replica(self, request_id: str, inbox: Inbox, pump: asyncio.Task) -> None:
+        """Abort a request whose caller went away, on the replica that took it (its call
+        goes on carrying other requests' entries until the replica ends it)."""
+        deadline = time.monotonic() + ABORT_TIMEOUT_S
+        while inbox.replica is None and not inbox.call_over:
+            if time.monotonic() > deadline or not await inbox.changed(within_s=ABORT_TIMEOUT_S):
+                break
+        if inbox.replica is not None and not inbox.call_over:
+            call = self._handle.abort.remote(request_id, inbox.replica.id)
+            try:
+                await asyncio.wait_for(call, ABORT_TIMEOUT_S)
+            except Exception as exc:
+                call.cancel()
+                log.warning(
+                    "Could not abort %s on replica %s: %s", request_id, inbox.replica.id, exc
+                )
+        try:
+            await asyncio.wait_for(asyncio.shield(pump), ABORT_TIMEOUT_S)
+        except TimeoutError:
+            pump.cancel()  # the replica did not end it: give the call up after all
 
     async def add_adapter(self, ref: AdapterRef) -> None:
         """Check the adapter on one replica (its engine loads it: vLLM's own checks, now

@@ -23,6 +23,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from server.cluster.affinity import adapter_key
+from server.cluster.shared_streams import Outbox, carry
+from server.cluster.stream_items import EncodedStep, encode_step
 from server.engine.types import AdapterRef, ChoiceDelta, Replica, SamplingSpec
 from server.engine.vllm_engine import AdapterLoadError, EngineOptions, VllmEngine
 from server.resources.platform import apply_engine_environment, detect, engine_defaults
@@ -41,7 +43,7 @@ _END = object()
 
 async def coalesced(
     steps: AsyncIterator[list[ChoiceDelta]], interval_s: float
-) -> AsyncIterator[tuple[list[ChoiceDelta], ...]]:
+) -> AsyncIterator[tuple[EncodedStep, ...]]:
     """The engine's steps, batched: the first at once (time to first token), then at most
     one batch per ``interval_s`` holding every step that arrived meanwhile (0: each step on
     its own). Each batch is one object through Ray, so a batch per interval bounds the
@@ -49,7 +51,7 @@ async def coalesced(
     default). Errors of the engine's stream come after the steps before them."""
     if interval_s <= 0:
         async for step in steps:
-            yield (step,)
+            yield (encode_step(step),)
         return
     queue: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -72,7 +74,9 @@ async def coalesced(
                 batch.append(queue.get_nowait())
             ended = batch[-1] is _END
             error = next((b for b in batch if isinstance(b, Exception)), None)
-            ready = tuple(b for b in batch if b is not _END and not isinstance(b, Exception))
+            ready = tuple(
+                encode_step(b) for b in batch if b is not _END and not isinstance(b, Exception)
+            )
             if ready:
                 yield ready
                 last = time.monotonic()
@@ -137,6 +141,7 @@ class EngineReplica:
         # As the local registry does: vLLM's start blocks; off the replica's event loop.
         self._engine = await asyncio.to_thread(VllmEngine.start, name, options)
         self._hold = _adapter_set(self._engine, int(options.extra.get("max_cpu_loras") or 0))
+        self._outboxes: dict[str, Outbox] = {}  # by front end (``shared_streams``)
         log.info("Replica %s of %s up (pid %d)", self.replica, name, os.getpid())
 
     async def info(self) -> dict[str, Any]:
@@ -154,12 +159,17 @@ class EngineReplica:
         prompt_token_ids: list[int],
         spec: SamplingSpec,
         adapter: AdapterRef | None = None,
-    ) -> AsyncIterator[Replica | tuple[list[ChoiceDelta], ...]]:
-        """A ``Replica`` (this one, with its engine's queue), then the engine's steps in
-        batches (``coalesced``).
+        frontend: str | None = None,
+    ) -> AsyncIterator[Replica | tuple[Any, ...]]:
+        """A ``Replica`` (this one, with its engine's queue), then the engine's steps, each
+        as plain values (``stream_items``): with ``frontend``, as entries of that front
+        end's shared streams (``shared_streams``: this call may carry other requests'
+        entries, and its own may go on another call); without, in batches of its own
+        (``coalesced``).
 
-        Ray Serve cancels this call when the front end does (client gone): the
-        ``CancelledError`` closes the engine's stream, which aborts the request in vLLM."""
+        Ray Serve cancels this call when the front end does (client gone, own streams
+        only): the ``CancelledError`` closes the engine's stream, which aborts the request
+        in vLLM. With shared streams the front end calls ``abort`` instead."""
         stats = self._engine.stats
         yield Replica(
             id=self.replica,
@@ -170,9 +180,26 @@ class EngineReplica:
         if adapter is not None and self._hold is not None:
             await self._hold(adapter)
         steps = self._engine.generate(request_id, prompt_token_ids, spec, adapter=adapter)
-        async with contextlib.aclosing(steps):
-            async for batch in coalesced(steps, self.stream_interval_s):
-                yield batch
+        if frontend is None:
+            async with contextlib.aclosing(steps):
+                async for batch in coalesced(steps, self.stream_interval_s):
+                    yield batch
+            return
+        outbox = self._outboxes.get(frontend)
+        if outbox is None:
+            outbox = self._outboxes[frontend] = Outbox()
+        try:
+            async with contextlib.aclosing(carry(request_id, steps, outbox)) as entries:
+                async for batch in entries:
+                    yield batch
+        finally:
+            if outbox.streams == 0 and self._outboxes.get(frontend) is outbox:
+                del self._outboxes[frontend]  # what is left has no request waiting for it
+
+    async def abort(self, request_id: str, replica: str) -> None:
+        """Abort a request whose client went away (``shared_streams``; the front end's
+        router sends this to ``replica``, the one that took it)."""
+        await self._engine.abort(request_id)
 
     async def add_adapter(self, ref: AdapterRef) -> str | None:
         """Load ``ref`` into this replica's engine; None, or why vLLM refused it (as text:

@@ -2,18 +2,21 @@
 model's deployment names in its ``request_router_config``; it runs inside every front
 end's deployment handle).
 
-Owns: power of two choices as Ray Serve's default router does it (two random replicas,
-the nearer ones first, the less busy of the two), preceded by a first choice for requests
-that continue a cached prefix (a conversation's next turn: the replica that was sent its
-earlier turns, remembered by ``affinity``) or name an adapter (the replicas that report it
-loaded, through Ray Serve's multiplexing), unless that replica is far busier than the
-least busy (``affinity.preferred``).
+Owns: sending an ``abort`` to the replica it names (shared streams: the replica that
+took the request), and for everything else power of two choices as Ray Serve's default
+router does it (two random replicas, the nearer ones first, the less busy of the two),
+preceded by a first choice for requests that continue a cached prefix (a conversation's
+next turn: the replica that was sent its earlier turns, remembered by ``affinity``) or
+name an adapter (the replicas that report it loaded, through Ray Serve's multiplexing),
+unless that replica is far busier than the least busy (``affinity.preferred``).
 Does not know: HTTP, templates, engines.
 """
 
 from __future__ import annotations
 
 import random
+import time
+from collections import defaultdict, deque
 from typing import Any
 
 from ray.serve.request_router import (
@@ -27,6 +30,8 @@ from ray.serve.request_router import (
 )
 
 from server.cluster import affinity
+
+UNSENT_EXPIRY_S = 1.0
 
 
 def _two_of(candidates: list[Any]) -> list[Any]:
@@ -42,12 +47,23 @@ class AffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         self._affinity = affinity_enabled
         self._max_imbalance = max_imbalance
         self._memory = affinity.memory(self._deployment_id.app_name)
+        # First choices not yet sent, by replica (when each was made). Serve counts a
+        # request in a replica's queue only once it is sent, after the routing task has
+        # moved on to the next request: without these, a burst of requests for one
+        # prefix would all see the holder idle and all go to it.
+        self._chosen: dict[str, deque[float]] = defaultdict(deque)
 
     async def choose_replicas(
         self,
         candidate_replicas: list[RunningReplica],
         pending_request: PendingRequest | None = None,
     ) -> list[list[RunningReplica]]:
+        if pending_request is not None and pending_request.metadata.call_method == "abort":
+            # To the replica that took the request (``EngineReplica.abort``); while it is
+            # not there (gone), back off: the caller gives up after a while.
+            pending_request.routing_context.should_backoff = True
+            pinned = pending_request.args[1]
+            return [[r for r in candidate_replicas if r.replica_id.unique_id == pinned]]
         nearby = self.apply_locality_routing(pending_request)  # all of them, in the end
         fallback = _two_of([self._replicas[r] for r in nearby if r in self._replicas])
         if not self._affinity or pending_request is None or len(candidate_replicas) < 2:
@@ -70,12 +86,31 @@ class AffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
             r.unique_id for r in self._multiplexed_model_id_to_replica_ids.get(model_id, ())
         }
         load = {
-            rid: self._replica_queue_len_cache.get(r.replica_id) or 0 for rid, r in by_id.items()
+            rid: (self._replica_queue_len_cache.get(r.replica_id) or 0) + self._unsent(rid)
+            for rid, r in by_id.items()
         }
         chosen = affinity.preferred(
             by_id, prefix_holders, adapter_holders, load, self._max_imbalance
         )
-        return [by_id[r] for r in chosen]
+        if not chosen:
+            return []
+        self._chosen[chosen[0]].append(time.monotonic())
+        return [by_id[chosen[0]]]
+
+    def _unsent(self, replica: str) -> int:
+        """First choices of ``replica`` made in the last second and not sent yet (one
+        that went elsewhere after all expires)."""
+        made = self._chosen[replica]
+        horizon = time.monotonic() - UNSENT_EXPIRY_S
+        while made and made[0] < horizon:
+            made.popleft()
+        return len(made)
+
+    def on_send_request(self, replica_id: ReplicaID) -> None:
+        super().on_send_request(replica_id)  # Serve now counts it in the replica's queue
+        made = self._chosen.get(replica_id.unique_id)
+        if made:
+            made.popleft()
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
