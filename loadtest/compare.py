@@ -185,6 +185,14 @@ def _overhead(results: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def replica_cpus(machine_cpus: int, replicas: int) -> int:
+    """Each Ray replica's CPUs: the machine's cores shared out, as the local engine has them
+    all. On a CPU node they are also its engine's threads: Ray sets an actor's
+    `OMP_NUM_THREADS` to its CPUs, so one CPU each (the models file's default) would run
+    the engine on one thread against the local row's two."""
+    return max(1, machine_cpus // max(replicas, 1))
+
+
 @contextlib.contextmanager
 def _ray_cluster(config: CompareConfig, spec: ServerSpec, round_: int) -> Iterator[RayHead]:
     """A Ray head for the `aligngate-ray` row (started with the engine environment, which
@@ -198,9 +206,7 @@ def _ray_cluster(config: CompareConfig, spec: ServerSpec, round_: int) -> Iterat
             config.max_model_len,
             cluster={"backend": "ray", "address": head.address, "namespace": "aligngate-bench"},
             replicas=config.ray_replicas,
-            # The machine's cores shared by the replicas, as the local engine has them all:
-            # a replica's CPUs are its engine's threads (Ray's OMP_NUM_THREADS).
-            replica_cpus=max(1, _cpu_count() // config.ray_replicas),
+            replica_cpus=replica_cpus(_cpu_count(), config.ray_replicas),
         )
         yield head
 

@@ -418,9 +418,13 @@ def test_the_default_setup_gives_raw_vllm_the_gateways_default_settings() -> Non
 def test_the_ray_row_serves_the_strict_models_file_on_a_cluster(tmp_path: Path) -> None:
     """`--servers aligngate,aligngate-ray`: the same model and length as the local row, plus
     `cluster:` (the gateway reads it as a Ray deployment of the asked-for replicas)."""
-    from loadtest.compare import CompareConfig, _specs
+    from loadtest.compare import CompareConfig, _specs, replica_cpus
     from loadtest.servers import write_models_file
     from server.models.models_file import load_deployment
+
+    # One replica gets the machine's cores, as the local engine has them (its threads).
+    assert [replica_cpus(2, n) for n in (1, 2, 4)] == [2, 1, 1]
+    assert replica_cpus(16, 4) == 4
 
     common = dict(model_path=tmp_path, served_name="m", max_model_len=2048)
     local = load_deployment(write_models_file(tmp_path / "local.yaml", **common))
@@ -430,12 +434,13 @@ def test_the_ray_row_serves_the_strict_models_file_on_a_cluster(tmp_path: Path) 
             **common,
             cluster={"backend": "ray", "address": "127.0.0.1:6379", "namespace": "bench"},
             replicas=2,
+            replica_cpus=3,
         )
     )
     assert local.cluster is None and ray.cluster is not None
     assert ray.cluster.address == "127.0.0.1:6379"
     (l_entry,), (r_entry,) = local.models, ray.models
-    assert r_entry.replicas == 2 and r_entry.num_cpus == 1
+    assert r_entry.replicas == 2 and r_entry.num_cpus == 3
     assert r_entry.model_dump(exclude={"replicas", "num_cpus"}) == l_entry.model_dump(
         exclude={"replicas", "num_cpus"}
     )

@@ -71,10 +71,10 @@ class ClusterSettings(BaseModel):
     # a check may take before the replica is replaced.
     health_check_period_s: float = Field(default=2.0, gt=0, le=600)
     health_check_timeout_s: float = Field(default=30.0, gt=0, le=3600)
-    # A replica may send a stream's tokens in batches, at most one per this many ms (the
-    # first token at once); 0 (the default) sends every engine step on its own. Ray Serve
-    # LLM batches every 50 ms; on this one-node CPU cluster that measured no gain and
-    # coarser inter-token gaps (loadtest/README.md), so it is left to multi-node clusters.
+    # Without shared streams, a replica may send a stream's tokens in batches, at most one
+    # per this many ms (the first token at once); 0 (the default) sends every engine step
+    # on its own. Ray Serve LLM batches every 50 ms; on this one-node CPU cluster that
+    # measured no gain and coarser inter-token gaps (loadtest/README.md).
     stream_interval_ms: float = Field(default=0.0, ge=0, le=1000)
     # A replica sends a front end the steps of all its requests on whichever of their
     # streams is free, about one object per engine step instead of one per request
@@ -98,10 +98,11 @@ def deployment_options(
     """Ray Serve ``Deployment.options`` for one model's engine.
 
     Replicas: a fixed count (default 1) or Serve's autoscaling. Resources: what the models
-    file says, else one CPU per replica (Ray's accounting only, no pinning: two replicas
-    fit a 2-core machine) and no GPU. ``max_ongoing_requests`` is the gateway's own bound
-    per engine (Serve's default of 5 would leave vLLM's batch nearly empty). Routing: the
-    project's router (``ROUTER_CLASS``) with the `routing:` settings."""
+    file says, else one CPU per replica and no GPU. On a CPU node a replica's CPUs are also
+    its engine's threads: Ray sets an actor's `OMP_NUM_THREADS` to its `num_cpus`, and
+    vLLM's CPU backend computes with that many OpenMP threads. ``max_ongoing_requests`` is
+    the gateway's own bound per engine (Serve's default of 5 would leave vLLM's batch nearly
+    empty). Routing: the project's router (``ROUTER_CLASS``) with the `routing:` settings."""
     options: dict[str, Any] = {
         "name": name,
         "ray_actor_options": {
