@@ -388,6 +388,9 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(
         if reply.status_code != 200:
             assert reply.status_code == 503, reply.text
             assert reply.json()["error"]["code"] == "engine_unavailable"
+    # For the closing figures: of 6 streams and 2 whole answers, how many failed.
+    TIMINGS["kill_failed_streams"] = len(failed)
+    TIMINGS["kill_failed_answers"] = sum(r.status_code != 200 for r in answered)
 
     # New requests are served at once, by the live replica.
     fresh = chat(gateway, FRANCE, max_tokens=4)
