@@ -34,3 +34,4 @@ bench:
 	$(BENCH) --setup strict --out loadtest/results/latest
 	$(BENCH) --setup default --env VLLM_ENABLE_V1_MULTIPROCESSING=1 --out loadtest/results/multiprocess
 	$(BIN)/python -m loadtest startup --rounds 3 --out loadtest/results/startup
+	$(BENCH) --servers aligngate,aligngate-ray --out loadtest/results/ray
