@@ -568,5 +568,8 @@ class RayEngine:
 
     def shutdown(self) -> None:
         """Leave this model's application; the last front end to leave deletes it, and
-        Ray Serve stops its replicas (each shuts its engine down)."""
+        Ray Serve stops its replicas (each shuts its engine down). Calls still being read
+        (an abort's, or one carrying others' steps: normally none after the drain) stop."""
+        for task in list(self._pumps):
+            task.cancel()
         self._cluster.release(self.app)
