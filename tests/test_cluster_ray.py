@@ -430,3 +430,66 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(
         assert time.monotonic() < deadline, (victim_cores, ray_cluster.replica_pids("VLLM::"))
         time.sleep(1)
     assert not set(engines) & set(victim_cores)
+
+
+def _streamed_text(gateway: Gateway, messages: list[dict[str, str]]) -> str:
+    parts = []
+    with httpx.stream(
+        "POST",
+        f"{gateway.url}/v1/chat/completions",
+        json={
+            "model": gateway.model,
+            "messages": messages,
+            "max_tokens": 16,
+            "temperature": 0,
+            "stream": True,
+        },
+        timeout=120,
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line.removeprefix("data: "))["choices"]:
+                    parts.append(choice["delta"].get("content") or "")
+    return "".join(parts)
+
+
+def test_without_shared_streams_each_request_streams_on_its_own(
+    ray_cluster: RayHead,
+    test_env: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # `shared_streams: false`: each request's steps on its own call, cancelled with its
+    # client. A second gateway and application on the same cluster (its replica asks for
+    # no CPU: the first gateway's two replicas hold the cluster's two).
+    models_yaml = f"""
+cluster:
+  backend: ray
+  address: {ray_cluster.address}
+  namespace: aligngate-test-own
+  shared_streams: false
+models:
+  - name: smollm2-135m-instruct
+    path: builtin:smollm2-135m-instruct
+    max_model_len: 4096
+    replicas: 1
+    num_cpus: 0
+"""
+    own = start_own_gateway(tmp_path_factory.mktemp("ray-own"), models_yaml, test_env, {})
+    try:
+        whole = chat(own, FRANCE, max_tokens=16, temperature=0)
+        assert whole.status_code == 200, whole.text
+        assert _streamed_text(own, FRANCE) == whole.json()["choices"][0]["message"]["content"]
+        asyncio.run(_open_and_drop(own, 2))
+        started = time.monotonic()
+        while True:  # the dropped streams' requests leave the replica's engine
+            replica = chat(own, FRANCE, max_tokens=2).headers[REPLICA]
+            held = metric(
+                own, "aligngate_replica_engine_requests", replica=replica, state="unfinished"
+            )
+            if not held:
+                break
+            assert time.monotonic() - started < 30, f"{held} requests left on the replica"
+            time.sleep(0.5)
+    finally:
+        assert stop_gateway(own) == 0, own.log_tail()

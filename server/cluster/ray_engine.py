@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from server.cluster.affinity import adapter_key
 from server.cluster.config import ClusterSettings
@@ -401,6 +401,22 @@ class RayEngine:
             return Overloaded(f"Every replica of model `{self.name}` is full.")
         return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
 
+    def _fail(
+        self,
+        exc: Exception,
+        replica: Replica | None,
+        started: bool,
+        on_replica: Callable[[Replica], None] | None,
+    ) -> NoReturn:
+        """Raise what a call's failure means (``_failure``); a request that fails for good
+        before any output still says which replica took it."""
+        failure = self._failure(exc, replica, started)
+        if not isinstance(failure, _Retry) and not started and on_replica and replica:
+            on_replica(replica)
+        if failure is exc:
+            raise exc
+        raise failure from exc
+
     def _took(self, replica: Replica) -> None:
         self._seen[replica.id] = (time.monotonic(), replica)
 
@@ -436,12 +452,7 @@ class RayEngine:
             raise  # the caller stopped reading: ``finally`` cancels the call
         except Exception as exc:
             over = True
-            failure = self._failure(exc, replica, started)
-            if not isinstance(failure, _Retry) and not started and on_replica and replica:
-                on_replica(replica)
-            if failure is exc:
-                raise
-            raise failure from exc
+            self._fail(exc, replica, started, on_replica)
         finally:
             if not over:
                 response.cancel()
@@ -483,13 +494,7 @@ class RayEngine:
             ) from exc
         except Exception as exc:  # the call's own error (``_pump``)
             done = True
-            failure = self._failure(exc, inbox.replica, started)
-            told = not isinstance(failure, _Retry) and not started
-            if told and on_replica is not None and inbox.replica is not None:
-                on_replica(inbox.replica)
-            if failure is exc:
-                raise
-            raise failure from exc
+            self._fail(exc, inbox.replica, started, on_replica)
         finally:
             self._inboxes.pop(request_id, None)
             if not done and not inbox.call_over:
