@@ -298,7 +298,8 @@ MAX_JUDGMENT_CHARS = 8000
 
 class FeedbackRequest(_Strict):
     """Feedback on one choice of a stored completion: a judgment (CUT), a rating, a label
-    (KTO) and/or a preference over another completion of the same prompt (DPO)."""
+    (KTO), a scalar reward (Quark) and/or a preference over another completion of the same
+    prompt (DPO)."""
 
     completion_id: str = Field(min_length=1, max_length=64)
     choice_index: int = Field(default=0, ge=0, le=1024)
@@ -308,6 +309,9 @@ class FeedbackRequest(_Strict):
     rating: Literal[-1, 1, 2, 3, 4, 5] | None = None
     rating_scale: Literal["thumbs", "stars"] | None = None
     label: Literal["desirable", "undesirable"] | None = None
+    # An explicit reward, taken as given (ratings and labels map to [0, 1]; exports compare
+    # rewards within one pool, so mixing scales there is the sender's choice).
+    reward: float | None = Field(default=None, ge=-1e6, le=1e6, allow_inf_nan=False)
     preferred_over: str | None = Field(default=None, min_length=1, max_length=64)
     # Which choice of ``preferred_over`` lost (default 0).
     preferred_over_choice: int | None = Field(default=None, ge=0, le=1024)
@@ -327,8 +331,9 @@ class FeedbackRequest(_Strict):
 
     @model_validator(mode="after")
     def _check_signal(self) -> FeedbackRequest:
-        if all(v is None for v in (self.judgment, self.rating, self.label, self.preferred_over)):
-            raise ValueError("give at least one of judgment, rating, label, preferred_over")
+        signals = (self.judgment, self.rating, self.label, self.reward, self.preferred_over)
+        if all(v is None for v in signals):
+            raise ValueError("give at least one of judgment, rating, label, reward, preferred_over")
         if self.rating is None:
             if self.rating_scale is not None:
                 raise ValueError("rating_scale needs a rating")
@@ -356,6 +361,7 @@ class FeedbackPublic(BaseModel):
     preferred_over_choice: int | None = None
     annotator: str | None
     key_id: str  # which API key sent it (its id, never the key)
+    reward: float | None = None  # the explicit reward, as sent (None: none was)
     reviewed: bool
 
 
@@ -616,27 +622,44 @@ class AdapterLoadRequest(BaseModel):
     base: str | None = Field(default=None, max_length=128)
 
 
-class CutHyperparameters(BaseModel):
-    """CUT training settings of an online iteration (DESIGN.md §7; defaults: the paper's
-    online iterations, except warm-up, which is scaled to the small data of one iteration)."""
+class Hyperparameters(BaseModel):
+    """Training settings of an online iteration: any field of the method's config (shared:
+    LoRA, schedule, batch, length; per method: CUT's threshold, KTO's and DPO's beta, Quark's
+    coefficients). A field left out keeps the method's default, the same one ``aligngate
+    train`` uses (``server/training``); a field of another method is refused."""
 
     model_config = ConfigDict(extra="forbid")
 
-    threshold: float = Field(default=1.1, gt=0, le=100)
-    weight_unlike: float = Field(default=1.0, ge=0, le=100)
-    downsample: float = Field(default=0.25, ge=-1, le=100)
-    lora_r: Literal[1, 8, 16, 32, 64] = 16
+    # shared by every method
+    lora_r: Literal[1, 8, 16, 32, 64] | None = None
     lora_alpha: int | None = Field(default=None, ge=1, le=1024)
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    learning_rate: float = Field(default=4e-4, gt=0, le=1)
-    warmup_steps: int = Field(default=0, ge=0, le=100_000)
-    warmup_ratio: float = Field(default=0.1, ge=0, le=1)
-    batch_size: int = Field(default=8, ge=1, le=1024)
-    epochs: int = Field(default=1, ge=1, le=100)
-    cutoff: int = Field(default=2048, ge=16, le=131_072)
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
+    lora_dropout: float | None = Field(default=None, ge=0, lt=1)
+    learning_rate: float | None = Field(default=None, gt=0, le=1)
+    warmup_steps: int | None = Field(default=None, ge=0, le=100_000)
+    warmup_ratio: float | None = Field(default=None, ge=0, le=1)
+    batch_size: int | None = Field(default=None, ge=1, le=1024)
+    micro_batch_size: int | None = Field(default=None, ge=1, le=1024)
+    epochs: int | None = Field(default=None, ge=1, le=100)
+    max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    cutoff: int | None = Field(default=None, ge=16, le=131_072)
+    seed: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    dtype: Literal["auto", "float32", "bfloat16"] | None = None  # auto: bf16 on GPUs
     threads: int | None = Field(default=None, ge=1, le=256)
+    # cut
+    threshold: float | None = Field(default=None, gt=0, le=100)
+    weight_unlike: float | None = Field(default=None, ge=0, le=100)
+    downsample: float | None = Field(default=None, ge=-1, le=100)
+    # kto, dpo
+    beta: float | None = Field(default=None, gt=0, le=100)
+    desirable_weight: float | None = Field(default=None, gt=0, le=100)
+    undesirable_weight: float | None = Field(default=None, gt=0, le=100)
+    loss_type: Literal["sigmoid", "hinge", "ipo", "robust", "bco_pair", "apo_zero"] | None = None
+    # quark
+    kl_coef: float | None = Field(default=None, ge=0, le=100)
+    entropy_coef: float | None = Field(default=None, ge=0, le=100)
+
+    def given(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
 
 
 class GateRequest(_Strict):
@@ -661,8 +684,14 @@ class AlignRequest(_Strict):
     model: str = Field(max_length=128)
     # ISO-8601 or epoch seconds; default: where the previous iteration stopped.
     since: str | None = Field(default=None, max_length=64)
-    min_judged: int = Field(default=1, ge=1, le=1_000_000)
-    hyperparameters: CutHyperparameters = Field(default_factory=CutHyperparameters)
+    # How to train (default: the model's `online.method` in the models file, else its
+    # family's: cut, kto, dpo or quark).
+    method: Literal["cut", "kto", "dpo", "quark"] | None = None
+    # The fewest usable pieces of the method's feedback (judged responses, labelled
+    # responses, pairs, scored generations) to train on; default: the method's.
+    min_examples: int | None = Field(default=None, ge=1, le=1_000_000)
+    min_judged: int | None = Field(default=None, ge=1, le=1_000_000)  # older name of it
+    hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     # Poisoning guard (OWASP LLM04): only reviewed judgments train, or those of these
     # annotators (added to ALIGNGATE_TRUSTED_ANNOTATORS) — unless include_unreviewed.
     # API key ids whose judgments train unreviewed (besides ALIGNGATE_TRUSTED_ANNOTATORS and

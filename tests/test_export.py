@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 from server.feedback.export import (
-    assign_quantiles,
     build_export,
     to_cut,
     to_dpo,
@@ -155,44 +154,18 @@ def test_dpo_pairs_from_preferences_and_from_rated_choices() -> None:
     ]
 
 
-def test_quantiles_per_prompt() -> None:
-    assert assign_quantiles([0.1, 0.9, 0.5, 0.3, 0.7]) == [4, 0, 2, 3, 1]
-    # 12 generations: groups of 2, the remainder (2 more) to the last quantile.
-    rewards = [float(r) for r in range(12)]
-    q = assign_quantiles(rewards)
-    assert [q[i] for i in sorted(range(12), key=lambda i: -rewards[i])] == [
-        0,
-        0,
-        1,
-        1,
-        2,
-        2,
-        3,
-        3,
-        4,
-        4,
-        4,
-        4,
-    ]
-    assert assign_quantiles([0.2, 0.8]) == [1, 0]  # fewer than K: by rank
-
-
 def test_quark_records() -> None:
+    """ALT's data pool: one object per prompt, generations best first. Two rated answers are
+    fewer than K = 5, so both get the worst token (the rule: ``tests/test_quantiles.py``)."""
     rows = [fb("a", 0, rating=1, rating_scale="stars"), fb("a", 1, rating=5, rating_scale="stars")]
-    out = to_quark(rows, RECORDS)
-    assert out == [
+    assert to_quark(rows, RECORDS) == [
         {
             "prompt": "Name the capital of Australia.",
-            "generation": "Sydney.",
-            "reward": 0.0,
-            "quantile_token": "_QUANTILE_TOKEN_1_",
-        },
-        {
-            "prompt": "Name the capital of Australia.",
-            "generation": "Canberra.",
-            "reward": 1.0,
-            "quantile_token": "_QUANTILE_TOKEN_0_",
-        },
+            "generations": ["Canberra.", "Sydney."],
+            "rewards": [1.0, 0.0],
+            "quantile_tokens": ["_QUANTILE_TOKEN_4_", "_QUANTILE_TOKEN_4_"],
+            "quantiles": [4, 4],
+        }
     ]
 
 

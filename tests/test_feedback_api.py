@@ -109,6 +109,8 @@ def test_feedback_errors(client: openai.OpenAI, gateway: Gateway) -> None:
         ({"completion_id": reply.id}, 400, None),
         ({"completion_id": reply.id, "rating": 7}, 400, "rating"),
         ({"completion_id": reply.id, "label": "great"}, 400, "label"),
+        ({"completion_id": reply.id, "reward": 2e6}, 400, "reward"),
+        ({"completion_id": reply.id, "reward": "high"}, 400, "reward"),
         ({"completion_id": reply.id, "choice_index": 3, "rating": 1}, 400, "choice_index"),
         ({"completion_id": reply.id, "preferred_over": "chatcmpl-missing"}, 404, "preferred_over"),
     ]
@@ -297,19 +299,22 @@ def test_dpo_and_quark_exports_end_to_end(
             "rejected": pair.choices[0].message.content,
         },
     ]
+    # An explicit reward alone is feedback, shown as sent.
+    rewarded = post_feedback(gateway, completion_id=b.id, reward=0.5)
+    assert rewarded.status_code == 201 and rewarded.json()["reward"] == 0.5
     quark = export("quark", test_env, tmp_path, since, gateway.model)
+    # ALT's data pool, best first: three rewards are fewer than K = 5, so all get the worst.
     assert quark == [
         {
             "prompt": "What is the capital of Australia?",
-            "generation": pair.choices[0].message.content,
-            "reward": 0.25,
-            "quantile_token": "_QUANTILE_TOKEN_1_",
-        },
-        {
-            "prompt": "What is the capital of Australia?",
-            "generation": pair.choices[1].message.content,
-            "reward": 1.0,
-            "quantile_token": "_QUANTILE_TOKEN_0_",
+            "generations": [
+                pair.choices[1].message.content,
+                b.choices[0].message.content,
+                pair.choices[0].message.content,
+            ],
+            "rewards": [1.0, 0.5, 0.25],
+            "quantile_tokens": ["_QUANTILE_TOKEN_4_"] * 3,
+            "quantiles": [4, 4, 4],
         },
     ]
 

@@ -209,6 +209,20 @@ async def test_verdicts_become_feedback_under_the_judges_key(tmp_path: Path) -> 
         assert stored.raw_replies == [JUDGMENT_BAD] and stored.latency_ms == 1500
         assert stored.prompt_version.startswith("judgment-v1.jinja@")
 
+        scorer = build_judge(
+            JudgeEntry(name="scorer", kind="score", url="self", model="m"), self_url="http://x/v1"
+        )
+        scored = Verdict(
+            judge="scorer", kind="score", judge_model="m", prompt_version=scorer.prompt.version,
+            label="desirable", judgment=None, score=7.0, raw_reply="Rating: [[7]]",
+            latency_s=1, requests=1, prompt_tokens=1, completion_tokens=1,
+        )  # fmt: skip
+        await store_verdict(store, scorer, record, 1, scored, "cli")
+        _, feedback = await store.get_completion(record.id)
+        (score_fb,) = [f for f in feedback if f.annotator == "judge:scorer"]
+        # The 1-10 score on the [0, 1] scale of ratings and labels: (7 - 1) / 9.
+        assert score_fb.label == "desirable" and score_fb.reward() == pytest.approx(6 / 9)
+
         pair_judge = build_judge(
             JudgeEntry(name="pair", kind="pairwise", url="self", model="m"), self_url="http://x/v1"
         )

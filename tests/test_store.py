@@ -369,3 +369,70 @@ async def test_a_preference_names_the_losing_choice_of_the_same_prompt(store: St
         await store.add_feedback(
             FeedbackCreate(completion_id="pair", rating=1, preferred_over_choice=1)
         )
+
+
+async def test_an_explicit_reward_round_trips(store: Store) -> None:
+    store.record_completion(completion("c1", n=2)).result(timeout=10)
+    rated = FeedbackCreate(completion_id="c1", rating=1, rating_scale="thumbs")
+    # No reward: the payload (and so a replay's hash) is what it was before the field.
+    assert "reward" not in rated.payload()
+    row, _ = await store.add_feedback(
+        FeedbackCreate(completion_id="c1", choice_index=1, reward=-2.5, idempotency_key="x")
+    )
+    assert (row.explicit_reward, row.reward(), row.polarity()) == (-2.5, -2.5, None)
+    await store.add_feedback(rated)
+    _, feedback = await store.get_completion("c1")
+    assert [(f.explicit_reward, f.reward()) for f in feedback] == [(-2.5, -2.5), (None, 1.0)]
+    rows, _ = store.export_rows()
+    assert [r.explicit_reward for r in rows] == [-2.5, None]
+    again, created = await store.add_feedback(
+        FeedbackCreate(completion_id="c1", choice_index=1, reward=-2.5, idempotency_key="x")
+    )
+    assert not created and again.id == row.id
+    with pytest.raises(IdempotencyConflict):
+        await store.add_feedback(
+            FeedbackCreate(completion_id="c1", choice_index=1, reward=3.0, idempotency_key="x")
+        )
+
+
+def test_m006_adds_the_reward_column_to_an_older_database(store_url: str) -> None:
+    """A database at m005 (feedback without ``reward``) gains the column; its rows read
+    as having no explicit reward, and new rows store one."""
+    from sqlalchemy import delete, inspect, text
+
+    from server.store.database import open_engine
+    from server.store.schema import MIGRATIONS, completions, feedback, migrations_table
+
+    engine = open_engine(store_url)
+    with engine.begin() as conn:
+        migrations_table.create(conn, checkfirst=True)
+        for name, apply in MIGRATIONS[:5]:  # m001 … m005
+            apply(conn)
+            conn.execute(migrations_table.insert().values(name=name, applied_at=0.0))
+        # m001 builds today's table; without the column, it is the table as m005 left it.
+        conn.execute(text("ALTER TABLE feedback DROP COLUMN reward"))
+    assert "reward" not in {c["name"] for c in inspect(engine).get_columns("feedback")}
+    engine.dispose()
+    store = Store.open(store_url)
+    try:
+        store.record_completion(completion("c1")).result(timeout=10)
+        with store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO feedback (id, created_at, completion_id, choice_index, model, "
+                    "label, key_id, payload_hash, reviewed, seq) VALUES "
+                    "('fb-old', 1.0, 'c1', 0, 'm', 'desirable', 'anonymous', 'h', false, 0)"
+                )
+            )
+        assert migrate(store.engine) == []
+        row, _ = asyncio.run(store.add_feedback(FeedbackCreate(completion_id="c1", reward=0.25)))
+        rows, _ = store.export_rows()
+        assert [(r.id, r.explicit_reward, r.reward()) for r in rows] == [
+            ("fb-old", None, 1.0),
+            (row.id, 0.25, 0.25),
+        ]
+    finally:
+        with store.engine.begin() as conn:
+            conn.execute(delete(feedback))
+            conn.execute(delete(completions))
+        store.close()

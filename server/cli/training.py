@@ -19,79 +19,84 @@ log = logging.getLogger("aligngate")
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 
 
-# CUT's settings as flags of `train cut` and `align`: (flag, CutConfig field, type, help).
-# Their defaults are CutConfig's (`train cut`) or the server's (`align`), never repeated here.
-CUT_FLAGS: tuple[tuple[str, str, type, str], ...] = (
-    ("--threshold", "threshold", float, "p_A / p_B above this flags a token as an error"),
-    ("--weight-unlike", "weight_unlike", float, "weight of the unlikelihood term"),
-    ("--downsample", "downsample", float, "fine responses kept per judged one (<0: all)"),
-    ("--lora-r", "lora_r", int, "LoRA rank"),
-    ("--lora-alpha", "lora_alpha", int, "LoRA alpha (with --lora-r alone: the rank)"),
-    ("--lora-dropout", "lora_dropout", float, "LoRA dropout"),
-    ("--target-modules", "target_modules", str, "LoRA modules, comma-separated"),
-    ("--lr", "learning_rate", float, "peak learning rate (cosine schedule)"),
-    ("--warmup-steps", "warmup_steps", int, "linear warm-up steps, at most"),
-    ("--warmup-ratio", "warmup_ratio", float, "warm-up as a fraction of the run's steps"),
-    ("--batch-size", "batch_size", int, "examples per optimizer step"),
-    ("--epochs", "epochs", int, "passes over the data"),
-    ("--cutoff", "cutoff", int, "tokens per sequence; longer ones are cut from the left"),
-    ("--seed", "seed", int, "random seed"),
-    ("--dtype", "dtype", str, "training precision (auto: bfloat16 on GPUs, float32 on CPUs)"),
-    ("--threads", "threads", int, "torch CPU threads"),
-    ("--device", "device", str, "auto (CUDA when present), cpu, cuda or cuda:N"),
-    ("--gradient-checkpointing", "gradient_checkpointing", bool, "recompute activations"),
-)
+# Flags whose name differs from their config field (``--lr`` is what trainers' users type).
+_FLAG_NAMES = {"learning_rate": "--lr"}
 # A server's iterations train where its resource plan says (models file `resources:`).
 _NOT_PER_REQUEST = {"target_modules", "device", "gradient_checkpointing"}
 
 
-def _add_cut_flags(parser: argparse.ArgumentParser, server_defaults: bool = False) -> None:
-    """The CUT flags, all defaulting to None so that only those given override."""
-    from server.training.trainer import CutConfig
+def _flag(name: str) -> str:
+    return _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
 
-    base = CutConfig()
-    for flag, dest, kind, text in CUT_FLAGS:
+
+def _config_fields(configs: list[type]) -> dict[str, tuple[str, str]]:
+    """field → (type annotation, help), over ``configs`` (their union, first wins)."""
+    from server.training.arguments import field_help
+
+    fields: dict[str, tuple[str, str]] = {}
+    for config in configs:
+        for name, kind, text in field_help(config):
+            fields.setdefault(name, (str(kind), text))
+    return fields
+
+
+def _add_config_flags(
+    parser: argparse.ArgumentParser, configs: list[type], server_defaults: bool = False
+) -> None:
+    """A flag per config field, all defaulting to None so that only those given override.
+    ``configs``: one method's config (``train``) or all of them (``align``)."""
+    import dataclasses
+
+    defaults = {} if server_defaults else dataclasses.asdict(configs[0]())
+    for dest, (kind, text) in _config_fields(configs).items():
         if server_defaults and dest in _NOT_PER_REQUEST:
             continue  # not a setting of the server's iterations
-        default = getattr(base, dest)
-        shown = ",".join(default) if isinstance(default, tuple) else default
+        default = defaults.get(dest)
+        shown = ",".join(default) if isinstance(default, tuple | list) else default
         if server_defaults:
-            shown = "the server's"
-        if kind is bool:
+            shown = "the method's"
+        help_text = f"{text} (default: {shown})"
+        if kind == "bool":
             parser.add_argument(
-                flag,
+                _flag(dest),
                 dest=dest,
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"{text} (default: {shown})",
+                help=help_text,
             )
             continue
         parser.add_argument(
-            flag,
+            _flag(dest),
             dest=dest,
-            type=kind,
+            type=int if kind.startswith("int") else float if kind == "float" else str,
             choices=["auto", "float32", "bfloat16"] if dest == "dtype" else None,
-            help=f"{text} (default: {shown})",
+            help=help_text,
+            metavar=None if dest == "dtype" else dest.upper(),
         )
 
 
-def _cut_overrides(args: argparse.Namespace) -> dict[str, object]:
-    """The CUT settings given as flags, by CutConfig field."""
-    given = {d: getattr(args, d) for _, d, *_ in CUT_FLAGS if getattr(args, d, None) is not None}
+def _config_overrides(args: argparse.Namespace, configs: list[type]) -> dict[str, object]:
+    """The settings given as flags, by config field."""
+    given = {
+        d: getattr(args, d) for d in _config_fields(configs) if getattr(args, d, None) is not None
+    }
     if isinstance(given.get("target_modules"), str):
         given["target_modules"] = tuple(given["target_modules"].split(","))  # type: ignore[union-attr]
     return given
 
 
-def _cut_config(args: argparse.Namespace) -> object:
-    """CutConfig's defaults, then ``--hyperparameters FILE``, then the flags; LoRA alpha
+def _method_config(args: argparse.Namespace) -> object:
+    """The method's defaults, then ``--hyperparameters FILE``, then the flags; LoRA alpha
     follows the rank unless set."""
     import dataclasses
 
-    from server.training.trainer import CutConfig
+    from server.training.methods import method
 
-    base = CutConfig.from_json(args.hyperparameters) if args.hyperparameters else CutConfig()
-    given = _cut_overrides(args)
+    config_class = method(args.method).config_class()
+    base = config_class.from_json(args.hyperparameters) if args.hyperparameters else None
+    given = _config_overrides(args, [config_class])
+    if base is None:
+        return config_class.from_dict(given)
     if "lora_r" in given and "lora_alpha" not in given:
         given["lora_alpha"] = given["lora_r"]
     return dataclasses.replace(base, **given)  # type: ignore[arg-type]
@@ -111,39 +116,79 @@ def _progress_writer(path: Path | None, bar: object):  # type: ignore[no-untyped
     return progress
 
 
-def _cmd_train_cut(args: argparse.Namespace, settings: Settings) -> int:
+def _train(args: argparse.Namespace, config: object, progress: object) -> dict[str, object]:
+    """Run ``args.method`` and return the summary line's fields."""
+    common = {
+        "base": args.base,
+        "data": args.data,
+        "out": args.out,
+        "config": config,
+        "family": args.family,
+        "template": args.template,
+        "base_name": args.base_name,
+        "init_adapter": args.init_adapter,
+        "progress": progress,
+        "trust_remote_code": args.trust_remote_code,
+    }
+    if args.method == "cut":
+        from server.training.trainer import train_cut_adapter
+
+        out, report, dataset = train_cut_adapter(**common)  # type: ignore[arg-type]
+        return {"adapter": str(out), **report.as_dict(), "judged": dataset.judged}
+    if args.method == "quark":
+        from server.training.quark import train_quark_adapter
+
+        tokens = args.quantile_tokens.split(",") if args.quantile_tokens else None
+        out, report = train_quark_adapter(
+            **common,  # type: ignore[arg-type]
+            eval_data=args.eval_data,
+            quantile_tokens=tokens,
+        )
+        return {"adapter": str(out), **report.as_dict()}
+    from server.training.preference import train_preference_adapter
+
+    out, report = train_preference_adapter(
+        args.method,
+        **common,  # type: ignore[arg-type]
+        eval_data=args.eval_data,
+    )
+    return {"adapter": str(out), **report.as_dict()}
+
+
+def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from tqdm import tqdm
 
     from server.training.cut_data import CutDataError
-    from server.training.trainer import TrainingMemoryError, placed, train_cut_adapter
+    from server.training.loop import TrainingMemoryError
+    from server.training.preference import PreferenceDataError
+    from server.training.quark import QuarkDataError
+    from server.training.trainer import placed
 
     if args.out.exists() and not args.overwrite:
         log.error("%s exists; pass --overwrite to replace it", args.out)
         return 2
+    if args.method == "cut" and args.eval_data is not None:
+        log.error("--eval-data: CUT measures its effect on its own judged data")
+        return 2
     try:
         # The device is decided (and a missing GPU refused) before anything loads.
-        config = placed(_cut_config(args))  # type: ignore[arg-type]
+        config = placed(_method_config(args))  # type: ignore[arg-type]
     except (OSError, ValueError, TypeError) as exc:  # PlatformError is a ValueError
         log.error("%s", exc)
         return 2
-    with tqdm(desc="CUT", unit="step", dynamic_ncols=True) as bar:
+    with tqdm(desc=args.method.upper(), unit="step", dynamic_ncols=True) as bar:
         try:
-            out, report, dataset = train_cut_adapter(
-                base=args.base,
-                data=args.data,
-                out=args.out,
-                config=config,  # type: ignore[arg-type]
-                family=args.family,
-                template=args.template,
-                base_name=args.base_name,
-                init_adapter=args.init_adapter,
-                progress=_progress_writer(args.progress_file, bar),
-                trust_remote_code=args.trust_remote_code,
-            )
-        except (CutDataError, FileNotFoundError, ValueError, TrainingMemoryError) as exc:
+            summary = _train(args, config, _progress_writer(args.progress_file, bar))
+        except (
+            CutDataError,
+            PreferenceDataError,
+            QuarkDataError,
+            FileNotFoundError,
+            ValueError,
+            TrainingMemoryError,
+        ) as exc:
             log.error("%s", exc)
             return 2
-    summary = {"adapter": str(out), **report.as_dict(), "judged": dataset.judged}
     print(json.dumps(summary))
     return 0
 
@@ -170,8 +215,38 @@ def _cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# train METHOD: (help, --data help)
+TRAIN_METHODS = {
+    "cut": (
+        "CUT: contrastive unlikelihood on judgments (CUT's own loss; README 'Training methods')",
+        "CUT-format JSON (the CUT repo's, or `aligngate export --format cut`)",
+    ),
+    "kto": (
+        "KTO on binary labels, with TRL's KTOTrainer",
+        "TRL's unpaired format, a JSON list of {prompt, completion, label} "
+        "(`aligngate export --format trl-kto`); HALOs' records are read too",
+    ),
+    "dpo": (
+        "DPO on preference pairs, with TRL's DPOTrainer",
+        "TRL's preference format, a JSON list of {prompt, chosen, rejected} "
+        "(`aligngate export --format dpo`)",
+    ),
+    "quark": (
+        "Quark as ALT trains it: quantile token + prompt → response, NLL + KL to the base",
+        "ALT's data pool, a JSON list of {prompt, generations, rewards, quantile_tokens} "
+        "(`aligngate export --format quark`)",
+    ),
+}
+
+
+def _all_configs() -> list[type]:
+    from server.training.methods import METHODS
+
+    return [m.config_class() for m in METHODS.values()]
+
+
 def _align_hyperparameters(args: argparse.Namespace) -> dict[str, object]:
-    return _cut_overrides(args)
+    return _config_overrides(args, _all_configs())
 
 
 def _cmd_align(args: argparse.Namespace, settings: Settings) -> int:
@@ -203,7 +278,8 @@ def _align_on_server(args: argparse.Namespace, settings: Settings) -> int:
     body = {
         "model": args.model,
         "since": args.since,
-        "min_judged": args.min_judged,
+        "method": args.method,
+        "min_examples": args.min_examples,
         "hyperparameters": _align_hyperparameters(args),
         "trusted_annotators": args.trusted_annotator or [],
         "include_unreviewed": args.include_unreviewed,
@@ -243,36 +319,39 @@ def _align_offline(args: argparse.Namespace, settings: Settings) -> tuple[int, d
 
     from pydantic import ValidationError
 
+    from server.errors import GatewayError
     from server.feedback.service import parse_since
     from server.models.models_file import ModelsFileError, load_deployment
-    from server.protocol import CutHyperparameters
+    from server.protocol import Hyperparameters
     from server.store import Store
+    from server.training.arguments import placed
     from server.training.merge import MergeError, merge_adapter
     from server.training.online import AlignJob, run_iteration
-    from server.training.service import cut_config, plan_offline, trusted_for
-    from server.training.trainer import placed
+    from server.training.service import method_config, plan_offline, trusted_for
 
     try:
         deployment = load_deployment(args.config)
         training = deployment.resources.training
+        trusted = trusted_for(settings, args.trusted_annotator or [], args.include_unreviewed)
+        plan = plan_offline(
+            deployment.models, settings, args.model, parse_since(args.since), trusted, args.method
+        )
         config = dataclasses.replace(
-            cut_config(CutHyperparameters(**_align_hyperparameters(args))),
+            method_config(plan.method, Hyperparameters(**_align_hyperparameters(args))),
             device=args.device or training.device,
             gradient_checkpointing=training.gradient_checkpointing,
         )
         config = placed(config)  # a missing GPU is refused here, before anything loads
-        trusted = trusted_for(settings, args.trusted_annotator or [], args.include_unreviewed)
-        plan = plan_offline(
-            deployment.models, settings, args.model, parse_since(args.since), trusted
-        )
-    except (ValidationError, ModelsFileError, ValueError) as exc:
+    except (ValidationError, ModelsFileError, ValueError, GatewayError) as exc:
         log.error("%s", exc)
         return 2, {}
-    job = AlignJob(id=f"align-{uuid.uuid4().hex[:12]}", model=args.model)
-    log.info("iteration %d on `%s`: training %s", plan.iteration, args.model, plan.out)
+    job = AlignJob(id=f"align-{uuid.uuid4().hex[:12]}", model=args.model, method=plan.method)
+    log.info(
+        "iteration %d on `%s` (%s): training %s", plan.iteration, args.model, plan.method, plan.out
+    )
     store = Store.open(settings.store_url())
     try:
-        asyncio.run(run_iteration(plan, store, config, job, min_records=args.min_judged))
+        asyncio.run(run_iteration(plan, store, config, job, min_records=args.min_examples))
     finally:
         store.close()
     result = job.public()
@@ -308,37 +387,48 @@ def _hot_load(args: argparse.Namespace, settings: Settings, name: object) -> int
 
 
 def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    train = sub.add_parser("train", help="train an adapter on collected judgments")
+    from server.training.methods import METHODS
+
+    train = sub.add_parser("train", help="train a LoRA adapter by a method: cut, kto, dpo or quark")
     train_sub = train.add_subparsers(dest="method", required=True)
-    cut = train_sub.add_parser(
-        "cut", help="CUT: contrastive unlikelihood on judgments, LoRA (DESIGN.md §7)"
-    )
-    cut.add_argument("--base", type=Path, required=True, help="base checkpoint folder")
-    cut.add_argument(
-        "--data",
-        type=Path,
-        required=True,
-        help="CUT-format JSON (the CUT repo's, or `aligngate export --format cut`)",
-    )
-    cut.add_argument("--out", type=Path, required=True, help="adapter folder to write")
-    cut.add_argument("--family", help="prompt format (default: as the registry detects it)")
-    cut.add_argument("--template", help="a template file replacing the family's")
-    cut.add_argument("--base-name", help="the served model name of the base (metadata)")
-    cut.add_argument("--init-adapter", type=Path, help="continue training this adapter")
-    cut.add_argument(
-        "--hyperparameters",
-        type=Path,
-        help="CUT settings as JSON (CutConfig's fields); flags override it",
-    )
-    _add_cut_flags(cut)
-    cut.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run the checkpoint's own code (as its models-file entry allows)",
-    )
-    cut.add_argument("--progress-file", type=Path, help="append one JSON line per step")
-    cut.add_argument("--overwrite", action="store_true")
-    cut.set_defaults(func=_cmd_train_cut)
+    for name, (text, data_help) in TRAIN_METHODS.items():
+        parser = train_sub.add_parser(name, help=text, description=text)
+        parser.add_argument("--base", type=Path, required=True, help="base checkpoint folder")
+        parser.add_argument("--data", type=Path, required=True, help=data_help)
+        parser.add_argument("--out", type=Path, required=True, help="adapter folder to write")
+        if name != "cut":
+            parser.add_argument(
+                "--eval-data",
+                type=Path,
+                help="held-out data in the same format: the loss and metrics before and "
+                "after are measured on it (default: up to 32 training examples)",
+            )
+        parser.add_argument("--family", help="prompt format (default: as the registry detects it)")
+        parser.add_argument("--template", help="a template file replacing the family's")
+        parser.add_argument("--base-name", help="the served model name of the base (metadata)")
+        parser.add_argument("--init-adapter", type=Path, help="continue training this adapter")
+        parser.add_argument(
+            "--hyperparameters",
+            type=Path,
+            help="settings as JSON (the method config's fields); flags override it",
+        )
+        _add_config_flags(parser, [METHODS[name].config_class()])
+        if name == "quark":
+            parser.add_argument(
+                "--quantile-tokens",
+                help="the model's quantile prefixes, best first, comma-separated "
+                "(default: the family's _QUANTILE_TOKEN_0_ … _QUANTILE_TOKEN_4_)",
+            )
+        parser.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="run the checkpoint's own code (as its models-file entry allows)",
+        )
+        parser.add_argument(
+            "--progress-file", type=Path, help="append one JSON line per optimizer step"
+        )
+        parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+        parser.set_defaults(func=_cmd_train)
 
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base (a plain checkpoint)")
     merge.add_argument("--base", type=Path, required=True)
@@ -372,7 +462,19 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
         help="with --config: also merge the new adapter into its base, written here",
     )
     align.add_argument("--since", help="judgments from this time on (default: since the last)")
-    align.add_argument("--min-judged", type=int, default=1)
+    align.add_argument(
+        "--method",
+        choices=["cut", "kto", "dpo", "quark"],
+        help="how to train (default: the model's online.method, else its family's)",
+    )
+    align.add_argument(
+        "--min-examples",
+        "--min-judged",
+        dest="min_examples",
+        type=int,
+        help="the fewest usable pieces of the method's feedback to train on (judged "
+        "responses, labels, pairs, rewards; default: the method's)",
+    )
     align.add_argument(
         "--device",
         help="with --config: auto, cpu, cuda or cuda:N (default: the models file's "
@@ -391,5 +493,5 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
         help="train on every judgment, reviewed or not (poisoning risk: see README)",
     )
     align.add_argument("--admin-key", help="default: ALIGNGATE_ADMIN_KEY")
-    _add_cut_flags(align, server_defaults=True)
+    _add_config_flags(align, _all_configs(), server_defaults=True)
     align.set_defaults(func=_cmd_align)

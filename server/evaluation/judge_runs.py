@@ -148,13 +148,17 @@ async def store_verdict(
     store: Store, judge: Judge, record: CompletionRecord, choice: int, verdict: Verdict, source: str
 ) -> JudgeCallRow:
     """A judgment/score verdict → feedback (label; the judgment text when something is
-    wrong) under the judge's key id and annotator, with its judge_calls row."""
+    wrong; a score judge's score as the reward) under the judge's key id and annotator,
+    with its judge_calls row."""
     entry = judge.entry
     fb = FeedbackCreate(
         completion_id=record.id,
         choice_index=choice,
         judgment=verdict.judgment,
         label=verdict.label,
+        # The 1-10 score mapped onto [0, 1], the scale of thumbs, stars and labels, so that
+        # a Quark pool mixing a score judge with human ratings compares like with like.
+        reward=None if verdict.score is None else (verdict.score - 1) / 9,
         annotator=entry.annotator,
         key_id=entry.stored_key_id,
     )

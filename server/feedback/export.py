@@ -4,8 +4,11 @@
   (judgment null for a response judged fine).
 - ``kto``: HALOs' ``binary_feedback`` records; ``trl-kto``: TRL's ``{prompt, completion, label}``.
 - ``dpo``: TRL's ``{prompt, chosen, rejected}``.
-- ``quark``: ``{prompt, generation, reward, quantile_token}`` with rewards mapped to K
-  quantiles per prompt.
+- ``quark``: ALT's data pool, one object per prompt (the instruction text):
+  ``{prompt, generations, rewards, quantile_tokens, quantiles}``, generations best first.
+  Rewards are ``FeedbackRow.reward()`` (explicit, score judge, rating or label); quantiles
+  follow ``quantiles.py`` (per prompt with at least K generations, else pooled over the
+  window; a pool smaller than K gets the worst quantile).
 Prompts that are text are the exact prompt the model was served with (rendered by the same
 renderer at serving time and stored with the completion), whole conversations included: the
 system message and earlier turns. TRL-format prompts (``trl-kto``, ``dpo``) start with the
@@ -30,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from server.feedback.quantiles import quantile_pools
 from server.store import CompletionRecord, FeedbackRow
 
 QUANTILE_TOKENS = [f"_QUANTILE_TOKEN_{k}_" for k in range(5)]
@@ -203,39 +207,38 @@ def rated_pairs(rows: Rows, records: Records) -> list[dict[str, Any]]:
     return out
 
 
-def assign_quantiles(rewards: list[float], k: int = len(QUANTILE_TOKENS)) -> list[int]:
-    """Quantile of each reward among one prompt's generations: sort descending, split into k
-    equal groups, the remainder to the last. With fewer than k generations each gets its
-    rank (best 0)."""
-    order = sorted(range(len(rewards)), key=lambda i: rewards[i], reverse=True)
-    size = len(rewards) // k
-    quantiles = [0] * len(rewards)
-    for rank, i in enumerate(order):
-        quantiles[i] = min(rank // size, k - 1) if size else min(rank, k - 1)
-    return quantiles
+@dataclass(frozen=True)
+class _Generation:
+    prompt: str
+    text: str
+    reward: float
 
 
 def to_quark(rows: Rows, records: Records) -> list[dict[str, Any]]:
-    items: list[dict[str, Any]] = []
+    items: list[_Generation] = []
     for fb in rows:
         reward = fb.reward()
         if reward is None:
             continue
         record = records[fb.completion_id]
-        items.append(
+        prompt = instruction_of(record, fb.choice_index)
+        items.append(_Generation(prompt, output_of(record, fb.choice_index), reward))
+    by_prompt: dict[str, list[tuple[_Generation, int]]] = defaultdict(list)
+    for item, q in zip(items, quantile_pools(items, len(QUANTILE_TOKENS)), strict=True):
+        by_prompt[item.prompt].append((item, q))
+    out: list[dict[str, Any]] = []
+    for prompt, group in by_prompt.items():
+        group.sort(key=lambda pair: pair[0].reward, reverse=True)  # stable: ties in commit order
+        out.append(
             {
-                "prompt": instruction_of(record, fb.choice_index),
-                "generation": output_of(record, fb.choice_index),
-                "reward": reward,
+                "prompt": prompt,
+                "generations": [item.text for item, _ in group],
+                "rewards": [item.reward for item, _ in group],
+                "quantile_tokens": [QUANTILE_TOKENS[q] for _, q in group],
+                "quantiles": [q for _, q in group],
             }
         )
-    by_prompt: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for item in items:
-        by_prompt[item["prompt"]].append(item)
-    for group in by_prompt.values():
-        for item, q in zip(group, assign_quantiles([g["reward"] for g in group]), strict=True):
-            item["quantile_token"] = QUANTILE_TOKENS[q]
-    return items
+    return out
 
 
 @dataclass
@@ -250,7 +253,9 @@ class ExportReport:
 
 
 def _is_verdict(fb: FeedbackRow) -> bool:
-    return fb.polarity() is not None or bool(fb.judgment)
+    # Any reward counts (a neutral 3 stars, an explicit reward): Quark and rated DPO pairs
+    # use it even where KTO and CUT see no polarity.
+    return fb.polarity() is not None or bool(fb.judgment) or fb.reward() is not None
 
 
 @dataclass(frozen=True)

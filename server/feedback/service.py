@@ -41,6 +41,7 @@ def public(row: FeedbackRow) -> FeedbackPublic:
         annotator=row.annotator,
         key_id=row.key_id,
         reviewed=row.reviewed,
+        reward=row.explicit_reward,
     )
 
 
@@ -55,6 +56,7 @@ async def create_feedback(body: FeedbackRequest, request: Request, store: Store)
             rating=body.rating,
             rating_scale=body.rating_scale,
             label=body.label,
+            reward=body.reward,
             preferred_over=body.preferred_over,
             preferred_over_choice=body.preferred_over_choice,
             # A display label: the body's, else the name the keys file gives the key.

@@ -41,6 +41,9 @@ class FamilySpec(BaseModel):
     sampling: FamilySampling = Field(default_factory=FamilySampling)
     quantile_tokens: list[str] = Field(default_factory=list)
     default_quantile: int = Field(default=0, ge=0)
+    # How the online loop trains this family's models unless a models-file entry's
+    # `online.method` says otherwise: the method its checkpoints were aligned with.
+    training_method: Literal["cut", "kto", "dpo", "quark"] = "cut"
 
     @property
     def uses_checkpoint_template(self) -> bool:

@@ -50,6 +50,17 @@ class LoraSettings(BaseModel):
     max_cpu_loras: int = Field(default=8, ge=1, le=1024)  # adapters kept loaded
 
 
+class OnlineSettings(BaseModel):
+    """How the online loop trains this model (``POST /admin/align``, ``aligngate align``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Default: the family's `training_method` (templates/families.yaml): the method its
+    # checkpoints were aligned with (cut → cut, kto → kto, dpo → dpo, quark → quark,
+    # chat → cut).
+    method: Literal["cut", "kto", "dpo", "quark"] | None = None
+
+
 class AdapterEntry(BaseModel):
     """A LoRA adapter served from start-up: a folder under the adapters root."""
 
@@ -85,6 +96,7 @@ class ModelEntry(BaseModel):
     # API). Listing adapters turns it on with the defaults.
     lora: LoraSettings | None = None
     adapters: list[AdapterEntry] = Field(default_factory=list)
+    online: OnlineSettings = Field(default_factory=OnlineSettings)
     # GPUs (CUDA indices; more than one: tensor parallel) and this engine's memory on each,
     # as a fraction of the card (vLLM's gpu_memory_utilization) or in GiB. Unset: the
     # resource plan places the engine and gives it a share (`aligngate check` shows it).

@@ -82,15 +82,17 @@ class FeedbackCreate:
     annotator: str | None = None
     idempotency_key: str | None = None
     key_id: str = ANONYMOUS_KEY
+    reward: float | None = None  # explicit scalar reward (stored as the row's explicit_reward)
 
     def payload(self) -> dict[str, Any]:
         """What an idempotent replay must repeat exactly."""
         values = asdict(self)
         values.pop("idempotency_key")
         values.pop("key_id")
-        if values["preferred_over_choice"] is None:
-            # Absent, as before the field existed: a replay's hash stays the same.
-            values.pop("preferred_over_choice")
+        for field in ("preferred_over_choice", "reward"):
+            if values[field] is None:
+                # Absent, as before the field existed: a replay's hash stays the same.
+                values.pop(field)
         return values
 
 
@@ -113,16 +115,27 @@ class FeedbackRow:
     reviewed: bool = False
     preferred_over_choice: int | None = None
     seq: int | None = None  # commit order (see schema.counters)
+    # The ``reward`` column (m006); named apart from the ``reward()`` method.
+    explicit_reward: float | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> FeedbackRow:
-        return cls(**dict(row._mapping))
+        values = dict(row._mapping)
+        values["explicit_reward"] = values.pop("reward", None)
+        return cls(**values)
 
     @property
     def rejected_choice(self) -> int:
         return self.preferred_over_choice or 0
 
     def reward(self) -> float | None:
+        """The scalar reward: the explicit one when set, else the rating's or the label's.
+
+        Scale: ratings, labels and score judges all sit on [0, 1] — thumbs 0 or 1, stars
+        (r - 1) / 4, labels 0 or 1, a score judge's 1-10 score stored as (score - 1) / 9.
+        An explicit reward a user sent is taken as given (any finite value)."""
+        if self.explicit_reward is not None:
+            return self.explicit_reward
         return reward_of(self.rating, self.rating_scale, self.label)
 
     def polarity(self) -> bool | None:

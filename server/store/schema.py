@@ -80,6 +80,9 @@ feedback = Table(
     Column("reviewed", Boolean, nullable=False, default=False),
     # m002: the commit order (see ``counters``); iterations select by it, not by time.
     Column("seq", BigInteger),
+    # m006: an explicit scalar reward (a user's own, or a score judge's score on [0, 1]);
+    # None: the reward is the rating's or the label's (see ``FeedbackRow.reward``).
+    Column("reward", Float),
     UniqueConstraint("key_id", "idempotency_key", name="uq_feedback_idempotency"),
     Index("ix_feedback_created", "created_at", "id"),
     Index("ix_feedback_completion", "completion_id"),
@@ -222,6 +225,12 @@ def _m005_judge_calls(conn: Connection) -> None:
     judge_calls.create(conn, checkfirst=True)
 
 
+def _m006_feedback_reward(conn: Connection) -> None:
+    # DOUBLE PRECISION: what m001's Float is on PostgreSQL (FLOAT); REAL affinity on SQLite.
+    if "reward" not in {c["name"] for c in inspect(conn).get_columns("feedback")}:
+        conn.execute(text("ALTER TABLE feedback ADD COLUMN reward DOUBLE PRECISION"))
+
+
 # Append only. Each entry: (name, function applied inside one transaction).
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("m001_completions_and_feedback", _m001_initial),
@@ -229,4 +238,5 @@ MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("m003_completion_metadata", _m003_completion_metadata),
     ("m004_battles", _m004_battles),
     ("m005_judge_calls", _m005_judge_calls),
+    ("m006_feedback_reward", _m006_feedback_reward),
 ]

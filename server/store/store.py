@@ -604,6 +604,7 @@ def insert_feedback(
         idempotency_key=fb.idempotency_key,
         payload_hash=digest,
         seq=_next_seq(conn, FEEDBACK_SEQUENCE),
+        explicit_reward=fb.reward,
     )
     conn.execute(feedback.insert().values(**_feedback_values(row)))
     return row, True
@@ -628,6 +629,7 @@ def _feedback_values(row: FeedbackRow) -> dict[str, Any]:
         "reviewed": row.reviewed,
         "preferred_over_choice": row.preferred_over_choice,
         "seq": row.seq,
+        "reward": row.explicit_reward,
     }
 
 

@@ -1,5 +1,6 @@
-"""One online-alignment iteration (the CUT paper's loop, inside the gateway):
-judgments collected since the last iteration → CUT training data → LoRA training in a worker
+"""One online-alignment iteration (the CUT paper's loop, inside the gateway, for every
+method): feedback collected since the last iteration → the training data of the model's
+method (CUT, KTO, DPO or Quark: ``training.methods``) → LoRA training in a worker
 process (serving goes on; on a Ray cluster a Ray task, ``cluster.training``) →
 ``<adapters>/<base>-iter<K>`` → hot-loaded as model
 ``<base>-iter<K>``.
@@ -34,7 +35,8 @@ from server.feedback.export import build_export
 from server.models.adapter_meta import META_FILE, read_meta, write_json_atomic
 from server.store import Store
 from server.store.locks import HeldLock
-from server.training.trainer import CutConfig
+from server.training.arguments import TrainingArgs
+from server.training.methods import METHODS
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +67,9 @@ class AlignPlan:
     trust_remote_code: bool = False  # from the base's models-file entry
     # Feedback committed after this watermark (the previous iteration's); None: from the start.
     after_seq: int | None = None
+    method: str = "cut"  # cut | kto | dpo | quark (``training.methods``)
+    # Quark: the entry's own quantile prefixes (None: the family's).
+    quantile_tokens: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -104,6 +109,8 @@ def plan_iteration(
     since: float | None = None,
     trusted: tuple[str, ...] | None = (),
     trust_remote_code: bool = False,
+    method: str = "cut",
+    quantile_tokens: tuple[str, ...] | None = None,
 ) -> AlignPlan:
     history = previous_iterations(root, base_name)
     iteration = (history[-1]["iteration"] + 1) if history else 1
@@ -123,6 +130,8 @@ def plan_iteration(
         trusted=trusted,
         trust_remote_code=trust_remote_code,
         after_seq=after_seq,
+        method=method,
+        quantile_tokens=quantile_tokens,
     )
 
 
@@ -131,6 +140,7 @@ class AlignJob:
     id: str
     model: str
     status: Status = "queued"
+    method: str = "cut"
     adapter: str | None = None
     iteration: int | None = None
     since: float | None = None
@@ -139,7 +149,8 @@ class AlignJob:
     through_seq: int | None = None  # the watermark this iteration consumed up to
     feedback_rows: int = 0
     records: int = 0
-    judged: int = 0
+    judged: int = 0  # cut: judged responses
+    examples: int = 0  # the method's usable units: judged responses, labels, pairs, rewards
     superseded: int = 0  # verdicts replaced by a later one on the same choice
     conflicts: int = 0  # choices whose verdicts disagreed (the latest won)
     step: int = 0
@@ -164,7 +175,7 @@ def _train_command(plan: AlignPlan, data: Path, progress: Path, settings: Path) 
         "-m",
         "server.cli",
         "train",
-        "cut",
+        plan.method,
         "--base",
         str(plan.base_path),
         "--data",
@@ -186,6 +197,8 @@ def _train_command(plan: AlignPlan, data: Path, progress: Path, settings: Path) 
         cmd += ["--init-adapter", str(plan.init_adapter)]
     if plan.trust_remote_code:
         cmd += ["--trust-remote-code"]
+    if plan.quantile_tokens:
+        cmd += ["--quantile-tokens", ",".join(plan.quantile_tokens)]
     return cmd
 
 
@@ -238,10 +251,10 @@ async def _watch_progress(job: AlignJob, path: Path) -> None:
 async def run_iteration(
     plan: AlignPlan,
     store: Store,
-    config: CutConfig,
+    config: TrainingArgs,
     job: AlignJob,
     load: Callable[[str, str], Awaitable[None]] | None = None,
-    min_records: int = 1,
+    min_records: int | None = None,
     gate: Gate | None = None,
     lock: HeldLock | None = None,
     runner: TrainingRunner = run_here,
@@ -249,8 +262,12 @@ async def run_iteration(
     """Export → train (a worker process: ``runner`` starts it here or on a cluster) → write
     the adapter → ``load(name, folder)`` → ``gate(name)``: promoted only if it wins;
     otherwise it stays served under its own name. ``lock`` (the base's iteration lock, taken
-    before planning) is released at the end."""
+    before planning) is released at the end. ``min_records``: the fewest usable units of
+    the method's feedback (default: the method's own minimum); a window with fewer ends
+    the job before anything trains."""
+    method = METHODS[plan.method]
     job.iteration, job.since, job.adapter = plan.iteration, plan.since, plan.name
+    job.method = plan.method
     job.after_seq = plan.after_seq
     work = plan.root / ".align" / job.id
     try:
@@ -270,15 +287,16 @@ async def run_iteration(
             through_seq=job.through_seq,
             trusted=plan.trusted,
         )
-        items, report = build_export("cut", rows, records)
+        items, report = build_export(method.export_format, rows, records)
         job.feedback_rows, job.records = len(rows), len(items)
         job.superseded, job.conflicts = report.superseded, report.conflicts
-        job.judged = sum(1 for i in items if i["judgment"] is not None)
-        if job.judged < min_records:
-            which = "" if plan.trusted is None else " reviewed or by trusted keys"
+        job.examples = method.count(items)
+        if plan.method == "cut":
+            job.judged = job.examples
+        needed = min_records or method.min_units
+        if job.examples < needed:
             raise AlignError(
-                f"{job.judged} judged response(s){which} of `{plan.model}` since the last "
-                f"iteration; at least {min_records} needed"
+                method.shortfall(job.examples, needed, plan.model, plan.trusted is not None)
             )
         work.mkdir(parents=True, exist_ok=True)
         data = work / DATA_FILE
@@ -367,9 +385,9 @@ class AlignJobs:
         self,
         plan: AlignPlan,
         store: Store,
-        config: CutConfig,
+        config: TrainingArgs,
         load: Callable[[str, str], Awaitable[None]],
-        min_records: int = 1,
+        min_records: int | None = None,
         gate: Gate | None = None,
         lock: HeldLock | None = None,
         runner: TrainingRunner = run_here,
@@ -380,6 +398,7 @@ class AlignJobs:
         job = AlignJob(
             id=f"align-{uuid.uuid4().hex[:12]}",
             model=plan.model,
+            method=plan.method,
             adapter=plan.name,
             iteration=plan.iteration,
             since=plan.since,

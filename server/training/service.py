@@ -21,11 +21,14 @@ from server.models.adapter_files import AdapterFileError, inspect_adapter, resol
 from server.models.aliases import latest_alias
 from server.models.models_file import ModelEntry, ModelsFileError, build_renderer, resolve_path
 from server.models.registry import Registry
-from server.protocol import AlignRequest, CutHyperparameters, GateRequest
+from server.protocol import AlignRequest, GateRequest, Hyperparameters
 from server.resources.plan import Plan
 from server.resources.platform import GIB
 from server.settings import Settings
 from server.store import ANONYMOUS_KEY, BattleCreate, Store, judge_source
+from server.training.arguments import C, TrainingArgs, placed
+from server.training.loop import memory_needed
+from server.training.methods import method as method_named
 from server.training.online import (
     AlignError,
     AlignJob,
@@ -37,16 +40,33 @@ from server.training.online import (
     plan_iteration,
     run_here,
 )
-from server.training.trainer import CutConfig, memory_needed, placed
 
 
-def cut_config(h: CutHyperparameters) -> CutConfig:
-    values = h.model_dump()
-    values["lora_alpha"] = h.lora_alpha or h.lora_r
-    return CutConfig(**values)
+def method_config(method: str, h: Hyperparameters) -> TrainingArgs:
+    """The method's config: its defaults (the same as ``aligngate train``'s), then the
+    settings the request gave. A setting of another method is a 400 naming it."""
+    config_class = method_named(method).config_class()
+    given = h.given()
+    known = {f.name for f in dataclasses.fields(config_class)}
+    foreign = sorted(set(given) - known)
+    if foreign:
+        raise InvalidRequest(
+            f"{', '.join(foreign)}: not a setting of {method} (this iteration's method)",
+            param="hyperparameters",
+        )
+    return config_class.from_dict(given)
 
 
-def placed_by_plan(config: CutConfig, resources: Plan | None, base: Path) -> CutConfig:
+def method_of(entry: ModelEntry, family: str | None) -> str:
+    """The models file's ``online.method``, else the family's ``training_method``."""
+    from server.models.families import family as family_spec
+
+    if entry.online.method is not None:
+        return entry.online.method
+    return family_spec(family).training_method if family else "cut"
+
+
+def placed_by_plan(config: C, resources: Plan | None, base: Path) -> C:
     """The server's iterations train where its resource plan says (the training GPU, or
     the CPU), with its gradient-checkpointing setting; on a GPU an iteration whose estimate
     exceeds the reserve is refused before it starts, with the numbers."""
@@ -94,7 +114,11 @@ def trusted_keys(settings: Settings) -> list[str]:
 
 
 def plan_for(
-    registry: Registry, model: str, since: float | None, trusted: tuple[str, ...] | None = ()
+    registry: Registry,
+    model: str,
+    since: float | None,
+    trusted: tuple[str, ...] | None = (),
+    method: str | None = None,
 ) -> AlignPlan:
     served = registry.get(model)
     base = registry.get(served.parent) if served.parent else served
@@ -115,7 +139,13 @@ def plan_for(
         since=since,
         trusted=trusted,
         trust_remote_code=base.entry.trust_remote_code,
+        method=method or method_of(base.entry, base.renderer.family),
+        quantile_tokens=_entry_tokens(base.entry),
     )
+
+
+def _entry_tokens(entry: ModelEntry) -> tuple[str, ...] | None:
+    return tuple(entry.quantile_tokens) if entry.quantile_tokens else None
 
 
 def gate_judge(request: GateRequest, judges: dict[str, Judge]) -> Judge | None:
@@ -247,17 +277,26 @@ def start_align(
             "this store; try again when it has finished."
         )
     try:
-        plan = plan_for(registry, body.model, since, trusted)
+        plan = plan_for(registry, body.model, since, trusted, body.method)
 
         async def load(name: str, path: str) -> None:
             await registry.load_adapter(name, path, base=plan.base_name)
 
-        config = placed_by_plan(cut_config(body.hyperparameters), registry.plan, plan.base_path)
+        config = placed_by_plan(
+            method_config(plan.method, body.hyperparameters), registry.plan, plan.base_path
+        )
         gate = make_gate(
             body.gate, plan.base_name, registry, store, judges or {}, settings, metrics, key_id
         )
         return jobs.start(
-            plan, store, config, load, body.min_judged, gate, lock, training_runner(registry)
+            plan,
+            store,
+            config,
+            load,
+            body.min_examples or body.min_judged,
+            gate,
+            lock,
+            training_runner(registry),
         )
     except AlignError as exc:
         lock.release()
@@ -289,6 +328,7 @@ def plan_offline(
     model: str,
     since: float | None,
     trusted: tuple[str, ...] | None = (),
+    method: str | None = None,
 ) -> AlignPlan:
     """The plan for ``aligngate align --config FILE``, without a running server: ``model``
     is a models-file entry, one of its listed adapters, or an earlier iteration's folder
@@ -328,4 +368,6 @@ def plan_offline(
         since=since,
         trusted=trusted,
         trust_remote_code=entry.trust_remote_code,
+        method=method or method_of(entry, renderer.family),
+        quantile_tokens=_entry_tokens(entry),
     )
