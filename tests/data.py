@@ -97,3 +97,34 @@ def cut_records(n: int) -> list[dict[str, object]]:
 def write_cut_records(path: Path, n: int) -> Path:
     path.write_text(json.dumps(cut_records(n)))
     return path
+
+
+_SUBJECTS = ("the sea", "a library", "winter", "bicycles", "coffee", "the moon", "bees",
+             "rain", "tea", "maps", "clocks", "gardens", "trains", "salt", "owls", "glass",
+             "paper", "wind", "snow", "bread", "music", "rivers", "stones", "candles")  # fmt: skip
+
+
+def short_vs_long_pairs(start: int, n: int) -> list[dict[str, object]]:
+    """Preference pairs whose rule code can check: the short answer is preferred over the
+    same answer padded with filler. Subjects ``start`` … ``start + n - 1`` (disjoint slices
+    make a held-out set). Prompts are conversations, rendered by the family's template."""
+    pairs: list[dict[str, object]] = []
+    for subject in _SUBJECTS[start : start + n]:
+        short = f"{subject.capitalize()} is worth knowing about."
+        padded = (
+            f"{short} There is a great deal more to say about {subject}, and many people "
+            f"have written long essays on {subject} over the years, covering its history, "
+            "its uses and its meaning in everyday life."
+        )
+        prompt = [{"role": "user", "content": f"Tell me about {subject}."}]
+        pairs.append({"prompt": prompt, "chosen": short, "rejected": padded})
+    return pairs
+
+
+def unpaired(pairs: list[dict[str, object]]) -> list[dict[str, object]]:
+    """The pairs as KTO's unpaired examples, interleaved: chosen desirable, rejected not."""
+    out: list[dict[str, object]] = []
+    for pair in pairs:
+        out.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+        out.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    return out

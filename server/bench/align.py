@@ -12,6 +12,7 @@ the ratio is what the loop costs on top of training.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import tempfile
@@ -24,13 +25,13 @@ from server.models.adapter_meta import META_FILE
 from server.models.models_file import ModelEntry
 from server.models.registry import Registry
 from server.models.render import Message
-from server.protocol import CutHyperparameters
+from server.protocol import Hyperparameters
 from server.settings import Settings
 from server.store import Store
 from server.store.records import ChoiceRecord, CompletionRecord, FeedbackCreate
 from server.training.cut_data import read_records
 from server.training.online import DATA_FILE, AlignJob, run_iteration
-from server.training.service import cut_config, plan_for
+from server.training.service import method_config, plan_for
 from server.training.trainer import train_cut_adapter
 
 log = logging.getLogger(__name__)
@@ -73,14 +74,14 @@ def bench_align(
     *,
     judged: int,
     fine: int,
-    hyperparameters: CutHyperparameters,
+    hyperparameters: Hyperparameters,
 ) -> dict[str, Any]:
     records, _ = read_records(data)
     judged_records = [r for r in records if r.judgment is not None][:judged]
     fine_records = [r for r in records if r.judgment is None][:fine]
     if len(judged_records) < judged:
         raise ValueError(f"{data} has only {len(judged_records)} judged records")
-    config = cut_config(hyperparameters)
+    config = method_config("cut", hyperparameters)
 
     with tempfile.TemporaryDirectory(prefix="aligngate-bench-align-") as tmp:
         root = Path(tmp) / "adapters"
@@ -93,7 +94,9 @@ def bench_align(
                 await registry.start([entry], settings)
                 model = registry.get(entry.name)
                 await _seed(store, entry.name, model.renderer, judged_records + fine_records)
-                plan = plan_for(registry, entry.name, since=None, trusted=(ANNOTATOR,))
+                plan = plan_for(
+                    registry, entry.name, since=None, trusted=(ANNOTATOR,), method="cut"
+                )
                 job = AlignJob(id=f"align-{uuid.uuid4().hex[:12]}", model=entry.name)
 
                 async def load(name: str, path: str) -> None:
@@ -132,7 +135,7 @@ def bench_align(
         "judged": job.judged,
         "records": job.records,
         "trained_examples": dataset.judged + dataset.fine,
-        "hyperparameters": hyperparameters.model_dump(),
+        "hyperparameters": dataclasses.asdict(config),
         "iteration": {**job.timings, "train_loop": train},
         "baseline": {"train_s": round(baseline_s, 2), "train_loop": report.as_dict()},
         # > 1: what the loop (export, worker start-up, hot-load) adds to the training itself

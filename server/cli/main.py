@@ -287,7 +287,7 @@ def _bench_entry(args: argparse.Namespace, settings: Settings):  # type: ignore[
 
 def _cmd_bench_align(args: argparse.Namespace, settings: Settings) -> int:
     from server.bench.align import bench_align
-    from server.protocol import CutHyperparameters
+    from server.protocol import Hyperparameters
     from server.training.cut_data import CutDataError, read_records
 
     try:
@@ -308,7 +308,7 @@ def _cmd_bench_align(args: argparse.Namespace, settings: Settings) -> int:
         args.data,
         judged=args.judged,
         fine=args.fine,
-        hyperparameters=CutHyperparameters(dtype=args.dtype),
+        hyperparameters=Hyperparameters(dtype=args.dtype),
     )
     print(json.dumps(result, indent=2))
     if args.json:

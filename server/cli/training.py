@@ -167,9 +167,6 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     if args.out.exists() and not args.overwrite:
         log.error("%s exists; pass --overwrite to replace it", args.out)
         return 2
-    if args.method == "cut" and args.eval_data is not None:
-        log.error("--eval-data: CUT measures its effect on its own judged data")
-        return 2
     try:
         # The device is decided (and a missing GPU refused) before anything loads.
         config = placed(_method_config(args))  # type: ignore[arg-type]

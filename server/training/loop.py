@@ -248,6 +248,9 @@ def _evaluate(trainer: Any) -> dict[str, float]:
 def run(trainer: Any, report: TrainReport, *, evaluate: bool = True) -> TrainReport:
     """Train; with ``evaluate``, measure the trainer's eval set (a sample of the training
     data) before and after. The model is left in eval mode."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # stdout carries the run's JSON summary
     if evaluate:
         report.before = _evaluate(trainer)
     started = time.perf_counter()

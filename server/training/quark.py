@@ -172,9 +172,9 @@ def example_terms(model: Any, example: QuarkExample, config: QuarkConfig) -> Qua
     per_token = nll + config.kl_coef * kl - config.entropy_coef * entropy
     return QuarkTerms(
         loss=per_token.sum(),
-        nll=float(nll.sum()),
-        kl=float(kl.sum()),
-        entropy=float(entropy.sum()),
+        nll=float(nll.detach().sum()),
+        kl=float(kl.detach().sum()),
+        entropy=float(entropy.detach().sum()),
         tokens=n,
     )
 
