@@ -133,7 +133,7 @@ def _train(args: argparse.Namespace, config: object, progress: object) -> dict[s
     if args.method == "cut":
         from server.training.trainer import train_cut_adapter
 
-        out, report, dataset = train_cut_adapter(**common)  # type: ignore[arg-type]
+        out, report, dataset = train_cut_adapter(**common, eval_data=args.eval_data)  # type: ignore[arg-type]
         return {"adapter": str(out), **report.as_dict(), "judged": dataset.judged}
     if args.method == "quark":
         from server.training.quark import train_quark_adapter
@@ -393,13 +393,12 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
         parser.add_argument("--base", type=Path, required=True, help="base checkpoint folder")
         parser.add_argument("--data", type=Path, required=True, help=data_help)
         parser.add_argument("--out", type=Path, required=True, help="adapter folder to write")
-        if name != "cut":
-            parser.add_argument(
-                "--eval-data",
-                type=Path,
-                help="held-out data in the same format: the loss and metrics before and "
-                "after are measured on it (default: up to 32 training examples)",
-            )
+        parser.add_argument(
+            "--eval-data",
+            type=Path,
+            help="held-out data in the same format: the loss and metrics before and "
+            "after are measured on it (default: up to 32 training examples)",
+        )
         parser.add_argument("--family", help="prompt format (default: as the registry detects it)")
         parser.add_argument("--template", help="a template file replacing the family's")
         parser.add_argument("--base-name", help="the served model name of the base (metadata)")

@@ -151,8 +151,10 @@ def cut_trainer(
     work_dir: Path,
     report: TrainReport,
     progress: Progress | None = None,
+    eval_examples: list[CutExample] | None = None,
 ) -> Any:
-    """A ``Trainer`` whose loss is CUT's, over ``examples`` (each batch a list of them)."""
+    """A ``Trainer`` whose loss is CUT's, over ``examples`` (each batch a list of them);
+    evaluated on ``eval_examples`` (default: up to EVAL_EXAMPLES of ``examples``)."""
     from transformers import Trainer, TrainingArguments
 
     class _CutTrainer(Trainer):  # type: ignore[misc]
@@ -183,7 +185,7 @@ def cut_trainer(
         model=model,
         args=args,
         train_dataset=examples,
-        eval_dataset=examples[:EVAL_EXAMPLES],
+        eval_dataset=eval_examples or examples[:EVAL_EXAMPLES],
         data_collator=lambda batch: {"examples": batch},
         callbacks=[progress_callback(progress, report)],
     )
@@ -196,12 +198,13 @@ def train(
     progress: Progress | None = None,
     *,
     evaluate: bool = True,
+    eval_examples: list[CutExample] | None = None,
 ) -> TrainReport:
     if not examples:
         raise ValueError("no training examples")
     report = TrainReport(method="cut")
     with tempfile.TemporaryDirectory(prefix="aligngate-cut-") as work:
-        trainer = cut_trainer(model, examples, config, Path(work), report, progress)
+        trainer = cut_trainer(model, examples, config, Path(work), report, progress, eval_examples)
         run(trainer, report, evaluate=evaluate)
     return report
 
@@ -218,8 +221,11 @@ def train_cut_adapter(
     init_adapter: Path | None = None,
     progress: Progress | None = None,
     trust_remote_code: bool = False,
+    eval_data: Path | None = None,
 ) -> tuple[Path, TrainReport, CutDataset]:
-    """Data file → examples (with the served renderer) → LoRA training → adapter folder."""
+    """Data file → examples (with the served renderer) → LoRA training → adapter folder.
+    ``eval_data``: held-out records (same format) the CUT loss is measured on before and
+    after (default: up to 32 training examples)."""
     from server.training.cut_data import CutDataError, build_dataset, read_records
 
     config = placed(config)
@@ -247,10 +253,21 @@ def train_cut_adapter(
         dataset.fine_dropped,
         dataset.skipped,
     )
+    held_out = None
+    if eval_data is not None:
+        held_records, held_sha = read_records(eval_data)
+        held_out = build_dataset(
+            renderer,
+            held_records,
+            sha256=held_sha,
+            downsample_ratio=-1,  # every held-out record is measured
+            cutoff=config.cutoff,
+            seed=config.seed,
+        ).examples
     model = load_trainable(base, config, init_adapter, trust_remote_code=trust_remote_code)
     judged = [e for e in dataset.examples if e.judge_ids is not None][:EFFECT_EXAMPLES]
     before = flagged_logprobs(model, judged, config)
-    report = train(model, dataset.examples, config, progress)
+    report = train(model, dataset.examples, config, progress, eval_examples=held_out)
     report.effect = measure_effect(before, flagged_logprobs(model, judged, config))
     log.info("Effect on its own judged data: %s", report.effect)
     save_adapter(
@@ -269,6 +286,7 @@ def train_cut_adapter(
             "fine": dataset.fine,
             "fine_dropped": dataset.fine_dropped,
             "skipped": dataset.skipped,
+            "eval": str(eval_data) if eval_data else None,
         },
         report=report,
         init_adapter=init_adapter,
