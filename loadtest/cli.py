@@ -5,6 +5,7 @@ gateway with raw vLLM side by side.
         --concurrency 1,4,16 --num-requests 64 --max-tokens 128
     python -m loadtest compare --concurrency 1,16 --max-tokens 128
     python -m loadtest startup --rounds 3
+    python -m loadtest gate-power --json
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import json
 import os
 import sys
 from pathlib import Path
@@ -302,7 +304,26 @@ def build_parser() -> argparse.ArgumentParser:
     estimate.add_argument("--concurrency", type=_ints, default=[16, 64])
     estimate.add_argument("--front-ends", type=int, default=1)
     estimate.set_defaults(func=_cmd_estimate)
+
+    gate_power = sub.add_parser(
+        "gate-power",
+        help="simulate the promotion gate: false promotion at 0.50, power at 0.60 (exit 1 "
+        "when either misses its target)",
+    )
+    gate_power.add_argument("--runs", type=int, default=10_000, help="runs per point")
+    gate_power.add_argument("--seed", type=int, default=0)
+    gate_power.add_argument("--size", type=int, help="items per gate (default: the gate's)")
+    gate_power.add_argument("--json", action="store_true", help="print JSON, not a table")
+    gate_power.set_defaults(func=_cmd_gate_power)
     return parser
+
+
+def _cmd_gate_power(args: argparse.Namespace) -> int:
+    from loadtest.gate_power import markdown, simulate
+
+    result = simulate(runs=args.runs, seed=args.seed, size=args.size)
+    print(json.dumps(result, indent=2) if args.json else markdown(result))
+    return 0 if result["ok"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -671,10 +671,14 @@ class GateRequest(_Strict):
     # Instructions (a JSON list or JSONL of {instruction}): default ALIGNGATE_GATE_INSTRUCTIONS,
     # else the official AlpacaEval set.
     instructions: Text | None = Field(default=None, max_length=4096)
-    size: int = Field(default=32, ge=1, le=805)
+    # Items judged. Default: the fewest with ≥ 80 % power to promote a candidate whose true
+    # win rate is 0.60 with 30 % ties (README "The promotion gate").
+    size: int = Field(default=116, ge=1, le=805)
     max_tokens: int = Field(default=256, ge=1, le=8192)
-    min_win_rate: float = Field(default=0.5, ge=0, le=1)
-    min_lower_bound: float = Field(default=0.45, ge=0, le=1)
+    # superiority: promote only if the one-sided 95 % lower bound of the win rate (ties
+    # half) is above 0.5; non-inferiority: above 0.5 − margin (refresh training).
+    mode: Literal["superiority", "non-inferiority"] = "superiority"
+    margin: float = Field(default=0.05, ge=0, le=0.5)
     promote: bool = True  # False: judge and report only
 
 

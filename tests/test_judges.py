@@ -552,8 +552,9 @@ def test_an_iteration_is_promoted_only_when_it_wins_its_gate(sampling_gateway: G
     assert gate["wins"] + gate["losses"] + gate["ties"] == gate["judged"]
     assert gate["requests"] == 2 * 4  # both orders of every pair
     assert gate["prompt_tokens"] > 0 and gate["completion_tokens"] > 0
-    assert gate["low"] <= gate["win_rate"] <= gate["high"]
-    rule = gate["judged"] > 0 and gate["win_rate"] > 0.5 and gate["low"] > 0.45
+    assert gate["lower_bound"] <= gate["win_rate"] and 0 <= gate["p_value"] <= 1
+    assert gate["mode"] == "superiority" and 0 <= gate["flips"] <= gate["judged"]
+    rule = gate["decided"] and gate["judged"] > 0 and gate["lower_bound"] > 0.5
     assert job["promoted"] is gate["promoted"] is rule
     alias = httpx.get(f"{gw.url}/v1/models/{gw.model}@latest", timeout=10).json()
     assert alias["alias_of"] == (job["adapter"] if rule else gw.model)

@@ -15,7 +15,6 @@ from server.evaluation.ratings import (
     RatingsError,
     combine_both_orders,
     leaderboard,
-    promotion_gate,
     win_rate,
 )
 
@@ -171,32 +170,6 @@ def test_win_rate_counts_ties_half_with_a_wilson_interval() -> None:
     assert (rate.low, rate.high) == pytest.approx((0.5020, 0.6906), abs=1e-4)
     tied = win_rate(["win"] * 2 + ["tie"] * 2)
     assert tied.win_rate == 0.75 and (tied.wins, tied.losses, tied.ties, tied.n) == (2, 0, 2, 4)
-
-
-def test_gate_promotes_a_clear_win() -> None:
-    decision = promotion_gate(["win"] * 70 + ["loss"] * 25 + ["tie"] * 5)
-    assert decision.promoted
-    assert decision.win_rate == 0.725 and decision.low > 0.45
-    assert "0.725" in decision.reason
-
-
-def test_gate_refuses_a_clear_loss_and_an_even_match() -> None:
-    loss = promotion_gate(["win"] * 20 + ["loss"] * 75 + ["tie"] * 5)
-    assert not loss.promoted and "not above 0.5" in loss.reason
-    even = promotion_gate(["win"] * 40 + ["loss"] * 40 + ["tie"] * 20)
-    assert not even.promoted and even.win_rate == 0.5
-    assert not promotion_gate([]).promoted
-
-
-def test_gate_refuses_a_win_rate_whose_interval_reaches_the_bound() -> None:
-    # 12-8 is a 0.6 win rate, but over 20 prompts the interval goes down to ~0.39.
-    borderline = promotion_gate(["win"] * 12 + ["loss"] * 8)
-    assert borderline.win_rate == 0.6 and borderline.low < 0.45
-    assert not borderline.promoted and "reaches 0.45" in borderline.reason
-    # Three lucky wins are not evidence either.
-    assert not promotion_gate(["win"] * 3).promoted
-    # The same rate over enough prompts clears it.
-    assert promotion_gate(["win"] * 120 + ["loss"] * 80).promoted
 
 
 def test_both_orders_combine_agreeing_verdicts_and_tie_the_rest() -> None:

@@ -450,10 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     default.set_defaults(func=_cmd_default_model)
 
     from server.cli.check import add_check_command
+    from server.cli.gate import add_gate_commands
     from server.cli.judge import add_judge_command
     from server.cli.training import add_training_commands
 
     add_check_command(sub)
+    add_gate_commands(sub)
     add_judge_command(sub)
     add_training_commands(sub)
     return parser

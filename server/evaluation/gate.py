@@ -3,9 +3,9 @@
 The candidate and the version the alias serves now answer the same fixed instructions (an
 AlpacaEval slice by default) through their own renderers and engines, greedily; a pairwise
 judge compares each pair in both orders (a verdict that flips with the order is a tie); the
-candidate's win rate, ties counting half, must clear the gate
-(``ratings.promotion_gate``: by default above 0.5 with the 95 % interval's lower bound
-above 0.45).
+decision is ``gate_rule.decide``'s: by default the candidate must be better (superiority:
+the one-sided 95 % lower bound of its win rate, ties half, above 0.5), and the gate does not
+decide when too many verdicts were unreadable or flipped with the order.
 
 Owns: generating both sides, judging them, the report. Does not know: HTTP, the store,
 how a judge is reached (``compare`` is given).
@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from server.evaluation.batch import Item, batch_spec, engine_generator, load_instructions
-from server.evaluation.ratings import Outcome, promotion_gate
+from server.evaluation.gate_rule import GateRule, decide
+from server.evaluation.ratings import Outcome
 from server.models.registry import ServedModel
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,8 @@ class PairOutcome(Protocol):
     """What a pairwise judge returns for one pair asked in both orders."""
 
     outcome: str  # "a" | "b" | "tie"
+    first: str  # the verdict with A shown first ("a" | "b" | "tie")
+    second: str  # with B shown first, told from A's side
     requests: int
     prompt_tokens: int
     completion_tokens: int
@@ -42,12 +45,16 @@ class PairOutcome(Protocol):
 Compare = Callable[[list[dict[str, str]], str, str], Awaitable[PairOutcome]]
 
 
+# ``gate_rule.required_items()``: ≥ 80 % power at a true win rate of 0.60 with 30 % ties
+# (a test checks the two agree).
+DEFAULT_SIZE = 116
+
+
 @dataclass(frozen=True)
 class GateSettings:
-    size: int = 32  # instructions
+    size: int = DEFAULT_SIZE  # instructions
     max_tokens: int = 256  # per answer
-    min_win_rate: float = 0.5
-    min_lower_bound: float = 0.45
+    rule: GateRule = field(default_factory=GateRule)
     eval_file: Path | None = None  # None: the official AlpacaEval set
 
 
@@ -68,12 +75,15 @@ class GateReport:
     items: int = 0
     judged: int = 0
     unparseable: int = 0  # pairs the judge's replies could not be read for: not counted
+    flips: int = 0  # judged pairs whose verdict changed with the order (counted as ties)
     wins: int = 0
     losses: int = 0
     ties: int = 0
     win_rate: float = 0.0
-    low: float = 0.0
-    high: float = 0.0
+    lower_bound: float = 0.0  # one-sided, 95 %
+    p_value: float = 1.0
+    mode: str = "superiority"
+    decided: bool = True  # False: too many unreadable or flipped verdicts to decide
     promoted: bool = False
     reason: str = ""
     requests: int = 0  # the judge's cost
@@ -132,16 +142,23 @@ async def run_gate(
         report.prompt_tokens += verdict.prompt_tokens
         report.completion_tokens += verdict.completion_tokens
         outcomes.append({"a": "win", "b": "loss"}.get(verdict.outcome, "tie"))  # type: ignore[arg-type]
+        report.flips += verdict.first != verdict.second
         report.battles.append({"messages": conversation, "winner": verdict.outcome})
 
     await asyncio.gather(*(judge(i, a, b) for i, a, b in zip(items, ours, theirs, strict=True)))
     report.timings["judge_s"] = round(time.perf_counter() - started, 3)
 
-    decision = promotion_gate(
-        outcomes, min_win_rate=settings.min_win_rate, min_lower_bound=settings.min_lower_bound
+    decision = decide(
+        outcomes.count("win"),
+        outcomes.count("loss"),
+        outcomes.count("tie"),
+        settings.rule,
+        unreadable=report.unparseable,
+        flips=report.flips,
     )
     report.judged = len(outcomes)
     report.wins, report.losses, report.ties = decision.wins, decision.losses, decision.ties
-    report.win_rate, report.low, report.high = decision.win_rate, decision.low, decision.high
+    report.win_rate, report.lower_bound = decision.win_rate, decision.lower_bound
+    report.p_value, report.mode, report.decided = decision.p_value, decision.mode, decision.decided
     report.promoted, report.reason = decision.promoted, decision.reason
     return report

@@ -17,7 +17,7 @@ resamples take about a second.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -340,24 +340,6 @@ class WinRate:
     n: int
 
 
-@dataclass(frozen=True, slots=True)
-class GateDecision:
-    """Whether the candidate is promoted, and in words why; the numbers it was decided on."""
-
-    promoted: bool
-    reason: str
-    win_rate: float
-    low: float
-    high: float
-    wins: int
-    losses: int
-    ties: int
-    n: int
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def win_rate(outcomes: Iterable[Outcome], *, confidence: float = 0.95) -> WinRate:
     """Win rate with ties counting half, and its Wilson score interval.
 
@@ -380,38 +362,3 @@ def win_rate(outcomes: Iterable[Outcome], *, confidence: float = 0.95) -> WinRat
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return WinRate(p, max(0.0, centre - half), min(1.0, centre + half), wins, losses, ties, n)
-
-
-def promotion_gate(
-    outcomes: Sequence[Outcome],
-    *,
-    min_win_rate: float = 0.5,
-    min_lower_bound: float = 0.45,
-    confidence: float = 0.95,
-) -> GateDecision:
-    """Promote the candidate only if its win rate over the incumbent is above ``min_win_rate``
-    and the interval's lower bound is above ``min_lower_bound`` (the issue's default gate:
-    > 0.5 with the 95 % lower bound above 0.45). ``outcomes`` are from the candidate's side, one
-    per prompt (see ``combine_both_orders``)."""
-    rate = win_rate(outcomes, confidence=confidence)
-    numbers = f"win rate {rate.win_rate:.3f} over {rate.n} ({rate.wins}-{rate.losses}-{rate.ties})"
-    interval = f"{confidence:.0%} interval [{rate.low:.3f}, {rate.high:.3f}]"
-    if rate.n == 0:
-        promoted, reason = False, "no judged comparisons"
-    elif rate.win_rate <= min_win_rate:
-        promoted, reason = False, f"{numbers} is not above {min_win_rate}"
-    elif rate.low <= min_lower_bound:
-        promoted, reason = False, f"{numbers}, but the {interval} reaches {min_lower_bound}"
-    else:
-        promoted, reason = True, f"{numbers}, {interval} above {min_lower_bound}"
-    return GateDecision(
-        promoted=promoted,
-        reason=reason,
-        win_rate=rate.win_rate,
-        low=rate.low,
-        high=rate.high,
-        wins=rate.wins,
-        losses=rate.losses,
-        ties=rate.ties,
-        n=rate.n,
-    )

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from server.errors import Conflict, InvalidRequest
 from server.evaluation.gate import GateSettings, run_gate
+from server.evaluation.gate_rule import GateRule
 from server.evaluation.judges import Judge, compare
 from server.feedback.service import parse_since
 from server.guards.auth import parse_keys, trusted_key_ids
@@ -189,8 +190,7 @@ def make_gate(
     gate_settings = GateSettings(
         size=request.size,
         max_tokens=request.max_tokens,
-        min_win_rate=request.min_win_rate,
-        min_lower_bound=request.min_lower_bound,
+        rule=GateRule(mode=request.mode, margin=request.margin),
         eval_file=instructions,
     )
     alias = latest_alias(base)
