@@ -679,6 +679,9 @@ class GateRequest(_Strict):
     # half) is above 0.5; non-inferiority: above 0.5 − margin (refresh training).
     mode: Literal["superiority", "non-inferiority"] = "superiority"
     margin: float = Field(default=0.05, ge=0, le=0.5)
+    # A judge served by this gateway from the candidate's or the incumbent's base would
+    # judge itself (models prefer their own answers): refused unless this is set.
+    allow_self_judging: bool = False
     promote: bool = True  # False: judge and report only
 
 

@@ -538,6 +538,11 @@ def test_an_iteration_is_promoted_only_when_it_wins_its_gate(sampling_gateway: G
         "hyperparameters": {"epochs": 1, "batch_size": 1, "warmup_steps": 0},
         "gate": {"instructions": str(eval_set), "size": 4, "max_tokens": 24},
     }
+    # The judge is this gateway's own base model: a model judging itself, refused by default.
+    own = httpx.post(f"{gw.url}/admin/align", json=body, timeout=30)
+    assert own.status_code == 400 and own.json()["error"]["param"] == "gate.judge"
+    assert "allow_self_judging" in own.json()["error"]["message"]
+    body["gate"]["allow_self_judging"] = True  # this test is about the gate's plumbing
     bad = httpx.post(f"{gw.url}/admin/align", json={**body, "gate": {"judge": "live"}})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "gate.judge"
     started = httpx.post(f"{gw.url}/admin/align", json=body, timeout=30)
@@ -554,6 +559,8 @@ def test_an_iteration_is_promoted_only_when_it_wins_its_gate(sampling_gateway: G
     assert gate["prompt_tokens"] > 0 and gate["completion_tokens"] > 0
     assert gate["lower_bound"] <= gate["win_rate"] and 0 <= gate["p_value"] <= 1
     assert gate["mode"] == "superiority" and 0 <= gate["flips"] <= gate["judged"]
+    assert gate["candidate_mean_tokens"] > 0 and gate["incumbent_mean_tokens"] > 0
+    assert 0 <= gate["candidate_truncated"] <= 4 and 0 <= gate["incumbent_truncated"] <= 4
     rule = gate["decided"] and gate["judged"] > 0 and gate["lower_bound"] > 0.5
     assert job["promoted"] is gate["promoted"] is rule
     alias = httpx.get(f"{gw.url}/v1/models/{gw.model}@latest", timeout=10).json()

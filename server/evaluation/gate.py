@@ -76,6 +76,12 @@ class GateReport:
     judged: int = 0
     unparseable: int = 0  # pairs the judge's replies could not be read for: not counted
     flips: int = 0  # judged pairs whose verdict changed with the order (counted as ties)
+    # Answer lengths (tokens), the best-known bias of LLM judges: each side's mean, and how
+    # many answers were cut by max_tokens.
+    candidate_mean_tokens: float = 0.0
+    incumbent_mean_tokens: float = 0.0
+    candidate_truncated: int = 0
+    incumbent_truncated: int = 0
     wins: int = 0
     losses: int = 0
     ties: int = 0
@@ -114,15 +120,21 @@ async def run_gate(
 
     started = time.perf_counter()
 
-    async def answers(model: ServedModel) -> list[str]:
+    async def answers(model: ServedModel) -> list[tuple[str, str | None, int]]:
         generate = engine_generator(
             model, batch_spec(model, max_tokens=settings.max_tokens, temperature=0.0)
         )
-        results = await asyncio.gather(*(generate(item) for item in items))
-        return [text.strip() for text, _, _ in results]
+        return list(await asyncio.gather(*(generate(item) for item in items)))
 
     # Both sides at once: one engine batches them (an adapter shares its base's engine).
-    ours, theirs = await asyncio.gather(answers(candidate), answers(incumbent))
+    our_runs, their_runs = await asyncio.gather(answers(candidate), answers(incumbent))
+    ours = [text.strip() for text, _, _ in our_runs]
+    theirs = [text.strip() for text, _, _ in their_runs]
+    if items:
+        report.candidate_mean_tokens = round(sum(t for *_, t in our_runs) / len(items), 1)
+        report.incumbent_mean_tokens = round(sum(t for *_, t in their_runs) / len(items), 1)
+    report.candidate_truncated = sum(reason == "length" for _, reason, _ in our_runs)
+    report.incumbent_truncated = sum(reason == "length" for _, reason, _ in their_runs)
     report.timings["generate_s"] = round(time.perf_counter() - started, 3)
 
     started = time.perf_counter()

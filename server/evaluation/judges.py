@@ -9,6 +9,10 @@ two questions others ask: ``judge_one`` (a judgment or a score of one response) 
 Does not know: the store (``judge_runs`` stores verdicts), the engine (a judge may be this
 gateway, but it is reached over HTTP like any other), HTTP routes.
 
+A ``function`` judge is code (``target: "module:callable"``, a verifiable reward as TRL's
+``reward_funcs``): it is called in a worker thread instead of an endpoint, and gives the
+same verdicts, stored the same way.
+
 Every request sends ``store: false`` and ``user: judge:<name>``, so a gateway judging itself
 does not record its judges' prompts as traffic to be judged again.
 """
@@ -16,9 +20,11 @@ does not record its judges' prompts as traffic to be judged again.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -72,7 +78,7 @@ class JudgeCallError(RuntimeError):
 class Judge:
     entry: JudgeEntry
     prompt: JudgePrompt
-    url: str  # the resolved base URL (…/v1)
+    url: str  # the resolved base URL (…/v1); "" for a function judge
     api_key: str | None
     metrics: JudgeMetrics | None = None
     client: httpx.AsyncClient | None = None  # shared; None: one per call
@@ -82,6 +88,8 @@ class Judge:
     requests: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    # A function judge's callable (``entry.target``); None: an endpoint judge.
+    function: Callable[..., Any] | None = None
 
     @property
     def name(self) -> str:
@@ -89,7 +97,27 @@ class Judge:
 
     @property
     def kind(self) -> str:
-        return self.entry.kind
+        """The verdict it gives: judgment, score or pairwise (a function judge's role)."""
+        return self.entry.role
+
+    @property
+    def model(self) -> str:
+        return self.entry.target or "" if self.function is not None else self.entry.model or ""
+
+
+def load_function(entry: JudgeEntry) -> Callable[..., Any]:
+    """``module:attribute`` → the callable; a target that does not import is a start error."""
+    assert entry.target is not None
+    module_name, _, attribute = entry.target.partition(":")
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as exc:
+        raise ModelsFileError(f"judge {entry.name!r}: cannot import {entry.target}: {exc}") from exc
+    if not callable(found):
+        raise ModelsFileError(f"judge {entry.name!r}: {entry.target} is not callable")
+    return found  # type: ignore[no-any-return]
 
 
 def build_judge(
@@ -101,7 +129,16 @@ def build_judge(
 ) -> Judge:
     """``self_url``: what ``url: self`` means here (this gateway's …/v1). The key is read from
     ``api_key_env`` now; a variable named but unset is an error, not a silent anonymous call."""
-    url = entry.url
+    if entry.kind == "function":
+        return Judge(
+            entry=entry,
+            prompt=JudgePrompt.load(entry.prompt_file),  # unused: code, not a prompt
+            url="",
+            api_key=None,
+            metrics=metrics,
+            function=load_function(entry),
+        )
+    url = entry.url or ""
     if url == SELF_URL:
         if self_url is None:
             raise ModelsFileError(f"judge {entry.name!r}: `url: self` needs this gateway's address")
@@ -217,6 +254,8 @@ async def judge_one(judge: Judge, conversation: list[dict[str, str]], response: 
     the reply carries no verdict, ``JudgeCallError`` when the endpoint fails."""
     if judge.kind not in ("judgment", "score"):
         raise ValueError(f"judge {judge.name!r} is {judge.kind}: use compare()")
+    if judge.function is not None:
+        return await _function_verdict(judge, conversation, response)
     reply = await ask(judge, judgment_message(judge.prompt, conversation, response))
     try:
         if judge.kind == "score":
@@ -233,7 +272,7 @@ async def judge_one(judge: Judge, conversation: list[dict[str, str]], response: 
     return Verdict(
         judge=judge.name,
         kind=judge.kind,
-        judge_model=judge.entry.model,
+        judge_model=judge.model,
         prompt_version=judge.prompt.version,
         label="desirable" if good else "undesirable",
         judgment=text,
@@ -257,6 +296,8 @@ async def compare(judge: Judge, conversation: list[dict[str, str]], a: str, b: s
     (counted; nothing is a verdict)."""
     if judge.kind != "pairwise":
         raise ValueError(f"judge {judge.name!r} is {judge.kind}: use judge_one()")
+    if judge.function is not None:
+        return await _function_pair(judge, conversation, a, b)
     # Both orders at once: one endpoint batches them, and both replies are kept either way.
     replies = await asyncio.gather(
         ask(judge, pairwise_message(judge.prompt, conversation, a, b)),
@@ -279,7 +320,7 @@ async def compare(judge: Judge, conversation: list[dict[str, str]], a: str, b: s
     outcome = _SIDE_OF[combine_both_orders(_OUTCOME_OF_A[first], _OUTCOME_OF_A[second])]
     return PairVerdict(
         judge=judge.name,
-        judge_model=judge.entry.model,
+        judge_model=judge.model,
         prompt_version=judge.prompt.version,
         outcome=outcome,
         first=first,
@@ -289,6 +330,92 @@ async def compare(judge: Judge, conversation: list[dict[str, str]], a: str, b: s
         requests=usage.requests,
         prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens,
+    )
+
+
+FUNCTION_VERSION = "function"
+
+
+async def _call(judge: Judge, *args: Any) -> tuple[Any, float]:
+    """The function in a worker thread (user code may block); its result and latency."""
+    assert judge.function is not None
+    started = time.perf_counter()
+    judge.requests += 1
+    try:
+        result = await asyncio.to_thread(judge.function, *args)
+    except Exception as exc:  # the code's own failure: an unreadable verdict, counted
+        _count_error(judge, "function_error")
+        raise JudgeReplyError(f"{judge.entry.target} raised {exc!r}", "function_error", ()) from exc
+    elapsed = time.perf_counter() - started
+    if judge.metrics is not None:
+        judge.metrics.observe_request(judge.name, judge.kind, elapsed)
+    return result, elapsed
+
+
+def _bad(judge: Judge, result: Any, expected: str) -> JudgeReplyError:
+    _count_error(judge, "function_result")
+    return JudgeReplyError(
+        f"{judge.entry.target} returned {result!r}; expected {expected}", "function_result", ()
+    )
+
+
+async def _function_verdict(
+    judge: Judge, conversation: list[dict[str, str]], response: str
+) -> Verdict:
+    result, elapsed = await _call(judge, conversation, response)
+    score: float | None = None
+    text: str | None = None
+    if judge.kind == "score":
+        if isinstance(result, bool) or not isinstance(result, int | float):
+            raise _bad(judge, result, "a score from 1 to 10")
+        if not 1 <= float(result) <= 10:
+            raise _bad(judge, result, "a score from 1 to 10")
+        score = float(result)
+        good = score >= judge.entry.threshold
+    else:
+        if result is not None and not (isinstance(result, str) and result.strip()):
+            raise _bad(judge, result, "a judgment (text) or None for a fine response")
+        text, good = result, result is None
+    return Verdict(
+        judge=judge.name,
+        kind=judge.kind,
+        judge_model=judge.model,
+        prompt_version=FUNCTION_VERSION,
+        label="desirable" if good else "undesirable",
+        judgment=text,
+        score=score,
+        raw_reply=repr(result),
+        latency_s=elapsed,
+        requests=1,
+        prompt_tokens=0,
+        completion_tokens=0,
+    )
+
+
+async def _function_pair(
+    judge: Judge, conversation: list[dict[str, str]], a: str, b: str
+) -> PairVerdict:
+    """Both orders, as a model judge is asked (code may look at positions too)."""
+    (first, t1), (second, t2) = await asyncio.gather(
+        _call(judge, conversation, a, b), _call(judge, conversation, b, a)
+    )
+    for result in (first, second):
+        if result not in ("a", "b", "tie"):
+            raise _bad(judge, result, '"a", "b" or "tie"')
+    second = unswap(second)
+    outcome = _SIDE_OF[combine_both_orders(_OUTCOME_OF_A[first], _OUTCOME_OF_A[second])]
+    return PairVerdict(
+        judge=judge.name,
+        judge_model=judge.model,
+        prompt_version=FUNCTION_VERSION,
+        outcome=outcome,
+        first=first,
+        second=second,
+        raw_replies=(repr(first), repr(second)),
+        latency_s=t1 + t2,
+        requests=2,
+        prompt_tokens=0,
+        completion_tokens=0,
     )
 
 

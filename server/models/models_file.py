@@ -9,6 +9,7 @@ Does not know: running engines (``registry``), HTTP.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -185,17 +186,26 @@ class JudgeEntry(BaseModel):
     The kinds: ``judgment`` (CUT's natural-language judgment of one response: what is wrong,
     or that nothing is), ``score`` (a 1-10 rating, desirable at or above ``threshold``, as
     HALOs' labeller), ``pairwise`` (A vs B, asked in both orders; a verdict that flips with
-    the order is a tie).
+    the order is a tie), and ``function``: a verifiable reward, code that gives one of those
+    three verdicts (``verdict``) instead of a model (``target: "module:callable"``, as TRL's
+    ``reward_funcs``).
     """
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=JUDGE_NAME_PATTERN)
-    kind: Literal["judgment", "score", "pairwise"]
+    kind: Literal["judgment", "score", "pairwise", "function"]
     # A base URL such as http://127.0.0.1:8000/v1 (requests go to {url}/chat/completions),
     # or `self`: this gateway (the served address; `aligngate judge`: ALIGNGATE_HOST/PORT).
-    url: str = Field(pattern=r"^(self|https?://\S+)$")
-    model: str = Field(min_length=1, max_length=256)
+    # Not for `function` judges.
+    url: str | None = Field(default=None, pattern=r"^(self|https?://\S+)$")
+    model: str | None = Field(default=None, min_length=1, max_length=256)
+    # `function` judges: the callable (importable `module:attribute`) and which verdict it
+    # gives — score: f(conversation, response) -> 1..10; judgment: f(conversation,
+    # response) -> str (what is wrong) | None (fine); pairwise: f(conversation, a, b) ->
+    # "a" | "b" | "tie".
+    target: str | None = Field(default=None, pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    verdict: Literal["judgment", "score", "pairwise"] | None = None
     # The name of an environment variable holding the endpoint's key (never the key itself,
     # so a models file can be committed). Unset: no Authorization header.
     api_key_env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -225,6 +235,29 @@ class JudgeEntry(BaseModel):
     # (ALIGNGATE_TRUSTED_ANNOTATORS), so a judge is trusted exactly when this id is named.
     key_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
 
+    @model_validator(mode="after")
+    def _endpoint_or_function(self) -> JudgeEntry:
+        if self.kind == "function":
+            if self.target is None:
+                raise ValueError(f"judge {self.name!r}: a function judge needs `target`")
+            if self.url is not None or self.model is not None or self.constrain:
+                raise ValueError(f"judge {self.name!r}: a function judge has no url or model")
+        else:
+            if self.url is None or self.model is None:
+                raise ValueError(f"judge {self.name!r}: give `url` and `model`")
+            if self.target is not None or self.verdict is not None:
+                raise ValueError(
+                    f"judge {self.name!r}: `target` and `verdict` are for kind: function"
+                )
+        return self
+
+    @property
+    def role(self) -> Literal["judgment", "score", "pairwise"]:
+        """The verdict this judge gives (a function judge's ``verdict``, default score)."""
+        if self.kind == "function":
+            return self.verdict or "score"
+        return self.kind
+
     @property
     def stored_key_id(self) -> str:
         return self.key_id or f"judge-{self.name}"
@@ -235,7 +268,7 @@ class JudgeEntry(BaseModel):
 
     @property
     def prompt_file(self) -> str:
-        return self.prompt or f"{self.kind}-v1.jinja"
+        return self.prompt or f"{self.role}-v1.jinja"
 
 
 class ModelsFile(BaseModel):
@@ -322,6 +355,9 @@ def load_deployment(path: Path) -> Deployment:
         if entry.template and (base / entry.template).is_file():
             update["template"] = str(base / entry.template)
         entries.append(entry.model_copy(update=update) if update else entry)
+    if any(j.kind == "function" for j in parsed.judges) and str(base) not in sys.path:
+        # A function judge's module may sit beside the models file (`target: rules:fn`).
+        sys.path.append(str(base))
     judges = []
     for judge in parsed.judges:
         if judge.prompt and (base / judge.prompt).is_file():

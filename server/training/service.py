@@ -20,7 +20,13 @@ from server.guards.auth import parse_keys, trusted_key_ids
 from server.metrics import GatewayMetrics
 from server.models.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
 from server.models.aliases import latest_alias
-from server.models.models_file import ModelEntry, ModelsFileError, build_renderer, resolve_path
+from server.models.models_file import (
+    SELF_URL,
+    ModelEntry,
+    ModelsFileError,
+    build_renderer,
+    resolve_path,
+)
 from server.models.registry import Registry
 from server.protocol import AlignRequest, GateRequest, Hyperparameters
 from server.resources.plan import Plan
@@ -168,6 +174,31 @@ def gate_judge(request: GateRequest, judges: dict[str, Judge]) -> Judge | None:
     return next(iter(pairwise.values()), None)
 
 
+def refuse_self_judging(judge: Judge, base: str, registry: Registry, settings: Settings) -> None:
+    """A 400 when the gate's judge is this gateway serving ``base`` or one of its versions
+    (the candidate and the incumbent both run on ``base``)."""
+    from urllib.parse import urlsplit
+
+    here = judge.entry.url == SELF_URL
+    if not here and judge.url:
+        parts = urlsplit(judge.url)
+        local = {"127.0.0.1", "localhost", "::1", settings.host}
+        here = parts.hostname in local and parts.port == settings.port
+    if not here or judge.entry.model is None:
+        return
+    try:
+        served = registry.get(judge.entry.model)
+    except Exception:  # not a model of this gateway: another server on this port's host
+        return
+    if (served.parent or served.name) == base:
+        raise InvalidRequest(
+            f"The gate's judge `{judge.name}` is this gateway's `{judge.entry.model}`, served "
+            f"from `{base}` like the candidate and the incumbent: a model would judge its own "
+            "answers. Use another judge, or set gate.allow_self_judging: true.",
+            param="gate.judge",
+        )
+
+
 def make_gate(
     request: GateRequest,
     base: str,
@@ -183,6 +214,8 @@ def make_gate(
     if not request.enabled:
         return None
     judge = gate_judge(request, judges)
+    if judge is not None and not request.allow_self_judging:
+        refuse_self_judging(judge, base, registry, settings)
     instructions = Path(request.instructions) if request.instructions else None
     instructions = instructions or settings.gate_instructions
     if instructions is not None and not instructions.is_file():
