@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     # The promotion gate's instructions (a JSON list or JSONL of {instruction}); unset: the
     # official AlpacaEval set through the `datasets` library.
     gate_instructions: Path | None = None
+    # The share of each model's stored traffic held out from training and exports, for
+    # evaluation (chosen by a hash of the completion id); a models-file entry's
+    # `online.holdout` overrides it.
+    holdout: float = Field(default=0.1, ge=0, lt=1)
     # Bearer key for the /admin routes; unset, they answer loopback clients only.
     admin_key: str | None = Field(default=None, repr=False)
     # API keys for inference and feedback: comma-separated, and/or a file of `KEY` or

@@ -137,6 +137,9 @@ def test_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     env.setdefault("ALIGNGATE_CPU_KV_CACHE_GIB", "1")
     # Tests post feedback faster than a person; the limit has its own test.
     env["ALIGNGATE_FEEDBACK_PER_MINUTE"] = "0"
+    # No held-out share: the tests count what trains and exports exactly, and a random
+    # completion id would be held out one time in ten; tests/test_holdout.py sets it.
+    env["ALIGNGATE_HOLDOUT"] = "0"
     env["ALIGNGATE_ADAPTERS_DIR"] = str(tmp_path_factory.mktemp("adapters"))
     return env
 

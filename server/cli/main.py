@@ -177,7 +177,8 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         )
     finally:
         store.close()
-    items, report = build_export(args.format, rows, records)
+    # The held-out share of traffic never leaves in an export (ALIGNGATE_HOLDOUT).
+    items, report = build_export(args.format, rows, records, settings.holdout)
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target, then renamed: a reader never sees half a file.
@@ -186,12 +187,13 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         json.dump(items, f, ensure_ascii=False, indent=2)
     os.replace(tmp, out)
     log.info(
-        "wrote %d %s record(s) from %d feedback row(s) to %s (%d superseded by a later "
-        "verdict on the same choice, %d conflicting)",
+        "wrote %d %s record(s) from %d feedback row(s) to %s (%d on held-out completions "
+        "left out, %d superseded by a later verdict on the same choice, %d conflicting)",
         len(items),
         args.format,
         len(rows),
         out,
+        report.held_out,
         report.superseded,
         report.conflicts,
     )

@@ -56,6 +56,10 @@ class GateSettings:
     max_tokens: int = 256  # per answer
     rule: GateRule = field(default_factory=GateRule)
     eval_file: Path | None = None  # None: the official AlpacaEval set
+    # Instructions chosen by the caller (held-out traffic); None: ``eval_file``'s slice.
+    items: list[Item] | None = None
+    eval_source: str = ""  # what the instructions are, for the report
+    warnings: tuple[str, ...] = ()
 
 
 def evaluation_slice(items: list[Item], size: int) -> list[Item]:
@@ -73,6 +77,10 @@ class GateReport:
     incumbent: str
     judge: str
     items: int = 0
+    # Where the instructions came from (held-out traffic, a file, AlpacaEval) and any
+    # warning about them (AlpacaEval: the set overlaps the benchmark users report).
+    eval_source: str = ""
+    warnings: list[str] = field(default_factory=list)
     judged: int = 0
     unparseable: int = 0  # pairs the judge's replies could not be read for: not counted
     flips: int = 0  # judged pairs whose verdict changed with the order (counted as ties)
@@ -112,10 +120,19 @@ async def run_gate(
     compare: Compare,
     settings: GateSettings,
 ) -> GateReport:
-    report = GateReport(candidate=candidate.name, incumbent=incumbent.name, judge=judge_name)
-    items = evaluation_slice(
-        await asyncio.to_thread(load_instructions, settings.eval_file), settings.size
+    report = GateReport(
+        candidate=candidate.name,
+        incumbent=incumbent.name,
+        judge=judge_name,
+        eval_source=settings.eval_source,
+        warnings=list(settings.warnings),
     )
+    if settings.items is not None:
+        items = settings.items[: settings.size]
+    else:
+        items = evaluation_slice(
+            await asyncio.to_thread(load_instructions, settings.eval_file), settings.size
+        )
     report.items = len(items)
 
     started = time.perf_counter()

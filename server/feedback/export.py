@@ -35,6 +35,7 @@ from typing import Any
 
 from server.feedback.quantiles import quantile_pools
 from server.store import CompletionRecord, FeedbackRow
+from server.store.holdout import held_out
 
 QUANTILE_TOKENS = [f"_QUANTILE_TOKEN_{k}_" for k in range(5)]
 
@@ -244,6 +245,7 @@ def to_quark(rows: Rows, records: Records) -> list[dict[str, Any]]:
 @dataclass
 class ExportReport:
     feedback_rows: int = 0  # selected by the query
+    held_out: int = 0  # rows on held-out completions (``holdout``): never exported
     records: int = 0  # written
     superseded: int = 0  # verdicts or preferences replaced by a later one on the same choice
     conflicts: int = 0  # choices (or pairs) whose verdicts disagreed; the latest won
@@ -294,10 +296,20 @@ def resolve_conflicts(rows: Rows) -> Resolved:
 
 
 def build_export(
-    fmt: str, rows: Rows, records: Records
+    fmt: str, rows: Rows, records: Records, holdout: float = 0.0
 ) -> tuple[list[dict[str, Any]], ExportReport]:
-    """Resolve conflicting verdicts, then write ``fmt``'s records."""
-    resolved = resolve_conflicts(rows)
+    """Leave out feedback on held-out completions (``holdout``: the share, see
+    ``feedback.holdout``; a preference whose either side is held out goes too), resolve
+    conflicting verdicts, then write ``fmt``'s records."""
+    kept = [
+        fb
+        for fb in rows
+        if not held_out(fb.completion_id, holdout)
+        and not (fb.preferred_over is not None and held_out(fb.preferred_over, holdout))
+    ]
+    resolved = resolve_conflicts(kept)
+    resolved.report.feedback_rows = len(rows)
+    resolved.report.held_out = len(rows) - len(kept)
     if fmt == "dpo":
         items = preference_pairs(resolved.preferences, records)
         items += rated_pairs(resolved.verdicts, records)

@@ -60,6 +60,10 @@ class OnlineSettings(BaseModel):
     # checkpoints were aligned with (cut → cut, kto → kto, dpo → dpo, quark → quark,
     # chat → cut).
     method: Literal["cut", "kto", "dpo", "quark"] | None = None
+    # The share of this model's stored traffic held out from training windows and exports
+    # (by a hash of the completion id), for the promotion gate; default ALIGNGATE_HOLDOUT
+    # (0.1).
+    holdout: float | None = Field(default=None, ge=0, lt=1)
 
 
 class AdapterEntry(BaseModel):

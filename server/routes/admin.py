@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.errors import InvalidRequest, NotFound
+from server.errors import InvalidRequest, ModelNotFound, NotFound
 from server.feedback.export import build_export
 from server.feedback.service import parse_since
 from server.protocol import (
@@ -25,8 +25,9 @@ from server.protocol import (
 )
 from server.routes.deps import AlignJobsDep, RegistryDep, StoreDep
 from server.routes.openai import model_card
+from server.settings import Settings
 from server.store import ANONYMOUS_KEY
-from server.training.service import start_align
+from server.training.service import holdout_of, start_align
 
 # Guarded by server.guards.auth.AuthMiddleware: the admin key, or loopback while none is set.
 router = APIRouter(prefix="/admin", responses=ERROR_RESPONSES)
@@ -101,7 +102,9 @@ async def review_feedback(body: ReviewRequest, store: StoreDep) -> dict[str, obj
 
 @router.get("/export")
 async def export_feedback(
+    request: Request,
     store: StoreDep,
+    registry: RegistryDep,
     format: Literal["cut", "kto", "trl-kto", "dpo", "quark"],
     model: str | None = None,
     since: str | None = None,
@@ -124,7 +127,17 @@ async def export_feedback(
         key_ids=key_id,
         trusted=[] if reviewed_only else None,
     )
-    items, report = build_export(format, rows, records)
+    settings: Settings = request.app.state.settings
+    holdout = settings.holdout
+    if model is not None:
+        try:
+            served = registry.get(model)
+        except ModelNotFound:
+            served = None  # a model no longer served: its stored traffic still exports
+        if served is not None:
+            entry = registry.get(served.parent).entry if served.parent else served.entry
+            holdout = holdout_of(entry, settings)
+    items, report = build_export(format, rows, records, holdout)
     name = re.sub(r"[^A-Za-z0-9._-]", "_", f"aligngate-{format}{'-' + model if model else ''}")
     return Response(
         json.dumps(items, ensure_ascii=False, indent=2),
@@ -134,5 +147,7 @@ async def export_feedback(
             # How many verdicts a later one on the same choice replaced, and how many disagreed.
             "x-aligngate-export-superseded": str(report.superseded),
             "x-aligngate-export-conflicts": str(report.conflicts),
+            # Feedback on the held-out share of traffic (kept for evaluation, never exported).
+            "x-aligngate-export-held-out": str(report.held_out),
         },
     )

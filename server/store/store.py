@@ -32,6 +32,7 @@ from server.store import chat_completions as chat
 from server.store import judge_calls as judges
 from server.store.battles import BattleCreate, BattleRow
 from server.store.database import migrate, open_engine
+from server.store.holdout import held_out
 from server.store.locks import HeldLock, try_lock
 from server.store.records import (
     CompletionRecord,
@@ -393,6 +394,29 @@ class Store:
                 return judges.unjudged_completions(
                     conn, judge=judge, model=model, since=since, limit=limit
                 )
+
+        return list(await self._read(read))
+
+    async def held_out_completions(
+        self, *, models: list[str], share: float, limit: int, scan: int = 100_000
+    ) -> list[CompletionRecord]:
+        """The newest chat completions of ``models`` in the held-out ``share`` of traffic
+        (``holdout``), at most ``limit``, among the newest ``scan``."""
+
+        def read() -> list[CompletionRecord]:
+            with self.engine.connect() as conn:
+                ids = conn.execute(
+                    select(completions.c.id)
+                    .where(completions.c.model.in_(models), completions.c.endpoint == "chat")
+                    .order_by(completions.c.created_at.desc(), completions.c.id.desc())
+                    .limit(scan)
+                ).scalars()
+                chosen = [i for i in ids if held_out(i, share)][:limit]
+                if not chosen:
+                    return []
+                rows = conn.execute(select(completions).where(completions.c.id.in_(chosen)))
+                by_id = {row.id: CompletionRecord.from_row(row) for row in rows}
+                return [by_id[i] for i in chosen if i in by_id]
 
         return list(await self._read(read))
 

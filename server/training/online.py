@@ -70,6 +70,8 @@ class AlignPlan:
     method: str = "cut"  # cut | kto | dpo | quark (``training.methods``)
     # Quark: the entry's own quantile prefixes (None: the family's).
     quantile_tokens: tuple[str, ...] | None = None
+    # The share of the model's traffic held out from training (``feedback.holdout``).
+    holdout: float = 0.0
 
     @property
     def name(self) -> str:
@@ -111,6 +113,7 @@ def plan_iteration(
     trust_remote_code: bool = False,
     method: str = "cut",
     quantile_tokens: tuple[str, ...] | None = None,
+    holdout: float = 0.0,
 ) -> AlignPlan:
     history = previous_iterations(root, base_name)
     iteration = (history[-1]["iteration"] + 1) if history else 1
@@ -132,6 +135,7 @@ def plan_iteration(
         after_seq=after_seq,
         method=method,
         quantile_tokens=quantile_tokens,
+        holdout=holdout,
     )
 
 
@@ -151,6 +155,7 @@ class AlignJob:
     records: int = 0
     judged: int = 0  # cut: judged responses
     examples: int = 0  # the method's usable units: judged responses, labels, pairs, rewards
+    held_out: int = 0  # feedback rows on held-out completions (not trained on)
     superseded: int = 0  # verdicts replaced by a later one on the same choice
     conflicts: int = 0  # choices whose verdicts disagreed (the latest won)
     step: int = 0
@@ -287,9 +292,10 @@ async def run_iteration(
             through_seq=job.through_seq,
             trusted=plan.trusted,
         )
-        items, report = build_export(method.export_format, rows, records)
+        items, report = build_export(method.export_format, rows, records, plan.holdout)
         job.feedback_rows, job.records = len(rows), len(items)
         job.superseded, job.conflicts = report.superseded, report.conflicts
+        job.held_out = report.held_out
         job.examples = method.count(items)
         if plan.method == "cut":
             job.judged = job.examples

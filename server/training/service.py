@@ -12,9 +12,11 @@ import math
 from pathlib import Path
 
 from server.errors import Conflict, InvalidRequest
+from server.evaluation.batch import Item
 from server.evaluation.gate import GateSettings, run_gate
 from server.evaluation.gate_rule import GateRule
 from server.evaluation.judges import Judge, compare
+from server.feedback.export import instruction_of
 from server.feedback.service import parse_since
 from server.guards.auth import parse_keys, trusted_key_ids
 from server.metrics import GatewayMetrics
@@ -62,6 +64,11 @@ def method_config(method: str, h: Hyperparameters) -> TrainingArgs:
             param="hyperparameters",
         )
     return config_class.from_dict(given)
+
+
+def holdout_of(entry: ModelEntry, settings: Settings) -> float:
+    """The entry's ``online.holdout``, else ALIGNGATE_HOLDOUT."""
+    return entry.online.holdout if entry.online.holdout is not None else settings.holdout
 
 
 def method_of(entry: ModelEntry, family: str | None) -> str:
@@ -126,7 +133,9 @@ def plan_for(
     since: float | None,
     trusted: tuple[str, ...] | None = (),
     method: str | None = None,
+    holdout: float | None = None,
 ) -> AlignPlan:
+    """``holdout``: the share of traffic kept from training (None: the entry's)."""
     served = registry.get(model)
     base = registry.get(served.parent) if served.parent else served
     if not base.engine.lora_enabled:
@@ -148,6 +157,13 @@ def plan_for(
         trust_remote_code=base.entry.trust_remote_code,
         method=method or method_of(base.entry, base.renderer.family),
         quantile_tokens=_entry_tokens(base.entry),
+        holdout=(
+            holdout
+            if holdout is not None
+            else base.entry.online.holdout
+            if base.entry.online.holdout is not None
+            else 0.0
+        ),
     )
 
 
@@ -199,6 +215,46 @@ def refuse_self_judging(judge: Judge, base: str, registry: Registry, settings: S
         )
 
 
+async def gate_instructions(
+    request: GateRequest,
+    base: str,
+    registry: Registry,
+    store: Store,
+    explicit: Path | None,
+    fallback: Path | None,
+    rule: GateRule,
+    holdout: float,
+) -> GateSettings:
+    """The gate's instructions: the request's file; else the base's held-out traffic (its
+    own versions' too) when it holds ``size`` distinct prompts; else ALIGNGATE_GATE_
+    INSTRUCTIONS; else an AlpacaEval slice, with a warning that it overlaps the benchmark."""
+    common = {"size": request.size, "max_tokens": request.max_tokens, "rule": rule}
+    if explicit is not None:
+        return GateSettings(**common, eval_file=explicit, eval_source=str(explicit))
+    warnings = []
+    if holdout > 0:
+        versions = [base, *(a.name for a in registry.adapters() if a.parent == base)]
+        records = await store.held_out_completions(
+            models=versions, share=holdout, limit=20 * request.size
+        )
+        prompts = list(dict.fromkeys(instruction_of(r) for r in records))
+        if len(prompts) >= request.size:
+            items = [Item(i, text, None) for i, text in enumerate(prompts[: request.size])]
+            return GateSettings(**common, items=items, eval_source="held-out traffic")
+        warnings.append(
+            f"only {len(prompts)} held-out prompts of `{base}` (the gate asks {request.size})"
+        )
+    if fallback is not None:
+        return GateSettings(
+            **common, eval_file=fallback, eval_source=str(fallback), warnings=tuple(warnings)
+        )
+    warnings.append(
+        "AlpacaEval instructions: the gate's set overlaps the benchmark you report; set "
+        "online.holdout, gate.instructions or ALIGNGATE_GATE_INSTRUCTIONS"
+    )
+    return GateSettings(**common, eval_source="alpaca_eval", warnings=tuple(warnings))
+
+
 def make_gate(
     request: GateRequest,
     base: str,
@@ -216,16 +272,14 @@ def make_gate(
     judge = gate_judge(request, judges)
     if judge is not None and not request.allow_self_judging:
         refuse_self_judging(judge, base, registry, settings)
-    instructions = Path(request.instructions) if request.instructions else None
-    instructions = instructions or settings.gate_instructions
-    if instructions is not None and not instructions.is_file():
-        raise InvalidRequest(f"{instructions} is not a file.", param="gate.instructions")
-    gate_settings = GateSettings(
-        size=request.size,
-        max_tokens=request.max_tokens,
-        rule=GateRule(mode=request.mode, margin=request.margin),
-        eval_file=instructions,
-    )
+    explicit = Path(request.instructions) if request.instructions else None
+    if explicit is not None and not explicit.is_file():
+        raise InvalidRequest(f"{explicit} is not a file.", param="gate.instructions")
+    fallback = settings.gate_instructions
+    if explicit is None and fallback is not None and not fallback.is_file():
+        raise InvalidRequest(f"{fallback} is not a file.", param="gate.instructions")
+    rule = GateRule(mode=request.mode, margin=request.margin)
+    holdout = holdout_of(registry.get(base).entry, settings)
     alias = latest_alias(base)
 
     async def gate(candidate_name: str) -> dict[str, object]:
@@ -238,6 +292,9 @@ def make_gate(
             }
         candidate, incumbent = registry.get(candidate_name), registry.get(alias)
         try:
+            gate_settings = await gate_instructions(
+                request, base, registry, store, explicit, fallback, rule, holdout
+            )
             report = await run_gate(
                 candidate,
                 incumbent,
@@ -310,7 +367,10 @@ def start_align(
             "this store; try again when it has finished."
         )
     try:
-        plan = plan_for(registry, body.model, since, trusted, body.method)
+        base_entry = registry.get(base_name).entry
+        plan = plan_for(
+            registry, body.model, since, trusted, body.method, holdout_of(base_entry, settings)
+        )
 
         async def load(name: str, path: str) -> None:
             await registry.load_adapter(name, path, base=plan.base_name)
@@ -403,4 +463,5 @@ def plan_offline(
         trust_remote_code=entry.trust_remote_code,
         method=method or method_of(entry, renderer.family),
         quantile_tokens=_entry_tokens(entry),
+        holdout=holdout_of(entry, settings),
     )
