@@ -727,7 +727,7 @@ class ReviewRequest(_Strict):
 
 Winner = Literal["a", "b", "tie", "both_bad"]
 # "human" (arena votes) or "judge:<name>" (an AI judge's pairwise verdicts).
-SOURCE_PATTERN = r"^(human|judge:[A-Za-z0-9][A-Za-z0-9._:/-]{0,100})$"
+SOURCE_PATTERN = r"^(human|all|judge:[A-Za-z0-9][A-Za-z0-9._:/-]{0,100})$"
 
 
 class BattleRequest(_Strict):
@@ -795,11 +795,15 @@ class LeaderboardRow(BaseModel):
     losses: int
     ties: int  # ties and both-bad votes
     bounded: bool
+    # The rank's 95 % bootstrap interval (1 = best; Chatbot Arena's "rank (CI)").
+    rank_low: int | None = None
+    rank_high: int | None = None
 
 
 class Leaderboard(BaseModel):
     object: Literal["leaderboard"] = "leaderboard"
-    source: str | None  # the filter applied; None: every source
+    # The source rated (`human`, `judge:NAME`), or `all` when asked to mix them.
+    source: str
     sources: list[str]  # the sources that decided battles (the filter's choices)
     anchor: str | None
     anchor_rating: float

@@ -124,9 +124,16 @@ def test_battle_vote_export_and_leaderboard(
     rows = {row["model"]: row for row in board["data"]}
     assert set(contenders) <= set(rows) and board["battles"] >= 3
     assert board["resamples"] >= 1000 and board["confidence"] == 0.95
-    assert board["sources"] == ["human"]
+    assert board["sources"] == ["human"] and board["source"] == "human"
     for row in rows.values():
         assert row["low"] <= row["rating"] <= row["high"] and row["battles"] >= 3
+        assert 1 <= row["rank_low"] <= row["rank_high"] <= len(rows)
+    # Sources are never mixed unless asked: the default view is people's votes, named.
+    default = httpx.get(f"{gateway.url}/v1/leaderboard", timeout=60).json()
+    assert default["source"] == "human" and default["battles"] == board["battles"]
+    mixed = httpx.get(f"{gateway.url}/v1/leaderboard", params={"source": "all"}, timeout=60)
+    assert mixed.status_code == 200 and mixed.json()["source"] == "all"
+    assert mixed.json()["battles"] >= board["battles"]
     tuned = rows[TUNED]
     assert 0 < board["win_rates"][TUNED][gateway.model] < 1  # one decisive vote, two ties
     anchored = httpx.get(

@@ -116,6 +116,20 @@ def test_known_strengths_are_recovered_and_covered_by_the_intervals() -> None:
     assert covered / total >= 0.8, f"95 % intervals covered the truth in {covered} of {total}"
 
 
+def test_ranks_come_with_their_bootstrap_intervals() -> None:
+    """Chatbot Arena's "rank (CI)": a model far ahead ranks 1 in every resample; two close
+    models share an interval covering both ranks."""
+    truth = {"m0": 1000.0, "m1": 1080.0, "m2": 930.0, "m3": 1300.0, "m4": 1005.0}
+    board = leaderboard(_simulate(truth, 1500, np.random.default_rng(0)), resamples=300, rng=0)
+    ranks = {row.model: (row.rank_low, row.rank_high) for row in board.rows}
+    assert ranks["m3"] == (1, 1) and ranks["m2"] == (5, 5)
+    assert ranks["m0"] == ranks["m4"] == (3, 4)
+    assert (
+        leaderboard(_simulate(truth, 100, np.random.default_rng(1)), resamples=0).rows[0].rank_low
+        is None
+    )
+
+
 def test_the_bootstrap_is_seeded_and_has_the_asked_resamples() -> None:
     battles = _simulate({"a": 1000.0, "b": 1100.0, "c": 1050.0}, 300, np.random.default_rng(3))
     default = leaderboard(battles, rng=7)

@@ -188,9 +188,14 @@ def public(row: BattleRow) -> BattlePublic:
 async def leaderboard(
     store: Store, *, owner: str | None, source: str | None, anchor: str | None
 ) -> Leaderboard:
-    """Bradley–Terry ratings of the decided battles (``source``: only its), with bootstrap
-    intervals, battle counts and the pairwise win-rate matrix."""
-    outcomes, sources = await store.battle_outcomes(source=source, owner=owner)
+    """Bradley–Terry ratings of one source's decided battles, with bootstrap intervals of
+    ratings and ranks, battle counts and the pairwise win-rate matrix. Sources are never
+    mixed unless asked: ``source`` None is people's votes (``human``); ``all`` mixes every
+    source (people and each judge)."""
+    source = source or HUMAN
+    outcomes, sources = await store.battle_outcomes(
+        source=None if source == "all" else source, owner=owner
+    )
     models = {m for a, b, _ in outcomes for m in (a, b)}
     if anchor is not None and anchor not in models:
         raise InvalidRequest(
@@ -238,6 +243,8 @@ async def leaderboard(
             losses=row.losses,
             ties=row.ties,
             bounded=row.bounded,
+            rank_low=row.rank_low,
+            rank_high=row.rank_high,
         )
         for i, row in enumerate(rows)
     ]

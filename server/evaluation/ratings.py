@@ -87,6 +87,10 @@ class RatingRow:
     losses: int
     ties: int
     bounded: bool
+    # The rank's bootstrap interval (1 = best), as Chatbot Arena shows it: the percentiles of
+    # this model's rank over the resamples (None without resamples).
+    rank_low: int | None = None
+    rank_high: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +280,7 @@ def leaderboard(
 
     low = np.full(len(models), np.nan)
     high = np.full(len(models), np.nan)
+    rank_bounds = None
     if resamples:
         generator = np.random.default_rng(rng)
         total = int(cells.count.sum())
@@ -290,6 +295,9 @@ def leaderboard(
                 boot[r] = SCALE * (fitted - fitted[k]) + ANCHOR_RATING
         tail = 100.0 * (1.0 - confidence) / 2.0
         low, high = np.percentile(boot, [tail, 100.0 - tail], axis=0)
+        # Rank in each resample: 1 + the models rated strictly higher there.
+        boot_ranks = 1 + (boot[:, None, :] > boot[:, :, None]).sum(axis=2)
+        rank_bounds = np.percentile(boot_ranks, [tail, 100.0 - tail], axis=0)
 
     wins, losses, ties = _records(cells)
     rows = [
@@ -303,6 +311,8 @@ def leaderboard(
             losses=int(losses[x]),
             ties=int(ties[x]),
             bounded=bool(bounded[x]),
+            rank_low=int(np.floor(rank_bounds[0][x])) if rank_bounds is not None else None,
+            rank_high=int(np.ceil(rank_bounds[1][x])) if rank_bounds is not None else None,
         )
         for x, m in enumerate(models)
     ]

@@ -27,7 +27,9 @@ async function load() {
   if ($("anchor").value) params.set("anchor", $("anchor").value);
   try {
     const board = await call(`/v1/leaderboard?${params}`);
-    fill($("source"), board.sources, (s) => (s === "human" ? "people (arena votes)" : s.replace(/^judge:/, "judge ")));
+    // Sources are never mixed unless asked: the default view is people's votes.
+    const others = board.sources.filter((s) => s !== "human");
+    fill($("source"), [...others, "all"], (s) => (s === "all" ? "all sources, mixed" : s.replace(/^judge:/, "judge ")));
     const models = board.data.map((r) => r.model);
     fill($("anchor"), [...models].sort(), (m) => m);
     $("ratings").tBodies[0].replaceChildren(
@@ -36,7 +38,7 @@ async function load() {
           "tr",
           { dataset: { model: r.model } },
           el("th", { scope: "row" }, r.model),
-          el("td", {}, r.rank),
+          el("td", {}, r.rank_low === null || r.rank_low === undefined || r.rank_low === r.rank_high ? r.rank : `${r.rank} (${r.rank_low}–${r.rank_high})`),
           el("td", {}, fixed(r.rating)),
           el("td", {}, r.bounded ? `${fixed(r.low)} – ${fixed(r.high)}` : "unbounded"),
           el("td", {}, r.battles),
@@ -55,7 +57,7 @@ async function load() {
       ),
     );
     $("summary").textContent = board.battles
-      ? `${board.battles} battles · anchor ${board.anchor} at ${board.anchor_rating} · ` +
+      ? `${board.source === "all" ? "all sources" : board.source} · ${board.battles} battles · anchor ${board.anchor} at ${board.anchor_rating} · ` +
         `${Math.round(board.confidence * 100)}% intervals from ${board.resamples} bootstrap resamples`
       : "No decided battles yet: vote in the arena.";
     showStatus($("status"), "");
