@@ -682,6 +682,8 @@ class GateRequest(_Strict):
     # A judge served by this gateway from the candidate's or the incumbent's base would
     # judge itself (models prefer their own answers): refused unless this is set.
     allow_self_judging: bool = False
+    # Decide on the length-controlled win rate (alpaca_eval's GLM) instead of the raw one.
+    length_controlled: bool = False
     promote: bool = True  # False: judge and report only
 
 

@@ -561,6 +561,7 @@ def test_an_iteration_is_promoted_only_when_it_wins_its_gate(sampling_gateway: G
     assert gate["mode"] == "superiority" and 0 <= gate["flips"] <= gate["judged"]
     assert gate["candidate_mean_tokens"] > 0 and gate["incumbent_mean_tokens"] > 0
     assert 0 <= gate["candidate_truncated"] <= 4 and 0 <= gate["incumbent_truncated"] <= 4
+    assert 0 <= gate["lc_lower_bound"] <= gate["lc_win_rate"] <= 1 or gate["judged"] == 0
     rule = gate["decided"] and gate["judged"] > 0 and gate["lower_bound"] > 0.5
     assert job["promoted"] is gate["promoted"] is rule
     alias = httpx.get(f"{gw.url}/v1/models/{gw.model}@latest", timeout=10).json()

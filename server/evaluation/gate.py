@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 from server.evaluation.batch import Item, batch_spec, engine_generator, load_instructions
 from server.evaluation.gate_rule import GateRule, decide
+from server.evaluation.length_control import length_controlled
 from server.evaluation.ratings import Outcome
 from server.models.registry import ServedModel
 
@@ -90,6 +91,11 @@ class GateReport:
     incumbent_mean_tokens: float = 0.0
     candidate_truncated: int = 0
     incumbent_truncated: int = 0
+    # The win rate at equal lengths (alpaca_eval's GLM, ``length_control``), beside the raw
+    # one; with ``length_controlled`` the decision rests on its lower bound.
+    lc_win_rate: float = 0.5
+    lc_lower_bound: float = 0.0
+    length_coefficient: float = 0.0
     wins: int = 0
     losses: int = 0
     ties: int = 0
@@ -157,6 +163,12 @@ async def run_gate(
     started = time.perf_counter()
     limit = asyncio.Semaphore(JUDGE_CONCURRENCY)
     outcomes: list[Outcome] = []
+    # Per judged item: (the candidate's score, its answer's tokens, the incumbent's).
+    scored: list[tuple[float, int, int]] = []
+    lengths = {
+        item.index: (ours_run[2], theirs_run[2])
+        for item, ours_run, theirs_run in zip(items, our_runs, their_runs, strict=True)
+    }
 
     async def judge(item: Item, a: str, b: str) -> None:
         conversation = [{"role": "user", "content": item.instruction}]
@@ -172,6 +184,8 @@ async def run_gate(
         report.completion_tokens += verdict.completion_tokens
         outcomes.append({"a": "win", "b": "loss"}.get(verdict.outcome, "tie"))  # type: ignore[arg-type]
         report.flips += verdict.first != verdict.second
+        score = {"a": 1.0, "b": 0.0}.get(verdict.outcome, 0.5)
+        scored.append((score, *lengths[item.index]))
         report.battles.append({"messages": conversation, "winner": verdict.outcome})
 
     await asyncio.gather(*(judge(i, a, b) for i, a, b in zip(items, ours, theirs, strict=True)))
@@ -190,4 +204,21 @@ async def run_gate(
     report.win_rate, report.lower_bound = decision.win_rate, decision.lower_bound
     report.p_value, report.mode, report.decided = decision.p_value, decision.mode, decision.decided
     report.promoted, report.reason = decision.promoted, decision.reason
+    if scored:
+        lc = await asyncio.to_thread(
+            length_controlled,
+            [s for s, _, _ in scored],
+            [c for _, c, _ in scored],
+            [i for _, _, i in scored],
+            confidence=settings.rule.confidence,
+        )
+        report.lc_win_rate, report.lc_lower_bound = lc.win_rate, lc.lower_bound
+        report.length_coefficient = lc.length_coefficient
+    if settings.rule.length_controlled and decision.decided and decision.n:
+        report.promoted = report.lc_lower_bound > settings.rule.threshold
+        report.reason = (
+            f"length-controlled win rate {report.lc_win_rate:.3f}, lower bound "
+            f"{report.lc_lower_bound:.3f} {'above' if report.promoted else 'not above'} "
+            f"{settings.rule.threshold:.2f} (raw: {decision.reason})"
+        )
     return report

@@ -46,6 +46,9 @@ class GateRule:
     confidence: float = 0.95  # one-sided
     max_unreadable: float = 0.10  # share of pairs; above it the gate does not decide
     max_flips: float = 0.50  # share of judged pairs whose verdict flipped with the order
+    # Decide on the length-controlled win rate's bound (``length_control``) instead of the
+    # raw one (the unreadable and flip checks apply either way).
+    length_controlled: bool = False
 
     @property
     def threshold(self) -> float:

@@ -278,7 +278,9 @@ def make_gate(
     fallback = settings.gate_instructions
     if explicit is None and fallback is not None and not fallback.is_file():
         raise InvalidRequest(f"{fallback} is not a file.", param="gate.instructions")
-    rule = GateRule(mode=request.mode, margin=request.margin)
+    rule = GateRule(
+        mode=request.mode, margin=request.margin, length_controlled=request.length_controlled
+    )
     holdout = holdout_of(registry.get(base).entry, settings)
     alias = latest_alias(base)
 
