@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test lint fmt bench
+.PHONY: install serve test lint fmt bench bench-loop
 
 install:
 	bash scripts/install.sh
@@ -35,3 +35,10 @@ bench:
 	$(BENCH) --setup default --env VLLM_ENABLE_V1_MULTIPROCESSING=1 --out loadtest/results/multiprocess
 	$(BIN)/python -m loadtest startup --rounds 3 --out loadtest/results/startup
 	$(BENCH) --servers aligngate,aligngate-ray --out loadtest/results/ray
+
+# Does the online loop make the model better? Each method's iterations against a checkable
+# objective on held-out prompts, a random-judge null control, and the gate's power
+# (results under loadtest/results/loop/; README "Does it get better?"). Run alone: ~90 min.
+bench-loop:
+	$(BIN)/python -m loadtest gate-power --json > loadtest/results/gate-power.json
+	$(BIN)/python -m loadtest loop --out loadtest/results/loop

@@ -83,7 +83,6 @@ class LoopConfig:
             null_runs=0,
             train_prompts=16,
             heldout=24,
-            max_tokens=48,
         )
 
 
@@ -166,7 +165,6 @@ class Gateway:
     def __init__(self, folder: Path, method: str, config: LoopConfig, *, null: bool):
         env = engine_env(config.kv_cache_gib, {})
         env |= {
-            "ALIGNGATE_HOME": str(Path.home() / ".cache" / "aligngate"),
             "ALIGNGATE_DATABASE_URL": f"sqlite:///{folder / 'store.db'}",
             "ALIGNGATE_ADAPTERS_DIR": str(folder / "adapters"),
             # The objective judge's verdicts train unreviewed: the benchmark is its only user.
@@ -449,6 +447,8 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         for i, it in zip(xs[1:], run["iterations"], strict=False):
             if it["promoted"]:
                 ax.annotate("promoted", (i, points[i]["rate"]), fontsize=7)
+    most = max((len(run["iterations"]) for run in summary["methods"].values()), default=0)
+    ax.set_xticks(range(most + 1))
     ax.set_xlabel("iteration (0: the base model)")
     ax.set_ylabel("objective rate on held-out prompts")
     ax.set_title("Does the online loop make the model better? (95 % bootstrap intervals)")
