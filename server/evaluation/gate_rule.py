@@ -14,8 +14,9 @@ exactly as good as the incumbent is promoted at most 5 % of the time whatever th
 ties (``false_promotion``).
 
 **Non-inferiority** (``mode: non-inferiority``, for refresh training): promote if the same
-bound is above ``0.5 − margin``. A candidate as good as the incumbent is then promoted most
-of the time: that is what the mode is for.
+bound is above ``0.5 − margin``. A candidate as good as the incumbent is then promoted
+often (at 116 items and margin 0.05: 25 % of the time without ties, 32 % with 30 % ties):
+that is what the mode is for.
 
 The default number of items comes from ``required_items``: the fewest with ≥ 80 % power
 at a true win rate of 0.60 with 30 % ties (wins 45 %, losses 25 %), computed exactly.
