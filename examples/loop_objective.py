@@ -17,6 +17,7 @@ PYTHONPATH):
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 
@@ -66,7 +67,9 @@ def pairwise(conversation: list[dict[str, str]], a: str, b: str) -> str:
     return "a" if meets(a) else "b"
 
 
-# The null control: judges that answer at random (seeded per process).
+# The null control: judges that answer at random (seeded per process). The pairwise one
+# draws per unordered pair, so both orders of a pair agree (a judge that flipped with the
+# order would stop the gate before its test: the null control must reach the test).
 _RANDOM = random.Random(0)
 
 
@@ -79,4 +82,7 @@ def random_judgment(conversation: list[dict[str, str]], response: str) -> str | 
 
 
 def random_pairwise(conversation: list[dict[str, str]], a: str, b: str) -> str:
-    return _RANDOM.choice(["a", "b", "tie"])
+    first, second = sorted((a, b))
+    seed = hashlib.sha256(f"{first}\0{second}".encode()).digest()
+    winner = random.Random(seed).choice([first, second, None])
+    return "tie" if winner is None or a == b else "a" if winner == a else "b"

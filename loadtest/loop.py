@@ -53,6 +53,7 @@ JUDGE_OF = {
     "dpo": ("pairwise", "pairwise"),
     "quark": ("score", "score"),
 }
+NULL_FIELDS = ("wins", "losses", "ties", "flips", "p_value", "decided", "promoted", "reason")
 RANDOM_OF = {"judgment": "random_judgment", "score": "random_score", "pairwise": "random_pairwise"}
 
 
@@ -417,7 +418,16 @@ async def run_loop(config: LoopConfig) -> dict[str, Any]:
         "decisions": [
             {
                 k: (it.get("gate") or {}).get(k)
-                for k in ("wins", "losses", "ties", "p_value", "promoted", "reason")
+                for k in (
+                    "wins",
+                    "losses",
+                    "ties",
+                    "flips",
+                    "p_value",
+                    "decided",
+                    "promoted",
+                    "reason",
+                )
             }
             for run in nulls
             for it in run["iterations"]

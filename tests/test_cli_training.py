@@ -66,6 +66,9 @@ def test_align_sends_only_the_settings_given() -> None:
     # Every method's settings are flags of `align`; the server refuses another method's.
     args = build_parser().parse_args(["align", "--model", "m", "--method", "kto", "--beta", "0.2"])
     assert _align_hyperparameters(args) == {"beta": 0.2} and args.method == "kto"
+    # `--device` (offline iterations) picks a device; it is never a request setting.
+    args = build_parser().parse_args(["align", "--model", "m", "--config", "x", "--device", "cpu"])
+    assert _align_hyperparameters(args) == {}
     with pytest.raises(SystemExit):
         build_parser().parse_args(["align", "--model", "m", "--target-modules", "up_proj"])
 

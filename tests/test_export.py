@@ -251,3 +251,28 @@ def test_trl_prompts_carry_the_bos_the_served_model_received() -> None:
     assert pair["prompt"] == "<s>" + PROMPT_TEXT
     (plain,) = to_trl_kto([fb("a", 0, label="desirable")], records)
     assert plain["prompt"] == PROMPT_TEXT
+
+
+def test_a_reward_never_replaces_a_verdict_and_quark_reads_the_latest_reward() -> None:
+    """A neutral rating or an explicit reward after a judgment leaves CUT its judgment; the
+    Quark pool takes the latest reward on each choice."""
+    rows = [
+        fb("a", 0, judgment="Sydney is not the capital."),
+        fb("a", 0, explicit_reward=0.2),
+        fb("a", 1, rating=3, rating_scale="stars"),
+    ]
+    (cut,) = build_export("cut", rows, RECORDS)[0]
+    assert cut["judgment"] == "Sydney is not the capital."
+    (pool,) = build_export("quark", rows, RECORDS)[0]
+    assert sorted(pool["rewards"]) == [0.2, 0.5]
+
+
+def test_the_held_out_share_can_be_each_models_own() -> None:
+    from server.store.holdout import held_out
+
+    ids = [f"x{i}" for i in range(200)]
+    inside = next(i for i in ids if held_out(i, 0.5))
+    records = {inside: record(inside, ["Canberra."])}
+    rows = [fb(inside, rating=1)]
+    assert build_export("kto", rows, records, lambda model: 0.5)[1].held_out == 1
+    assert build_export("kto", rows, records, lambda model: 0.0)[1].held_out == 0

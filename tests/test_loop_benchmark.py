@@ -30,7 +30,12 @@ def test_the_objective_rule_by_hand() -> None:
     looping = "The sea is big. The sea is big. The sea is big. The sea is big. The sea is big."
     assert objective.judgment([], looping) == "Repetitive: a sentence is repeated."
     assert objective.pairwise([], fine, "Yes.") == "a" and objective.pairwise([], "No", "") == "tie"
-    assert objective.random_pairwise([], "a", "b") in ("a", "b", "tie")
+    # The null control's random judge agrees with itself across the two orders.
+    swap = {"a": "b", "b": "a", "tie": "tie"}
+    for i in range(50):
+        first, second = f"answer {i}", f"other {i}"
+        verdict = objective.random_pairwise([], first, second)
+        assert verdict == swap[objective.random_pairwise([], second, first)]
 
 
 def test_prompts_split_into_disjoint_held_out_and_training_slices(tmp_path: Path) -> None:

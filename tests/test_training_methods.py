@@ -123,6 +123,7 @@ def test_dpo_learns_a_held_out_preference_and_its_adapter_is_served(
     meta = json.loads((out / META_FILE).read_text())
     assert meta["method"] == "dpo" and meta["family"] == "dpo"
     assert meta["hyperparameters"]["beta"] == 0.1 and meta["data"]["pairs"] == 16
+    assert not (out / "ref").exists()  # TRL's frozen reference copy is not saved
     _hot_load_and_answer(methods_gateway, "dpo-short", "smollm2-dpo")
 
 
@@ -318,6 +319,23 @@ def test_the_online_loop_trains_a_kto_family_model_with_kto(methods_gateway: Gat
     assert job["method"] == "kto" and job["examples"] == 10
     assert job["train"]["method"] == "kto" and "kl" in job["train"]["metrics"]
     assert job["train"]["steps"] == 2  # 10 labels, batch 8
+
+
+def test_a_pool_in_other_tokens_is_quantised_by_reward_for_this_model(tmp_path: Path) -> None:
+    """The export writes the default five tokens; a model with three of its own trains on
+    the rewards, quantised with K = 3."""
+    from server.training.quark import read_pool
+
+    pool = [{"prompt": f"p{i}", "generations": ["a", "b", "c"], "rewards": [1.0, 0.5, 0.0],
+             "quantile_tokens": ["_QUANTILE_TOKEN_0_", "_QUANTILE_TOKEN_2_", "_QUANTILE_TOKEN_4_"]}
+            for i in range(2)]  # fmt: skip
+    items, _ = read_pool(_write(tmp_path / "pool.json", pool), ("Good: ", "Okay: ", "Bad: "))
+    assert [q for _, _, q in items] == [0, 1, 2, 0, 1, 2]
+
+
+def test_a_batch_smaller_than_the_micro_batch_is_the_forward_pass() -> None:
+    assert KtoConfig(batch_size=4).forward_batch == 4 and KtoConfig().forward_batch == 8
+    assert KtoConfig(batch_size=4).accumulation() == 1 and CutConfig().accumulation() == 8
 
 
 def test_server_and_cli_share_one_set_of_defaults() -> None:

@@ -153,6 +153,15 @@ def _cmd_render(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _widest_holdout(settings: Settings) -> float:
+    if settings.config is None:
+        return settings.holdout
+    from server.models.models_file import load_models_file
+
+    entries = load_models_file(settings.config)
+    return max([settings.holdout, *(e.online.holdout or 0.0 for e in entries)])
+
+
 def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
     import os
     import tempfile
@@ -177,8 +186,10 @@ def _cmd_export(args: argparse.Namespace, settings: Settings) -> int:
         )
     finally:
         store.close()
-    # The held-out share of traffic never leaves in an export (ALIGNGATE_HOLDOUT).
-    items, report = build_export(args.format, rows, records, settings.holdout)
+    # The held-out share of traffic never leaves in an export: ALIGNGATE_HOLDOUT, or the
+    # largest `online.holdout` of the models file (this command runs without a registry
+    # to tell a record's model's own share).
+    items, report = build_export(args.format, rows, records, _widest_holdout(settings))
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target, then renamed: a reader never sees half a file.

@@ -243,7 +243,9 @@ def _all_configs() -> list[type]:
 
 
 def _align_hyperparameters(args: argparse.Namespace) -> dict[str, object]:
-    return _config_overrides(args, _all_configs())
+    given = _config_overrides(args, _all_configs())
+    # `align --device` picks where an offline iteration trains: not a request setting.
+    return {k: v for k, v in given.items() if k not in _NOT_PER_REQUEST}
 
 
 def _cmd_align(args: argparse.Namespace, settings: Settings) -> int:

@@ -255,14 +255,16 @@ class ExportReport:
 
 
 def _is_verdict(fb: FeedbackRow) -> bool:
-    # Any reward counts (a neutral 3 stars, an explicit reward): Quark and rated DPO pairs
-    # use it even where KTO and CUT see no polarity.
-    return fb.polarity() is not None or bool(fb.judgment) or fb.reward() is not None
+    """A verdict CUT, KTO and rated DPO pairs read: a polarity or a judgment."""
+    return fb.polarity() is not None or bool(fb.judgment)
 
 
 @dataclass(frozen=True)
 class Resolved:
-    verdicts: Rows  # the latest verdict on each choice
+    verdicts: Rows  # the latest verdict (polarity or judgment) on each choice
+    # The latest row with a reward on each choice (Quark's: a neutral 3 stars or an explicit
+    # reward counts here, and never replaces a verdict above).
+    rewards: Rows
     preferences: Rows  # the latest preference between each pair of choices
     report: ExportReport
 
@@ -271,10 +273,13 @@ def resolve_conflicts(rows: Rows) -> Resolved:
     """One verdict per choice and one preference per pair of choices: the latest committed
     row wins (``rows`` are in commit order)."""
     verdicts: dict[tuple[str, int], list[FeedbackRow]] = defaultdict(list)
+    rewards: dict[tuple[str, int], FeedbackRow] = {}
     preferences: dict[frozenset[tuple[str, int]], list[FeedbackRow]] = defaultdict(list)
     for fb in rows:
         if _is_verdict(fb):
             verdicts[(fb.completion_id, fb.choice_index)].append(fb)
+        if fb.reward() is not None and fb.preferred_over is None:
+            rewards[(fb.completion_id, fb.choice_index)] = fb
         if fb.preferred_over is not None:
             pair = frozenset(
                 {(fb.completion_id, fb.choice_index), (fb.preferred_over, fb.rejected_choice)}
@@ -290,22 +295,32 @@ def resolve_conflicts(rows: Rows) -> Resolved:
     order = {fb.id: i for i, fb in enumerate(rows)}
     return Resolved(
         verdicts=sorted((g[-1] for g in verdicts.values()), key=lambda fb: order[fb.id]),
+        rewards=sorted(rewards.values(), key=lambda fb: order[fb.id]),
         preferences=sorted((g[-1] for g in preferences.values()), key=lambda fb: order[fb.id]),
         report=report,
     )
 
 
 def build_export(
-    fmt: str, rows: Rows, records: Records, holdout: float = 0.0
+    fmt: str,
+    rows: Rows,
+    records: Records,
+    holdout: float | Callable[[str], float] = 0.0,
 ) -> tuple[list[dict[str, Any]], ExportReport]:
-    """Leave out feedback on held-out completions (``holdout``: the share, see
-    ``feedback.holdout``; a preference whose either side is held out goes too), resolve
-    conflicting verdicts, then write ``fmt``'s records."""
+    """Leave out feedback on held-out completions (``holdout``: the share, or the share of a
+    record's model; see ``store.holdout``; a preference whose either side is held out goes
+    too), resolve conflicting verdicts, then write ``fmt``'s records."""
+
+    def hidden(completion_id: str) -> bool:
+        record = records.get(completion_id)
+        share = holdout(record.model if record else "") if callable(holdout) else holdout
+        return held_out(completion_id, share)
+
     kept = [
         fb
         for fb in rows
-        if not held_out(fb.completion_id, holdout)
-        and not (fb.preferred_over is not None and held_out(fb.preferred_over, holdout))
+        if not hidden(fb.completion_id)
+        and not (fb.preferred_over is not None and hidden(fb.preferred_over))
     ]
     resolved = resolve_conflicts(kept)
     resolved.report.feedback_rows = len(rows)
@@ -313,6 +328,8 @@ def build_export(
     if fmt == "dpo":
         items = preference_pairs(resolved.preferences, records)
         items += rated_pairs(resolved.verdicts, records)
+    elif fmt == "quark":
+        items = to_quark(resolved.rewards, records)
     else:
         items = FORMATS[fmt](resolved.verdicts, records)
     resolved.report.records = len(items)

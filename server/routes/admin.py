@@ -128,15 +128,18 @@ async def export_feedback(
         trusted=[] if reviewed_only else None,
     )
     settings: Settings = request.app.state.settings
-    holdout = settings.holdout
-    if model is not None:
+    shares = {m.name: holdout_of(m.entry, settings) for m in registry.all()}
+    # A model no longer served (or an adapter's base unknown): the largest share, so
+    # nothing held out leaves.
+    widest = max([settings.holdout, *shares.values()])
+
+    def holdout(model_name: str) -> float:
         try:
-            served = registry.get(model)
+            served = registry.get(model_name)
         except ModelNotFound:
-            served = None  # a model no longer served: its stored traffic still exports
-        if served is not None:
-            entry = registry.get(served.parent).entry if served.parent else served.entry
-            holdout = holdout_of(entry, settings)
+            return widest
+        return shares.get(served.parent or served.name, widest)
+
     items, report = build_export(format, rows, records, holdout)
     name = re.sub(r"[^A-Za-z0-9._-]", "_", f"aligngate-{format}{'-' + model if model else ''}")
     return Response(

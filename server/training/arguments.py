@@ -90,12 +90,17 @@ class TrainingArgs:
     def as_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
+    @property
+    def forward_batch(self) -> int:
+        """Examples per forward pass: the micro-batch, never more than the batch."""
+        return min(self.micro_batch_size, self.batch_size)
+
     def accumulation(self) -> int:
-        return max(1, math.ceil(self.batch_size / self.micro_batch_size))
+        return max(1, math.ceil(self.batch_size / self.forward_batch))
 
     def optimizer_steps(self, examples: int) -> int:
         """Optimizer steps a run over ``examples`` takes (``max_steps`` caps it)."""
-        per_epoch = math.ceil(math.ceil(examples / self.micro_batch_size) / self.accumulation())
+        per_epoch = math.ceil(math.ceil(examples / self.forward_batch) / self.accumulation())
         total = per_epoch * self.epochs
         return min(total, self.max_steps) if self.max_steps else total
 

@@ -188,8 +188,8 @@ def trainer_arguments(
     total = config.optimizer_steps(examples)
     return cls(
         output_dir=str(work_dir),
-        per_device_train_batch_size=config.micro_batch_size,
-        per_device_eval_batch_size=config.micro_batch_size,
+        per_device_train_batch_size=config.forward_batch,
+        per_device_eval_batch_size=config.forward_batch,
         gradient_accumulation_steps=config.accumulation(),
         learning_rate=config.learning_rate,
         lr_scheduler_type="cosine",
@@ -280,7 +280,8 @@ def save_adapter(
     ``data``: the training file's path, hash and what it held (method-specific counts)."""
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    # Only the trained adapter: TRL adds a frozen "ref" copy of it to serve as the reference.
+    model.save_pretrained(str(tmp), safe_serialization=True, selected_adapters=["default"])
     meta = {
         "format": 1,
         "name": out.name,

@@ -202,7 +202,7 @@ def _train_command(plan: AlignPlan, data: Path, progress: Path, settings: Path) 
         cmd += ["--init-adapter", str(plan.init_adapter)]
     if plan.trust_remote_code:
         cmd += ["--trust-remote-code"]
-    if plan.quantile_tokens:
+    if plan.quantile_tokens and plan.method == "quark":
         cmd += ["--quantile-tokens", ",".join(plan.quantile_tokens)]
     return cmd
 

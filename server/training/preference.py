@@ -1,6 +1,7 @@
 """KTO and DPO, trained by TRL's own ``KTOTrainer`` and ``DPOTrainer`` on a LoRA of the base.
 The reference model is the base with the adapter disabled, as TRL does for PEFT models (when
-continuing an adapter, DPO's reference is that adapter as it was: TRL copies it).
+continuing an adapter, the reference is that adapter as it was: TRL keeps a frozen copy,
+which is not saved with the adapter).
 
 Data, in TRL's standard formats (what ``aligngate export --format trl-kto | dpo`` writes):
 - KTO: ``{prompt, completion, label}`` (HALOs' ``{prompt: [messages], output: [{role:
@@ -172,7 +173,7 @@ def trl_trainer(
         from trl import KTOConfig, KTOTrainer
 
         assert isinstance(config, KtoConfig)
-        if config.micro_batch_size < 2:
+        if config.forward_batch < 2:
             raise ValueError("KTO needs --micro-batch-size of at least 2 (its KL estimate)")
         trainer_cls: Any = KTOTrainer
         args = trainer_arguments(

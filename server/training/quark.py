@@ -12,8 +12,9 @@ run used its no-KL trainer; the KL term is the method as its paper and config st
 
 Data: the export's data pool (``aligngate export --format quark``), one object per prompt
 with ``generations``, ``rewards`` and ``quantile_tokens`` (best first), as ALT's data pool
-stores it. A pool without ``quantile_tokens`` is quantised here by the same rule
-(``feedback.quantiles``).
+stores it. A pool without ``quantile_tokens`` — or with tokens that are not this model's
+(the export writes the default five) but with ``rewards`` — is quantised here by the same
+rule (``feedback.quantiles``) with this model's number of tokens.
 
 Owns: Quark's config, examples and loss. Does not know: HTTP, the store, vLLM.
 """
@@ -54,6 +55,12 @@ class QuarkConfig(TrainingArgs):
     """Quark's settings; coefficients from ALT's TL;DR config."""
 
     learning_rate: float = _help("peak learning rate (cosine schedule)", default=1e-4)
+    # The loss is a mean over the response tokens of a forward pass: a micro-batch of the
+    # whole batch makes it ALT's mean over the batch's tokens (smaller ones average their
+    # micro-batches' means).
+    micro_batch_size: int = _help(
+        "examples per forward pass (accumulated to --batch-size)", default=8
+    )
     kl_coef: float = _help("weight of KL(reference ‖ policy) per token", default=0.05)
     entropy_coef: float = _help("weight of the entropy bonus per token", default=0.06)
 
@@ -94,6 +101,8 @@ def read_pool(path: Path, tokens: tuple[str, ...]) -> tuple[list[tuple[str, str,
             raise QuarkDataError(f"record {i}: `generations` must be a list of strings")
         given = item.get("quantile_tokens")
         rewards = item.get("rewards")
+        if given is not None and isinstance(rewards, list) and not set(given) <= set(tokens):
+            given = None  # another model's tokens (the export's default five): by reward
         if given is not None:
             if not isinstance(given, list) or len(given) != len(generations):
                 raise QuarkDataError(f"record {i}: one quantile token per generation")
