@@ -137,7 +137,11 @@ async def test_leaderboard_filters_by_source_and_pins_the_anchor(store: Store) -
     judge = await leaderboard(store, owner=None, source="judge:smol", anchor=None)
     assert [r.model for r in judge.data] == ["y", "x"] and judge.battles == 5
     assert judge.data[0].rank == 1
-    both = await leaderboard(store, owner=None, source=None, anchor=None)
+    # Sources are never mixed unless asked: no source is people's votes; "all" mixes.
+    default = await leaderboard(store, owner=None, source=None, anchor=None)
+    assert default.source == "human" and default.battles == 5
+    both = await leaderboard(store, owner=None, source="all", anchor=None)
+    assert both.source == "all"
     assert both.battles == 10 and both.anchor == "x"  # default anchor: the first by name
     assert (await leaderboard(store, owner=BOB, source=None, anchor=None)).data == []
 
