@@ -354,6 +354,7 @@ async def _method_run(
                 concurrency=config.concurrency,
             )
             run["base"] = bootstrap_rate([meets(o[0]) for o in outputs], seed=config.seed)
+            print(json.dumps({"method": method, "base": run["base"]}), flush=True)
         run["iterations"] = []
         for k in range(iterations):
             start = (offset + k) * config.train_prompts
@@ -385,6 +386,14 @@ async def run_loop(config: LoopConfig) -> dict[str, Any]:
         "objective": (objective.__doc__ or "").strip().splitlines()[0],
         "methods": {},
     }
+    summary_file = config.out / "summary.json"
+
+    def save(complete: bool) -> None:
+        # Written after every method too: a run stopped early keeps what it measured.
+        summary["complete"] = complete
+        summary["total_s"] = round(time.perf_counter() - started, 1)
+        summary_file.write_text(json.dumps(summary, indent=2, default=str))
+
     for method in config.methods:
         summary["methods"][method] = await _method_run(
             method,
@@ -397,6 +406,7 @@ async def run_loop(config: LoopConfig) -> dict[str, Any]:
             iterations=config.iterations,
             offset=0,
         )
+        save(complete=False)
     nulls = []
     for r in range(config.null_runs):
         nulls.append(
@@ -433,8 +443,7 @@ async def run_loop(config: LoopConfig) -> dict[str, Any]:
             for it in run["iterations"]
         ],
     }
-    summary["total_s"] = round(time.perf_counter() - started, 1)
-    (config.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    save(complete=True)
     plot(summary, config.out / "objective.png")
     return summary
 

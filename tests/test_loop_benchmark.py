@@ -59,6 +59,7 @@ def test_quick_loop_runs_serve_judge_train_gate_and_measure(
     assert result.returncode == 0, result.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     print("loop --quick:", json.dumps(summary["methods"]["kto"], default=str)[:3000])
+    assert summary["complete"] is True
     run = summary["methods"]["kto"]
     assert run["base"]["n"] == 24 and 0 <= run["base"]["rate"] <= 1
     (iteration,) = run["iterations"]
