@@ -213,6 +213,22 @@ class Gateway:
 
         return list(await asyncio.gather(*(one(p) for p in prompts)))
 
+    async def objective(
+        self, model: str, prompts: list[str], meets: Callable[[str], bool], config: LoopConfig
+    ) -> dict[str, float]:
+        """``model``'s greedy answers to ``prompts`` (not stored): the share meeting the rule,
+        with its bootstrap interval."""
+        outputs = await self.answers(
+            model,
+            prompts,
+            n=1,
+            temperature=0.0,
+            max_tokens=config.max_tokens,
+            store=False,
+            concurrency=config.concurrency,
+        )
+        return bootstrap_rate([meets(o[0]) for o in outputs], seed=config.seed)
+
     async def judged(self) -> int:
         """Verdicts (and unreadable replies) of the objective judge so far, from /metrics."""
         text = (await self.client.get("/metrics")).text
@@ -311,16 +327,7 @@ async def _iteration(
     }
     if measure and job["status"] == "succeeded":
         started = time.perf_counter()
-        outputs = await gw.answers(
-            str(job["adapter"]),
-            heldout,
-            n=1,
-            temperature=0.0,
-            max_tokens=config.max_tokens,
-            store=False,
-            concurrency=config.concurrency,
-        )
-        result["objective"] = bootstrap_rate([meets(o[0]) for o in outputs], seed=config.seed)
+        result["objective"] = await gw.objective(str(job["adapter"]), heldout, meets, config)
         timings["measure_s"] = round(time.perf_counter() - started, 2)
     result["timings"] = timings
     return result
@@ -344,16 +351,7 @@ async def _method_run(
     run: dict[str, Any] = {"method": method, "null": null, "ready_s": round(gw.ready_s, 2)}
     try:
         if not null:
-            outputs = await gw.answers(
-                MODEL,
-                heldout,
-                n=1,
-                temperature=0.0,
-                max_tokens=config.max_tokens,
-                store=False,
-                concurrency=config.concurrency,
-            )
-            run["base"] = bootstrap_rate([meets(o[0]) for o in outputs], seed=config.seed)
+            run["base"] = await gw.objective(MODEL, heldout, meets, config)
             print(json.dumps({"method": method, "base": run["base"]}), flush=True)
         run["iterations"] = []
         for k in range(iterations):
