@@ -13,14 +13,18 @@ Per method, one gateway: the default model (Quark: its Quark copy) with the meth
 KTO: scores thresholded to labels, DPO: pairwise on ``n = 2`` requests, Quark: scores as
 rewards) sampling all traffic, and a pairwise ``gatekeeper`` for the promotion gate. Each
 iteration: ``train_prompts`` requests to ``base@latest`` → the judge labels them → ``POST
-/admin/align`` on the version that answered → the gate on the held-out prompts → the
-candidate's objective rate on the held-out prompts (greedy), with a bootstrap 95 % interval.
+/admin/align`` on the version that answered → the gate on the held-out prompts. The gate
+answers every held-out prompt greedily with both sides and keeps the answers beside the
+candidate (``gate.json``): the objective rate of the candidate (and, in the first
+iteration, of the base) is measured on those answers, with a bootstrap 95 % interval.
 
-The null control: the same loop with both judges answering at random (DPO, one iteration per
-run, ``null_runs`` runs): nothing may be promoted (the gate's own simulation bounds it at
+The null control: the same loop (DPO) with both judges answering at random, ``null_runs``
+iterations on one gateway, each training a fresh adapter from the base on its own traffic
+while nothing is promoted: nothing may be promoted (the gate's own simulation bounds it at
 5 %: ``python -m loadtest gate-power``).
 
-Owns: the benchmark. Speaks to the gateway over HTTP only; imports nothing from ``server``.
+Owns: the benchmark. Speaks to the gateway over HTTP, reads the gate's answers from the
+adapters folder it gave the gateway; imports nothing from ``server``.
 """
 
 from __future__ import annotations
@@ -173,7 +177,8 @@ class Gateway:
             "ALIGNGATE_FEEDBACK_PER_MINUTE": "0",
             "PYTHONPATH": str(EXAMPLES),
         }
-        (folder / "adapters").mkdir(parents=True, exist_ok=True)
+        self.adapters = folder / "adapters"
+        self.adapters.mkdir(parents=True, exist_ok=True)
         spec: ServerSpec = gateway(models_file(folder, method, null=null), env)
         self.server = RunningServer(spec, folder / "serve.log")
         self.url = spec.base_url
@@ -228,6 +233,14 @@ class Gateway:
             concurrency=config.concurrency,
         )
         return bootstrap_rate([meets(o[0]) for o in outputs], seed=config.seed)
+
+    def gate_outputs(self, candidate: str) -> list[dict[str, Any]] | None:
+        """The gate's answers (both sides, greedy, on the held-out prompts), from the
+        ``gate.json`` it wrote beside the candidate; None when the gate did not run."""
+        file = self.adapters / candidate / "gate.json"
+        if not file.is_file():
+            return None
+        return list(json.loads(file.read_text()).get("outputs") or [])
 
     async def judged(self) -> int:
         """Verdicts (and unreadable replies) of the objective judge so far, from /metrics."""
@@ -325,7 +338,15 @@ async def _iteration(
             for k in ("steps", "loss_before", "loss_after", "metrics", "seconds")
         },
     }
-    if measure and job["status"] == "succeeded":
+    outputs = gw.gate_outputs(str(job["adapter"])) if job["status"] == "succeeded" else None
+    if measure and outputs:
+        result["objective"] = bootstrap_rate(
+            [meets(o["candidate"]) for o in outputs], seed=config.seed
+        )
+        result["incumbent_objective"] = bootstrap_rate(
+            [meets(o["incumbent"]) for o in outputs], seed=config.seed
+        )
+    elif measure and job["status"] == "succeeded":  # the gate did not run: ask the candidate
         started = time.perf_counter()
         result["objective"] = await gw.objective(str(job["adapter"]), heldout, meets, config)
         timings["measure_s"] = round(time.perf_counter() - started, 2)
@@ -343,19 +364,15 @@ async def _method_run(
     *,
     null: bool,
     iterations: int,
-    offset: int,
 ) -> dict[str, Any]:
     folder = Path(tempfile.mkdtemp(prefix=f"aligngate-loop-{method}-"))
     started = time.perf_counter()
     gw = Gateway(folder, method, config, null=null)
     run: dict[str, Any] = {"method": method, "null": null, "ready_s": round(gw.ready_s, 2)}
     try:
-        if not null:
-            run["base"] = await gw.objective(MODEL, heldout, meets, config)
-            print(json.dumps({"method": method, "base": run["base"]}), flush=True)
         run["iterations"] = []
         for k in range(iterations):
-            start = (offset + k) * config.train_prompts
+            start = k * config.train_prompts
             prompts = train[start : start + config.train_prompts]
             if len(prompts) < config.train_prompts:
                 raise ValueError("not enough training prompts for these iterations")
@@ -364,6 +381,12 @@ async def _method_run(
             )
             result["iteration"] = k + 1
             run["iterations"].append(result)
+            if not null and "base" not in run:
+                # The first gate's incumbent is the base: its answers are the base's rate.
+                run["base"] = result.pop("incumbent_objective", None) or await gw.objective(
+                    MODEL, heldout, meets, config
+                )
+                print(json.dumps({"method": method, "base": run["base"]}), flush=True)
             print(json.dumps({"method": method, "null": null, **result}, default=str), flush=True)
     finally:
         await gw.close()
@@ -402,11 +425,12 @@ async def run_loop(config: LoopConfig) -> dict[str, Any]:
             objective.meets,
             null=False,
             iterations=config.iterations,
-            offset=0,
         )
         save(complete=False)
+    # The null control: one gateway, ``null_runs`` iterations from the base (nothing is
+    # promoted unless the gate errs), each on its own fresh traffic.
     nulls = []
-    for r in range(config.null_runs):
+    if config.null_runs:
         nulls.append(
             await _method_run(
                 "dpo",
@@ -416,30 +440,19 @@ async def run_loop(config: LoopConfig) -> dict[str, Any]:
                 heldout_file,
                 objective.meets,
                 null=True,
-                iterations=1,
-                offset=r,
+                iterations=config.null_runs,
             )
         )
     summary["null_control"] = {
-        "runs": len(nulls),
+        "runs": sum(len(run["iterations"]) for run in nulls),
         "promoted": sum(it["promoted"] for run in nulls for it in run["iterations"]),
         "decisions": [
-            {
-                k: (it.get("gate") or {}).get(k)
-                for k in (
-                    "wins",
-                    "losses",
-                    "ties",
-                    "flips",
-                    "p_value",
-                    "decided",
-                    "promoted",
-                    "reason",
-                )
-            }
+            {k: (it.get("gate") or {}).get(k) for k in NULL_FIELDS}
             for run in nulls
             for it in run["iterations"]
         ],
+        "timings": [it["timings"] for run in nulls for it in run["iterations"]],
+        "total_s": sum(run["total_s"] for run in nulls),
     }
     save(complete=True)
     plot(summary, config.out / "objective.png")

@@ -514,7 +514,9 @@ def _poll_job(gateway: Gateway, job_id: str, timeout: float = 900) -> dict[str, 
 
 
 @pytest.mark.slow
-def test_an_iteration_is_promoted_only_when_it_wins_its_gate(sampling_gateway: Gateway) -> None:
+def test_an_iteration_is_promoted_only_when_it_wins_its_gate(
+    sampling_gateway: Gateway, adapters_root: Path
+) -> None:
     """Train → hot-load → the candidate and the version ``smollm2@latest`` serves answer an
     AlpacaEval slice → the pairwise judge (the gateway's own model, constrained) compares
     each pair in both orders → the alias moves only if the gate's rule says so; the job
@@ -564,6 +566,15 @@ def test_an_iteration_is_promoted_only_when_it_wins_its_gate(sampling_gateway: G
     assert 0 <= gate["lc_lower_bound"] <= gate["lc_win_rate"] <= 1 or gate["judged"] == 0
     rule = gate["decided"] and gate["judged"] > 0 and gate["lower_bound"] > 0.5
     assert job["promoted"] is gate["promoted"] is rule
+    # Every answer and verdict, beside the candidate: the audit trail (alpaca_eval's outputs).
+    audit = json.loads((adapters_root / job["adapter"] / "gate.json").read_text())
+    rows = json.loads(eval_set.read_text())  # the slice is spread over the set
+    spread = [rows[i]["instruction"] for i in (0, 201, 402, 603)]
+    assert [o["instruction"] for o in audit["outputs"]] == spread
+    assert {k: v for k, v in audit.items() if k != "outputs"} == gate
+    assert all(o["candidate_finish"] in ("stop", "length") for o in audit["outputs"])
+    judged = [o for o in audit["outputs"] if o["winner"] is not None]
+    assert len(judged) == gate["judged"] and not gate["incumbent_cached"]
     alias = httpx.get(f"{gw.url}/v1/models/{gw.model}@latest", timeout=10).json()
     assert alias["alias_of"] == (job["adapter"] if rule else gw.model)
     served = {m["id"] for m in httpx.get(f"{gw.url}/v1/models", timeout=10).json()["data"]}
@@ -576,3 +587,23 @@ def test_an_iteration_is_promoted_only_when_it_wins_its_gate(sampling_gateway: G
     if gate["judged"]:
         rated = {row["model"]: row for row in board["data"]}
         assert rated[job["adapter"]]["battles"] == gate["judged"]
+
+    # The next iteration: an incumbent that was not replaced is not asked again; its
+    # answers come from the last gate (the candidate alone generates).
+    completion_id = _chat(gw, "What is the smallest planet in the solar system?")
+    posted = httpx.post(
+        f"{gw.url}/v1/feedback",
+        json={"completion_id": completion_id, "judgment": "Name the planet: Mercury."},
+        timeout=30,
+    )
+    httpx.post(f"{gw.url}/admin/feedback/review", json={"ids": [posted.json()["id"]]}, timeout=30)
+    started = httpx.post(f"{gw.url}/admin/align", json=body, timeout=30)
+    assert started.status_code == 202, started.text
+    again = _poll_job(gw, started.json()["id"])
+    assert again["status"] == "succeeded", again
+    assert again["gate"]["incumbent_cached"] is (not job["promoted"])
+    if not job["promoted"]:
+        second = json.loads((adapters_root / again["adapter"] / "gate.json").read_text())
+        assert [o["incumbent"] for o in second["outputs"]] == [
+            o["incumbent"] for o in audit["outputs"]
+        ]

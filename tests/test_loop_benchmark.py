@@ -68,8 +68,9 @@ def test_quick_loop_runs_serve_judge_train_gate_and_measure(
     gate = iteration["gate"]
     assert gate["judge"] == "gatekeeper" and gate["items"] == 24
     assert gate["eval_source"].endswith("heldout.json")
-    assert iteration["objective"]["n"] == 24
-    for step in ("serve_s", "judge_s", "align_s", "measure_s"):
+    # Measured on the gate's own greedy answers (both sides, every held-out prompt).
+    assert iteration["objective"]["n"] == 24 and not gate["incumbent_cached"]
+    for step in ("serve_s", "judge_s", "align_s"):
         assert iteration["timings"][step] >= 0
     assert (out / "objective.png").stat().st_size > 0
     assert "| kto |" in result.stdout

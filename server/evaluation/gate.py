@@ -7,6 +7,11 @@ decision is ``gate_rule.decide``'s: by default the candidate must be better (sup
 the one-sided 95 % lower bound of its win rate, ties half, above 0.5), and the gate does not
 decide when too many verdicts were unreadable or flipped with the order.
 
+The incumbent's answers are remembered (``IncumbentAnswers``): an incumbent that was not
+replaced answers the same instructions greedily again in the next iteration, so only the
+candidate generates. The report keeps every answer (``outputs``, alpaca_eval's
+``model_outputs`` with the verdict), for the audit and for measuring either side.
+
 Owns: generating both sides, judging them, the report. Does not know: HTTP, the store,
 how a judge is reached (``compare`` is given).
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +78,45 @@ def evaluation_slice(items: list[Item], size: int) -> list[Item]:
     return [items[int(i * step)] for i in range(size)]
 
 
+Run = tuple[str, str | None, int]  # an answer: text, finish reason, tokens
+
+
+class IncumbentAnswers:
+    """The incumbent's greedy answers per (served version, instructions, ``max_tokens``): a
+    small LRU. The served object's identity is in the key, so a name loaded again with
+    other weights is a new entry."""
+
+    def __init__(self, capacity: int = 4) -> None:
+        self._capacity = capacity
+        self._entries: OrderedDict[tuple[object, ...], list[Run]] = OrderedDict()
+        self.hits = 0
+
+    @staticmethod
+    def key(model: ServedModel, items: list[Item], max_tokens: int) -> tuple[object, ...]:
+        adapter = model.adapter.path if model.adapter is not None else model.path
+        instructions = tuple(item.instruction for item in items)
+        return (model.name, id(model), model.created, adapter, max_tokens, instructions)
+
+    def get(self, key: tuple[object, ...]) -> list[Run] | None:
+        runs = self._entries.get(key)
+        if runs is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+        return runs
+
+    def put(self, key: tuple[object, ...], runs: list[Run]) -> None:
+        self._entries[key] = runs
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+
+
+# The report with every answer, written beside a candidate adapter (``public(outputs=True)``).
+GATE_FILE = "gate.json"
+# One per process: every gate of this front end shares it.
+INCUMBENT_ANSWERS = IncumbentAnswers()
+
+
 @dataclass
 class GateReport:
     candidate: str
@@ -109,13 +154,19 @@ class GateReport:
     requests: int = 0  # the judge's cost
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    incumbent_cached: bool = False  # the incumbent's answers came from an earlier gate
     timings: dict[str, float] = field(default_factory=dict)
     # Each judged pair, for the leaderboard: the conversation and the winner (a: candidate).
     battles: list[dict[str, Any]] = field(default_factory=list)
+    # Every item: the instruction, both answers, their finish reasons and token counts, and
+    # the verdict ("a": the candidate; None: not judged).
+    outputs: list[dict[str, Any]] = field(default_factory=list)
 
-    def public(self) -> dict[str, Any]:
+    def public(self, *, outputs: bool = False) -> dict[str, Any]:
         values = asdict(self)
         values.pop("battles")
+        if not outputs:
+            values.pop("outputs")
         return values
 
 
@@ -125,6 +176,7 @@ async def run_gate(
     judge_name: str,
     compare: Compare,
     settings: GateSettings,
+    incumbent_answers: IncumbentAnswers | None = INCUMBENT_ANSWERS,
 ) -> GateReport:
     report = GateReport(
         candidate=candidate.name,
@@ -143,14 +195,26 @@ async def run_gate(
 
     started = time.perf_counter()
 
-    async def answers(model: ServedModel) -> list[tuple[str, str | None, int]]:
+    async def answers(model: ServedModel) -> list[Run]:
         generate = engine_generator(
             model, batch_spec(model, max_tokens=settings.max_tokens, temperature=0.0)
         )
         return list(await asyncio.gather(*(generate(item) for item in items)))
 
+    async def incumbent_runs() -> list[Run]:
+        if incumbent_answers is None:
+            return await answers(incumbent)
+        key = incumbent_answers.key(incumbent, items, settings.max_tokens)
+        cached = incumbent_answers.get(key)
+        if cached is not None:
+            report.incumbent_cached = True
+            return cached
+        runs = await answers(incumbent)
+        incumbent_answers.put(key, runs)
+        return runs
+
     # Both sides at once: one engine batches them (an adapter shares its base's engine).
-    our_runs, their_runs = await asyncio.gather(answers(candidate), answers(incumbent))
+    our_runs, their_runs = await asyncio.gather(answers(candidate), incumbent_runs())
     ours = [text.strip() for text, _, _ in our_runs]
     theirs = [text.strip() for text, _, _ in their_runs]
     if items:
@@ -170,6 +234,8 @@ async def run_gate(
         for item, ours_run, theirs_run in zip(items, our_runs, their_runs, strict=True)
     }
 
+    verdicts: dict[int, str] = {}
+
     async def judge(item: Item, a: str, b: str) -> None:
         conversation = [{"role": "user", "content": item.instruction}]
         async with limit:
@@ -187,8 +253,24 @@ async def run_gate(
         score = {"a": 1.0, "b": 0.0}.get(verdict.outcome, 0.5)
         scored.append((score, *lengths[item.index]))
         report.battles.append({"messages": conversation, "winner": verdict.outcome})
+        verdicts[item.index] = verdict.outcome
 
     await asyncio.gather(*(judge(i, a, b) for i, a, b in zip(items, ours, theirs, strict=True)))
+    report.outputs = [
+        {
+            "instruction": item.instruction,
+            "candidate": text,
+            "candidate_finish": ours_run[1],
+            "candidate_tokens": ours_run[2],
+            "incumbent": their_text,
+            "incumbent_finish": theirs_run[1],
+            "incumbent_tokens": theirs_run[2],
+            "winner": verdicts.get(item.index),
+        }
+        for item, text, their_text, ours_run, theirs_run in zip(
+            items, ours, theirs, our_runs, their_runs, strict=True
+        )
+    ]
     report.timings["judge_s"] = round(time.perf_counter() - started, 3)
 
     decision = decide(

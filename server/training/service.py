@@ -7,13 +7,14 @@ Owns: the mapping from served models to an ``AlignPlan``. Does not know: HTTP.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 from pathlib import Path
 
 from server.errors import Conflict, InvalidRequest
 from server.evaluation.batch import Item
-from server.evaluation.gate import GateSettings, run_gate
+from server.evaluation.gate import GATE_FILE, GateSettings, run_gate
 from server.evaluation.gate_rule import GateRule
 from server.evaluation.judges import Judge, compare
 from server.feedback.export import instruction_of
@@ -21,6 +22,7 @@ from server.feedback.service import parse_since
 from server.guards.auth import parse_keys, trusted_key_ids
 from server.metrics import GatewayMetrics
 from server.models.adapter_files import AdapterFileError, inspect_adapter, resolve_adapter
+from server.models.adapter_meta import write_json_atomic
 from server.models.aliases import latest_alias
 from server.models.models_file import (
     SELF_URL,
@@ -306,6 +308,13 @@ def make_gate(
             )
         except Exception as exc:  # the eval set, an engine, the judge: reported, never promoted
             return {"promoted": False, "reason": f"the gate could not run: {exc}"}
+        if candidate.adapter is not None:
+            # The audit trail beside the adapter: the report with every answer and verdict.
+            await asyncio.to_thread(
+                write_json_atomic,
+                Path(candidate.adapter.path) / GATE_FILE,
+                report.public(outputs=True),
+            )
         for battle in report.battles:
             await store.record_battle(
                 BattleCreate(

@@ -18,7 +18,7 @@ function fill(select, values, label) {
   const keep = select.value;
   const first = select.options[0];
   select.replaceChildren(first, ...values.map((v) => el("option", { value: v }, label(v))));
-  select.value = values.includes(keep) ? keep : "";
+  select.value = values.includes(keep) ? keep : first.value;
 }
 
 async function load() {
