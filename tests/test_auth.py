@@ -254,3 +254,16 @@ def test_the_online_loop_trusts_keys_named_in_settings_and_the_keys_file(
         "extra",
     )
     assert trusted_for(settings, [], include_unreviewed=True) is None
+
+
+async def test_item_2_arena_and_leaderboard_pages_load_when_keys_are_on() -> None:
+    """Issue 32, item 2: with keys on, the arena and leaderboard pages load (they answered
+    401 before); the data behind them still needs a key."""
+    ring = KeyRing(parse_keys(ALICE, None), ADMIN)
+    async with client(ring, host="10.1.2.3") as c:
+        for page in ("/ui/arena", "/ui/leaderboard"):
+            assert (await c.get(page)).status_code == 200, page
+        for data in ("/v1/leaderboard", "/v1/arena/battles"):
+            assert (await c.get(data)).status_code == 401, data
+        board = await c.get("/v1/leaderboard", headers={"authorization": f"Bearer {ALICE}"})
+        assert board.status_code == 200

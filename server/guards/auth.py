@@ -34,7 +34,8 @@ from server.errors import error_body
 MIN_KEY_CHARS = 16
 ADMIN_KEY_ID = "admin"
 LOOPBACK_KEY_ID = "loopback"
-PUBLIC_PATHS = frozenset({"/health", "/ui", "/ui/", "/ui/feedback"})
+# The web UI's pages hold no data (their data calls need a key, as any client's do).
+PUBLIC_PATHS = frozenset({"/health", "/ui", "/ui/", "/ui/feedback", "/ui/arena", "/ui/leaderboard"})
 PUBLIC_PREFIXES = ("/ui/static/",)  # the web UI's files hold no data
 
 
