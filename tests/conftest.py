@@ -48,8 +48,8 @@ class _PortTaken(RuntimeError):
 
 def start_gateway(args: list[str], log_path: Path, env: dict[str, str]) -> Gateway:
     """``aligngate serve`` on a free loopback port, once healthy. A port taken between
-    choosing it and the gateway binding it (a Ray driver binds ephemeral ports of its own
-    while the gateway starts) gets the gateway started again on another one."""
+    choosing it and the gateway binding it (its first act; a Ray driver binds ephemeral
+    ports of its own) gets the gateway started again on another one."""
     for _ in range(2):
         with contextlib.suppress(_PortTaken):
             return _start_gateway_once(args, log_path, env)
@@ -82,7 +82,7 @@ def _start_gateway_once(args: list[str], log_path: Path, env: dict[str, str]) ->
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            if "address already in use" in log_path.read_text(errors="replace"):
+            if "address already in use" in log_path.read_text(errors="replace").lower():
                 raise _PortTaken(port)
             raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log_tail()}")
         try:

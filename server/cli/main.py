@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,10 +37,19 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from server.guards.auth import KeyConfigError
     from server.models.models_file import ModelsFileError
 
+    host = args.host or settings.host
+    port = args.port if args.port is not None else settings.port
+    try:
+        # Bound before anything starts (as ``vllm serve`` does): no process started in the
+        # tens of seconds of engine start-up (vLLM's engine core picks free ports) can take
+        # it, and a busy port fails now, not after the engines are up.
+        listening = bind_socket(host, port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", host, port, exc.strerror or exc)
+        return 2
+    port = listening.getsockname()[1]  # port 0: the one the system chose
     try:
         deployment = _load_deployment(args.config, settings)
-        host = args.host or settings.host
-        port = args.port if args.port is not None else settings.port
         loopback = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         app = build_app(
             settings,
@@ -50,6 +60,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             cluster=deployment.cluster,
         )
     except (ModelsFileError, KeyConfigError) as exc:
+        listening.close()
         log.error("%s", exc)
         return 2
     config = uvicorn.Config(
@@ -61,8 +72,21 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
     server = _GracefulServer(config, app.state.drain, settings.shutdown_timeout_s)
-    server.run()
+    server.run(sockets=[listening])
     return 0 if server.started else 1
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now; uvicorn listens on it once the app has started."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class _GracefulServer(uvicorn.Server):

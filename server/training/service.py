@@ -308,13 +308,6 @@ def make_gate(
             )
         except Exception as exc:  # the eval set, an engine, the judge: reported, never promoted
             return {"promoted": False, "reason": f"the gate could not run: {exc}"}
-        if candidate.adapter is not None:
-            # The audit trail beside the adapter: the report with every answer and verdict.
-            await asyncio.to_thread(
-                write_json_atomic,
-                Path(candidate.adapter.path) / GATE_FILE,
-                report.public(outputs=True),
-            )
         for battle in report.battles:
             await store.record_battle(
                 BattleCreate(
@@ -342,6 +335,13 @@ def make_gate(
             )
         else:
             report.reason += f"; `{alias}` still serves {incumbent.name}"
+        if candidate.adapter is not None:
+            # The audit trail beside the adapter: the report with every answer and verdict.
+            await asyncio.to_thread(
+                write_json_atomic,
+                Path(candidate.adapter.path) / GATE_FILE,
+                report.public(outputs=True),
+            )
         return report.public()
 
     return gate
