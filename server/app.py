@@ -24,6 +24,7 @@ from server.guards.auth import (
     ADMIN_KEY_ID,
     AuthMiddleware,
     KeyRing,
+    check_judge_key_ids,
     parse_allowed_hosts,
     parse_keys,
     quotas,
@@ -131,6 +132,7 @@ def build_app(
     app.state.align_jobs = AlignJobs()
     app.state.admission = Admission()
     user_keys = parse_keys(settings.api_keys, settings.api_keys_file)
+    check_judge_key_ids({j.name: j.stored_key_id for j in judges or []}, user_keys)
     app.state.feedback_limiter = RateLimiter(settings.feedback_per_minute, "feedback requests")
     # The operator's admin key is not limited.
     app.state.request_limiter = RateLimiter(

@@ -4,6 +4,7 @@ guards every route (in-process, over ASGI; the client address is chosen per test
 from __future__ import annotations
 
 import hmac
+import os
 from pathlib import Path
 
 import httpx
@@ -12,7 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.guards import auth
 from server.guards.auth import AuthMiddleware, KeyConfigError, KeyRing, key_id_for, parse_keys
-from tests.conftest import Gateway
+from tests.conftest import Gateway, run_cli
 
 ALICE = "alice-key-0123456789abcdef"
 BOB = "bob-key-0123456789abcdef"
@@ -267,3 +268,30 @@ async def test_item_2_arena_and_leaderboard_pages_load_when_keys_are_on() -> Non
             assert (await c.get(data)).status_code == 401, data
         board = await c.get("/v1/leaderboard", headers={"authorization": f"Bearer {ALICE}"})
         assert board.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("key_id", "says"),
+    [("bob", "also the id of an API key"), ("admin", "reserved"), ("anonymous", "reserved")],
+)
+def test_item_5_judge_identities_cannot_collide(tmp_path: Path, key_id: str, says: str) -> None:
+    """Issue 32, item 5: a judge whose key id is an API key's id or a reserved one would
+    store its verdicts as that key (or the key's as the judge's): ``aligngate serve`` refuses
+    it at start, before any engine, naming both."""
+    keys_file = tmp_path / "keys"
+    keys_file.write_text(f"bob {BOB}\n")
+    models = tmp_path / "models.yaml"
+    models.write_text(
+        "models:\n  - {name: smollm2, path: builtin:smollm2-135m-instruct}\n"
+        "judges:\n"
+        "  - {name: strict, kind: score, url: 'http://127.0.0.1:9/v1', model: m,\n"
+        f"     key_id: {key_id}}}\n"
+    )
+    env = {**os.environ, "ALIGNGATE_API_KEYS_FILE": str(keys_file)}
+    result = run_cli(["serve", "--config", str(models), "--port", "0"], env, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"judge 'strict': its key id {key_id!r}" in result.stderr and says in result.stderr
+    assert "EngineCore" not in result.stderr
+    keys_file.write_text(f"trusted {BOB}\n")  # and no key may take a reserved id either
+    with pytest.raises(KeyConfigError, match="reserved"):
+        parse_keys(None, keys_file)

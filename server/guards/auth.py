@@ -23,7 +23,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,9 @@ from server.errors import error_body
 MIN_KEY_CHARS = 16
 ADMIN_KEY_ID = "admin"
 LOOPBACK_KEY_ID = "loopback"
+# Ids no key and no judge may take: the admin, the keyless loopback tenant, the trust marker
+# and the store's anonymous owner (``server.store.records.ANONYMOUS_KEY``).
+RESERVED_KEY_IDS = frozenset({ADMIN_KEY_ID, LOOPBACK_KEY_ID, "trusted", "anonymous"})
 # The web UI's pages hold no data (their data calls need a key, as any client's do).
 PUBLIC_PATHS = frozenset({"/health", "/ui", "/ui/", "/ui/feedback", "/ui/arena", "/ui/leaderboard"})
 PUBLIC_PREFIXES = ("/ui/static/",)  # the web UI's files hold no data
@@ -114,12 +117,30 @@ def parse_keys(inline: str | None, keys_file: Path | None) -> list[ApiKey]:
         if len(key) < MIN_KEY_CHARS:
             raise KeyConfigError(f"an API key is shorter than {MIN_KEY_CHARS} characters")
         key_id = name or key_id_for(key)
-        if key_id in seen_ids or key in seen or key_id in (ADMIN_KEY_ID, LOOPBACK_KEY_ID):
+        if key_id in seen_ids or key in seen or key_id in RESERVED_KEY_IDS:
             raise KeyConfigError(f"API key id {key_id!r} is used twice or reserved")
         seen_ids.add(key_id)
         seen.add(key)
         keys.append(ApiKey(key_id, digest(key), **settings))  # type: ignore[arg-type]
     return keys
+
+
+def check_judge_key_ids(judge_key_ids: Mapping[str, str], keys: Iterable[ApiKey]) -> None:
+    """A judge's verdicts are stored under its key id (``judge_key_ids``: judge name → id):
+    one equal to an API key's id or a reserved id would let that key's holder pass as the
+    judge, or the judge as the key. Refused at start, naming both."""
+    key_ids = {key.key_id for key in keys}
+    for judge, key_id in judge_key_ids.items():
+        if key_id in RESERVED_KEY_IDS:
+            raise KeyConfigError(
+                f"judge {judge!r}: its key id {key_id!r} is reserved "
+                f"({', '.join(sorted(RESERVED_KEY_IDS))}); give it another key_id"
+            )
+        if key_id in key_ids:
+            raise KeyConfigError(
+                f"judge {judge!r}: its key id {key_id!r} is also the id of an API key; "
+                "give the judge another key_id or the key another id"
+            )
 
 
 def trusted_key_ids(keys: Iterable[ApiKey]) -> list[str]:
