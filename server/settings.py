@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     # On CPU, engine cores fork from a process that imported vLLM during start-up (~7 s
     # sooner ready); false: vLLM's own spawn (engine.core_process).
     engine_core_preload: bool = True
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (comma-separated
+    # addresses or networks, as uvicorn's --forwarded-allow-ips; "*": any). Unset: none,
+    # the client address is the socket's, so no header can make a remote client loopback.
+    forwarded_allow_ips: str | None = None
     log_level: str = "info"
     # One log line per request on the event loop; request counts and latencies are in /metrics.
     access_log: bool = False

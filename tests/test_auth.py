@@ -12,7 +12,15 @@ import pytest
 from starlette.types import Receive, Scope, Send
 
 from server.guards import auth
-from server.guards.auth import AuthMiddleware, KeyConfigError, KeyRing, key_id_for, parse_keys
+from server.guards.auth import (
+    AuthMiddleware,
+    KeyConfigError,
+    KeyRing,
+    key_id_for,
+    parse_keys,
+    quotas,
+)
+from server.guards.ratelimit import RateLimiter
 from tests.conftest import Gateway, run_cli
 
 ALICE = "alice-key-0123456789abcdef"
@@ -295,3 +303,62 @@ def test_item_5_judge_identities_cannot_collide(tmp_path: Path, key_id: str, say
     keys_file.write_text(f"trusted {BOB}\n")  # and no key may take a reserved id either
     with pytest.raises(KeyConfigError, match="reserved"):
         parse_keys(None, keys_file)
+
+
+def test_item_7_keys_file_parsing_is_strict(tmp_path: Path) -> None:
+    """Issue 32, item 7: a misspelled, misplaced, repeated or malformed setting is an error
+    naming its line (before: a key followed by a setting became an id holding the secret,
+    with the setting as the key); ids the store cannot keep are refused; ``rpm=0`` is
+    documented and means "this key is not limited"."""
+    keys_file = tmp_path / "keys"
+
+    def refused(line: str, says: str) -> None:
+        keys_file.write_text(f"# keys\nalice {ALICE}\n{line}\n")
+        with pytest.raises(KeyConfigError, match=says) as raised:
+            parse_keys(None, keys_file)
+        assert f"{keys_file}:3" in str(raised.value)
+        assert BOB not in str(raised.value)  # a key is never echoed
+
+    refused(f"{BOB} annotator=reviewer-of-the-month", "settings come after both")
+    refused(f"{BOB} trusted", "settings come after both")
+    refused(f"bob {BOB} anotator=carol", "unknown setting 'anotator'")
+    refused(f"bob {BOB} annotator=", "annotator=NAME needs a name")
+    refused(f"bob {BOB} rpm=-1", "rpm=N takes a whole N")
+    refused(f"bob {BOB} rpm=5 rpm=6", "rpm is given twice")
+    refused(f"bob {BOB} trusted trusted", "trusted is given twice")
+    refused(f"{'b' * 65} {BOB}", "1 to 64")
+    refused(f"bob/2 {BOB}", "1 to 64")
+    keys_file.write_text(f"bob {BOB} rpm=0 tpm=100 trusted annotator=Bob\n")
+    (bob,) = parse_keys(None, keys_file)
+    assert (bob.key_id, bob.requests_per_minute, bob.tokens_per_minute) == ("bob", 0, 100)
+    assert bob.trusted and bob.annotator == "Bob"
+    # rpm=0: this key is not limited, whatever the gateway-wide limit.
+    limiter = RateLimiter(5, "requests", per_key=quotas([bob], "requests_per_minute"))
+    for _ in range(50):
+        limiter.check("bob")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "`rpm=0`" in readme
+
+
+def test_item_9_forwarded_headers_are_off_unless_configured(gateway: Gateway) -> None:
+    """Issue 32, item 9: uvicorn believes X-Forwarded-For from loopback by default, so a
+    loopback proxy passed on a client's forged address; now no proxy is believed unless
+    ``--forwarded-allow-ips`` names it, and the client address is the socket's."""
+    from server.cli.main import server_config
+    from server.settings import Settings
+
+    plain = server_config(object(), "127.0.0.1", 0, Settings())
+    assert plain.proxy_headers is False
+    proxied = server_config(
+        object(), "127.0.0.1", 0, Settings(forwarded_allow_ips="10.0.0.0/8,127.0.0.1")
+    )
+    assert proxied.proxy_headers is True
+    assert proxied.forwarded_allow_ips == "10.0.0.0/8,127.0.0.1"
+    # The session gateway (keyless: loopback clients only) ignores a forged remote address:
+    # the socket says loopback, so it serves; believing the header would refuse.
+    forged = httpx.get(
+        f"{gateway.url}/v1/models",
+        headers={"x-forwarded-for": "203.0.113.7", "x-forwarded-proto": "https"},
+        timeout=30,
+    )
+    assert forged.status_code == 200, forged.text

@@ -39,6 +39,8 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
+    if args.forwarded_allow_ips:
+        settings = settings.model_copy(update={"forwarded_allow_ips": args.forwarded_allow_ips})
     try:
         # Bound before anything starts (as ``vllm serve`` does): no process started in the
         # tens of seconds of engine start-up (vLLM's engine core picks free ports) can take
@@ -63,17 +65,27 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         listening.close()
         log.error("%s", exc)
         return 2
-    config = uvicorn.Config(
-        app,
+    config = server_config(app, host, port, settings)
+    server = _GracefulServer(config, app.state.drain, settings.shutdown_timeout_s)
+    server.run(sockets=[listening])
+    return 0 if server.started else 1
+
+
+def server_config(app: object, host: str, port: int, settings: Settings) -> uvicorn.Config:
+    """uvicorn's settings. Forwarded headers are believed only from the proxies
+    ``forwarded_allow_ips`` names (uvicorn's own default believes loopback's, so a loopback
+    proxy would pass on a client's forged ``X-Forwarded-For``)."""
+    proxies = settings.forwarded_allow_ips
+    return uvicorn.Config(
+        app,  # type: ignore[arg-type]
         host=host,
         port=port,
         log_level=settings.log_level,
         access_log=settings.access_log,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies or None,
     )
-    server = _GracefulServer(config, app.state.drain, settings.shutdown_timeout_s)
-    server.run(sockets=[listening])
-    return 0 if server.started else 1
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -394,6 +406,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", type=Path, help="models file (YAML); default: embedded model")
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8000)")
+    serve.add_argument(
+        "--forwarded-allow-ips",
+        help="proxies whose X-Forwarded-* headers are believed (comma-separated addresses or "
+        "networks, '*': any); default: none, the client address is the socket's",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     render = sub.add_parser(

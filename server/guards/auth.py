@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,25 +75,57 @@ QUOTA_FIELDS = {"rpm": "requests_per_minute", "tpm": "tokens_per_minute"}
 KEY_LINE_FORMS = "`KEY`, `ID KEY` or `ID KEY [rpm=N] [tpm=N] [trusted] [annotator=NAME]`"
 
 
+# A key's id is stored with every record it makes (the store's ``key_id`` column: 64).
+KEY_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
+KEY_SETTINGS = ("rpm", "tpm", "trusted", "annotator")
+
+
+def _looks_like_setting(word: str) -> bool:
+    return word == "trusted" or word.partition("=")[0] in ("rpm", "tpm", "annotator")
+
+
 def _key_line(line: str, where: str) -> tuple[str | None, str, dict[str, object]]:
     """``KEY`` | ``ID KEY`` | ``ID KEY rpm=N tpm=N trusted annotator=NAME`` → (id, key,
-    settings). Settings come only after the id and the key, so a key may itself hold ``=``."""
+    settings). Settings come only after the id and the key, so a key may itself hold ``=``.
+    Strict: a setting in the key's place, an unknown or repeated setting, or an id the store
+    cannot keep is an error naming the line, never a silent misparse. Words that may be a
+    key are never echoed."""
+
+    def bad(reason: str) -> KeyConfigError:
+        return KeyConfigError(f"{where}: {reason}; expected {KEY_LINE_FORMS}")
+
     words = line.split()
     if len(words) == 1:
         return None, words[0], {}
+    if _looks_like_setting(words[1]) or _looks_like_setting(words[0]):
+        raise bad("a setting where the id or the key belongs; settings come after both")
+    if not KEY_ID_PATTERN.match(words[0]):
+        raise bad("a key id is 1 to 64 letters, digits or . _ : @ - (the store keeps 64)")
     settings: dict[str, object] = {}
     for word in words[2:]:
         name, sep, value = word.partition("=")
-        field = QUOTA_FIELDS.get(name)
-        if word == "trusted" and "trusted" not in settings:
+        field = QUOTA_FIELDS.get(name, name)
+        if field in settings:
+            raise bad(f"{name} is given twice")
+        if word == "trusted":
             settings["trusted"] = True
-        elif name == "annotator" and sep and value and "annotator" not in settings:
+        elif name == "annotator" and sep and value:
             settings["annotator"] = value
-        elif field is not None and field not in settings and value.isascii() and value.isdigit():
+        elif name in QUOTA_FIELDS and sep and value.isascii() and value.isdigit():
             settings[field] = int(value)
+        elif name in KEY_SETTINGS:
+            raise bad(
+                "annotator=NAME needs a name"
+                if name == "annotator"
+                else f"{name}=N takes a whole N ≥ 0 (0: this key is not limited)"
+                if name in QUOTA_FIELDS
+                else "trusted takes no value"
+            )
+        elif sep and name.isalpha() and len(name) < MIN_KEY_CHARS:
+            raise bad(f"unknown setting {name!r}")
         else:
             # Not echoed: a misplaced word may be a key.
-            raise KeyConfigError(f"{where}: expected {KEY_LINE_FORMS}")
+            raise bad("a word that is not a setting")
     return words[0], words[1], settings
 
 
