@@ -155,7 +155,7 @@ def build_app(
     app.include_router(admin.router)
     app.include_router(ui.router)
     app.mount("/ui/static", ui.static_files(), name="ui-static")
-    keys = KeyRing(user_keys, settings.admin_key)
+    keys = KeyRing(user_keys, settings.admin_key, settings.metrics_key)
     app.add_middleware(
         AuthMiddleware,
         keys=keys,

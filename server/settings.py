@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     holdout: float = Field(default=0.1, ge=0, lt=1)
     # Bearer key for the /admin routes; unset, they answer loopback clients only.
     admin_key: str | None = Field(default=None, repr=False)
+    # Bearer key that opens /metrics alone (a Prometheus scraper's); /metrics otherwise
+    # needs the admin key (unset: loopback clients), unless `metrics_public`.
+    metrics_key: str | None = Field(default=None, repr=False)
     # API keys for inference and feedback: comma-separated, and/or a file of `KEY` or
     # `ID KEY` lines. None configured: loopback clients only.
     api_keys: str | None = Field(default=None, repr=False)

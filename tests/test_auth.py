@@ -362,3 +362,32 @@ def test_item_9_forwarded_headers_are_off_unless_configured(gateway: Gateway) ->
         timeout=30,
     )
     assert forged.status_code == 200, forged.text
+
+
+async def test_item_6_metrics_is_not_a_tenants_window_on_others() -> None:
+    """Issue 32, item 6: /metrics counts every tenant's traffic by model and key; any API
+    key read it before. Now it needs the admin key or the metrics key (a scraper's, which
+    opens nothing else); without an admin key, loopback clients only, as admin routes."""
+    scraper = "scraper-0123456789abcdef"
+    ring = KeyRing(parse_keys(f"{ALICE},{BOB}", None), ADMIN, scraper)
+    async with client(ring, host="10.1.2.3") as c:
+        tenant = await c.get("/metrics", headers={"authorization": f"Bearer {ALICE}"})
+        assert tenant.status_code == 403
+        assert tenant.json()["error"]["type"] == "permission_error"
+        assert (await c.get("/metrics")).status_code == 401
+        admin = await c.get("/metrics", headers={"authorization": f"Bearer {ADMIN}"})
+        assert admin.status_code == 200 and admin.text == "admin"
+        scraped = await c.get("/metrics", headers={"authorization": f"Bearer {scraper}"})
+        assert scraped.status_code == 200 and scraped.text == "metrics"
+        for route in ("/v1/models", "/admin/whoami"):  # the scraper's key opens nothing else
+            other = await c.get(route, headers={"authorization": f"Bearer {scraper}"})
+            assert other.status_code == 401, route
+    no_admin = KeyRing(parse_keys(ALICE, None), None)
+    async with client(no_admin) as local:  # loopback, keys on, no admin key
+        assert (await local.get("/metrics")).status_code == 200
+        refused = await local.get("/metrics", headers={"authorization": f"Bearer {ALICE}"})
+        assert refused.status_code == 200  # loopback is the operator here, as for /admin
+    async with client(no_admin, host="10.1.2.3") as remote:
+        assert (await remote.get("/metrics")).status_code == 401
+    with pytest.raises(KeyConfigError, match="metrics key is shorter"):
+        KeyRing([], None, "short")

@@ -24,6 +24,7 @@ ALICE = "alice-0123456789abcdef"
 ADMIN = "admin-0123456789abcdef"
 BOB = "bob-0123456789abcdef"  # keys file: 3 generation requests a minute
 CAROL = "carol-0123456789abcdef"  # keys file: 120 tokens a minute
+DAVE = "dave-0123456789abcdef0"  # keys file: 2 requests a minute (renders count)
 CAPACITY = 4  # max_pending_requests of the model
 FEEDBACK_PER_MINUTE = 5
 
@@ -36,7 +37,7 @@ def hardened(
 ) -> Iterator[Gateway]:
     folder = tmp_path_factory.mktemp("hardened")
     keys_file = folder / "keys"
-    keys_file.write_text(f"bob {BOB} rpm=3\ncarol {CAROL} tpm=120\n")
+    keys_file.write_text(f"bob {BOB} rpm=3\ncarol {CAROL} tpm=120\ndave {DAVE} rpm=2\n")
     gw = start_own_gateway(
         folder,
         "models:\n"
@@ -263,6 +264,45 @@ def test_generation_is_rate_limited_per_key_by_requests_and_tokens(hardened: Gat
     assert all(chat(hardened, ADMIN, 1).status_code == 200 for _ in range(4))
     after = metric(hardened, "aligngate_rejected_requests_total", reason="rate_limited")
     assert after - before == 2
+
+
+def test_item_10_render_is_rate_limited_and_off_the_event_loop(hardened: Gateway) -> None:
+    """Issue 32, item 10: ``/v1/render`` counts against the key's requests per minute (it
+    had no limit: one key could keep the gateway's CPU rendering), and rendering runs on the
+    tokenizing thread, so a long render does not hold up other requests."""
+    url = f"{hardened.url}/v1/render"
+    body = {"model": DEFAULT_MODEL_NAME, "messages": [{"role": "user", "content": "Hi"}]}
+    before = metric(hardened, "aligngate_rejected_requests_total", reason="rate_limited")
+    statuses = [httpx.post(url, json=body, headers=auth(DAVE), timeout=30) for _ in range(3)]
+    assert [r.status_code for r in statuses] == [200, 200, 429]
+    assert statuses[2].json()["error"]["code"] == "rate_limit_exceeded"
+    assert int(statuses[2].headers["retry-after"]) >= 1
+    after = metric(hardened, "aligngate_rejected_requests_total", reason="rate_limited")
+    assert after - before == 1
+
+    long = {  # ~1.5 MB of text: seconds of templating and tokenization
+        "model": DEFAULT_MODEL_NAME,
+        "messages": [{"role": "user", "content": "word " * 39_000} for _ in range(8)],
+    }
+
+    async def race() -> list[str]:
+        done: list[str] = []
+        async with httpx.AsyncClient(timeout=120, headers=auth(ALICE)) as client:
+
+            async def render() -> None:
+                response = await client.post(url, json=long)
+                assert response.status_code == 200, response.text[:500]
+                done.append("render")
+
+            async def health() -> None:
+                await asyncio.sleep(0.3)  # the render has started
+                assert (await client.get(f"{hardened.url}/health")).status_code == 200
+                done.append("health")
+
+            await asyncio.gather(render(), health())
+        return done
+
+    assert asyncio.run(race()) == ["health", "render"]
 
 
 async def _stream(client: httpx.AsyncClient, url: str, max_tokens: int) -> tuple[int, float, str]:

@@ -28,6 +28,7 @@ from server.engine.types import SamplingSpec
 from server.models.registry import ServedModel
 from server.models.render import Message
 from server.serving.generation import new_id
+from server.serving.tokenizing import off_loop
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ def engine_generator(model: ServedModel, spec_for: Callable[[int], SamplingSpec]
     """Generation through the served model's renderer and engine (the server's path)."""
 
     async def generate(item: Item) -> tuple[str, str | None, int]:
-        prompt = model.renderer.render_chat([Message("user", item.instruction)])
+        prompt = await off_loop(model.renderer.render_chat, [Message("user", item.instruction)])
         spec = spec_for(len(prompt.token_ids))
         text, tokens, reason = "", 0, None
         async for deltas in model.engine.generate(

@@ -35,9 +35,13 @@ from server.errors import error_body
 MIN_KEY_CHARS = 16
 ADMIN_KEY_ID = "admin"
 LOOPBACK_KEY_ID = "loopback"
-# Ids no key and no judge may take: the admin, the keyless loopback tenant, the trust marker
-# and the store's anonymous owner (``server.store.records.ANONYMOUS_KEY``).
-RESERVED_KEY_IDS = frozenset({ADMIN_KEY_ID, LOOPBACK_KEY_ID, "trusted", "anonymous"})
+METRICS_KEY_ID = "metrics"
+METRICS_PATH = "/metrics"
+# Ids no key and no judge may take: the admin, the keyless loopback tenant, the metrics
+# scraper, the trust marker and the store's anonymous owner (``store.records.ANONYMOUS_KEY``).
+RESERVED_KEY_IDS = frozenset(
+    {ADMIN_KEY_ID, LOOPBACK_KEY_ID, METRICS_KEY_ID, "trusted", "anonymous"}
+)
 # The web UI's pages hold no data (their data calls need a key, as any client's do).
 PUBLIC_PATHS = frozenset({"/health", "/ui", "/ui/", "/ui/feedback", "/ui/arena", "/ui/leaderboard"})
 PUBLIC_PREFIXES = ("/ui/static/",)  # the web UI's files hold no data
@@ -97,7 +101,7 @@ def _key_line(line: str, where: str) -> tuple[str | None, str, dict[str, object]
     words = line.split()
     if len(words) == 1:
         return None, words[0], {}
-    if _looks_like_setting(words[1]) or _looks_like_setting(words[0]):
+    if _looks_like_setting(words[1]) or "=" in words[0]:
         raise bad("a setting where the id or the key belongs; settings come after both")
     if not KEY_ID_PATTERN.match(words[0]):
         raise bad("a key id is 1 to 64 letters, digits or . _ : @ - (the store keeps 64)")
@@ -188,11 +192,21 @@ def quotas(keys: Iterable[ApiKey], field: str) -> dict[str, int]:
 
 
 class KeyRing:
-    def __init__(self, user_keys: Iterable[ApiKey], admin_key: str | None):
+    def __init__(
+        self, user_keys: Iterable[ApiKey], admin_key: str | None, metrics_key: str | None = None
+    ):
         self.user_keys = list(user_keys)
-        if admin_key is not None and len(admin_key) < MIN_KEY_CHARS:
-            raise KeyConfigError(f"the admin key is shorter than {MIN_KEY_CHARS} characters")
+        for name, key in (("admin", admin_key), ("metrics", metrics_key)):
+            if key is not None and len(key) < MIN_KEY_CHARS:
+                raise KeyConfigError(f"the {name} key is shorter than {MIN_KEY_CHARS} characters")
         self._admin = digest(admin_key) if admin_key is not None else None
+        # A key that opens /metrics and nothing else (a Prometheus scraper's).
+        self._metrics = digest(metrics_key) if metrics_key is not None else None
+
+    def is_metrics(self, presented: str) -> bool:
+        if self._metrics is None:
+            return False
+        return hmac.compare_digest(digest(presented), self._metrics)
 
     @property
     def admin_unset(self) -> bool:
@@ -289,7 +303,13 @@ class AuthMiddleware:
         if path in self.public or path.startswith(PUBLIC_PREFIXES):
             await self.app(scope, receive, send)
             return
-        admin_route = path == "/admin" or path.startswith("/admin/")
+        if path == METRICS_PATH and self._metrics_scraper(scope):
+            scope.setdefault("state", {})["key_id"] = METRICS_KEY_ID
+            await self.app(scope, receive, send)
+            return
+        # /metrics counts every tenant's traffic by model and key: an operator's view (the
+        # admin key, or the metrics key above), never a tenant's.
+        admin_route = path == "/admin" or path.startswith("/admin/") or path == METRICS_PATH
         key_id, refusal, annotator = self._decide(scope, admin_route)
         if key_id == LOOPBACK_KEY_ID and not self._host_allowed(scope):
             refusal = (403, self._host_refusal(scope))
@@ -301,6 +321,10 @@ class AuthMiddleware:
         state["key_id"] = key_id
         state["annotator"] = annotator
         await self.app(scope, receive, send)
+
+    def _metrics_scraper(self, scope: Scope) -> bool:
+        token = bearer_token(scope)
+        return token is not None and self.keys.is_metrics(token)
 
     def _host_allowed(self, scope: Scope) -> bool:
         """Trust from loopback alone also needs a loopback (or allowed) ``Host``; a request

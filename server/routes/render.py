@@ -1,4 +1,8 @@
-"""``POST /v1/render``: the exact prompt text and token ids a model would receive."""
+"""``POST /v1/render``: the exact prompt text and token ids a model would receive.
+
+Rate-limited per key like the generating routes (requests per minute; it generates no
+tokens), and rendered off the event loop (``serving.tokenizing``).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ from server.models.render import RenderError
 from server.protocol import ERROR_RESPONSES, RenderRequest, RenderResponse
 from server.routes.deps import RegistryDep
 from server.serving.chat import to_messages
-from server.serving.generation import template_headers
+from server.serving.generation import check_request_rate, template_headers
+from server.serving.tokenizing import off_loop
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 
@@ -21,12 +26,14 @@ async def render(body: RenderRequest, request: Request, registry: RegistryDep) -
     request.state.model = model.name
     if (body.messages is None) == (body.prompt is None):
         raise InvalidRequest("Send either `messages` or `prompt`.", param="messages")
+    check_request_rate(request, model)  # a render counts as a request (rpm)
     renderer = model.renderer
     try:
         if body.messages is not None:
-            prompt = renderer.render_chat(to_messages(body.messages), quantile=body.quantile)
+            messages = to_messages(body.messages)
+            prompt = await off_loop(renderer.render_chat, messages, quantile=body.quantile)
         else:
-            prompt = renderer.render_text(body.prompt or "", quantile=body.quantile)
+            prompt = await off_loop(renderer.render_text, body.prompt or "", quantile=body.quantile)
     except RenderError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from exc
     result = RenderResponse(
@@ -36,7 +43,7 @@ async def render(body: RenderRequest, request: Request, registry: RegistryDep) -
         template_fingerprint=renderer.fingerprint,
         text=prompt.text,
         token_ids=prompt.token_ids,
-        tokens=renderer.tokenizer.convert_ids_to_tokens(prompt.token_ids),
+        tokens=await off_loop(renderer.tokenizer.convert_ids_to_tokens, prompt.token_ids),
         stop=list(renderer.stop),
     )
     return JSONResponse(result.model_dump(), headers=template_headers(model))

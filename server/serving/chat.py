@@ -50,6 +50,7 @@ from server.serving.generation import (
     usage,
 )
 from server.serving.stream_frames import StreamFrames, chat_text_choice
+from server.serving.tokenizing import off_loop
 
 ENDPOINT = "/v1/chat/completions"
 
@@ -87,7 +88,9 @@ async def create_chat_completion(
     model = registry.get(body.model)
     ensure_healthy(model)
     try:
-        prompt = model.renderer.render_chat(to_messages(body.messages), quantile=body.quantile)
+        prompt = await off_loop(
+            model.renderer.render_chat, to_messages(body.messages), quantile=body.quantile
+        )
     except RenderError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from exc
     family = model.renderer.spec

@@ -194,6 +194,17 @@ class Tracker:
         self.metrics.completion_tokens.labels(self.model).inc(self.completion_tokens)
 
 
+def check_request_rate(request: Request, model: ServedModel) -> None:
+    """The key's request limit alone (429 past it), for a model route that generates nothing
+    (``/v1/render``): it still renders and tokenizes on the gateway's CPU."""
+    key_id = getattr(request.state, "key_id", None) or ANONYMOUS_KEY
+    try:
+        request.app.state.request_limiter.check(key_id)
+    except RateLimited:
+        request.app.state.metrics.rejected.labels(model.name, "rate_limited").inc()
+        raise
+
+
 def tracker_for(request: Request, model: ServedModel, endpoint: str, prompt_tokens: int) -> Tracker:
     """Admit the request — the key's request and token limits, then a slot of its engine
     (429 past any of them) — and start its bookkeeping."""
