@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, Gateway, free_port
 
 
 def _serve(port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -66,3 +66,9 @@ def test_item_12_the_port_is_bound_before_the_engines_start(
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def test_item_12_the_log_says_where_it_listens(gateway: Gateway) -> None:
+    """On the socket bound before start-up, the log still says where it serves (uvicorn
+    says so only for sockets it binds itself)."""
+    assert f"Uvicorn running on {gateway.url}" in gateway.log_path.read_text(errors="replace")

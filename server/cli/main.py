@@ -119,6 +119,12 @@ class _GracefulServer(uvicorn.Server):
         self._captured_signals.append(sig)
         self.drain.start()
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and sockets:
+            # uvicorn logs where it listens only for sockets it bound itself.
+            self._log_started_message(sockets)
+
     async def on_tick(self, counter: int) -> bool:
         if self.drain.done(self.drain_timeout_s):
             if self.drain.in_flight:
