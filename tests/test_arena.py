@@ -198,3 +198,56 @@ def test_battle_mode_in_the_browser_then_the_leaderboard(
     page.get_by_role("button", name="Apply").click()
     page.wait_for_load_state("networkidle")
     assert "battles" in page.locator("#summary").inner_text()
+
+
+def test_item_1_battle_answers_stay_blind_until_the_vote(
+    gateway: Gateway, contenders: list[str], test_env: dict[str, str]
+) -> None:
+    """Issue 32, item 1: a battle's answers are stored completions under the voter's key,
+    and the Stored Completions routes showed them with their models' names before the vote.
+    Until the vote they read as missing on every route; then they are the voter's records."""
+    from sqlalchemy import create_engine, select
+
+    from server.store.schema import battles
+
+    listed = f"{gateway.url}/v1/chat/completions"
+    r = start(gateway, "Name a river.", models=contenders)
+    assert r.status_code == 200, r.text
+    battle = r.json()
+    assert not any(name in r.text for name in contenders)
+    assert not any(name in value for value in r.headers.values() for name in contenders)
+    engine = create_engine(test_env["ALIGNGATE_DATABASE_URL"])
+    with engine.connect() as conn:  # the ids the voter is not shown
+        ids = conn.execute(
+            select(battles.c.completion_a, battles.c.completion_b).where(
+                battles.c.id == battle["id"]
+            )
+        ).one()
+    engine.dispose()
+    for completion_id in ids:
+        for url in (
+            f"{listed}/{completion_id}",
+            f"{listed}/{completion_id}/messages",
+            f"{gateway.url}/v1/completions/{completion_id}",
+        ):
+            assert httpx.get(url, timeout=30).status_code == 404, url
+        renamed = httpx.post(f"{listed}/{completion_id}", json={"metadata": {"k": "v"}})
+        assert renamed.status_code == 404
+        judged = httpx.post(
+            f"{gateway.url}/v1/feedback", json={"completion_id": completion_id, "label": "desirable"}
+        )
+        assert judged.status_code == 404, judged.text
+    newest = httpx.get(listed, params={"order": "desc", "limit": 100}, timeout=30).json()
+    assert not {c["id"] for c in newest["data"]} & set(ids)
+    for model in contenders:
+        mine = httpx.get(listed, params={"model": model, "limit": 100}, timeout=30).json()
+        assert not {c["id"] for c in mine["data"]} & set(ids)
+
+    decided = httpx.post(
+        f"{gateway.url}/v1/arena/battles/{battle['id']}/vote", json={"winner": "tie"}
+    ).json()
+    assert {decided["a"]["completion_id"], decided["b"]["completion_id"]} == set(ids)
+    shown = httpx.get(f"{listed}/{decided['a']['completion_id']}", timeout=30)
+    assert shown.status_code == 200 and shown.json()["model"] == decided["a"]["model"]
+    newest = httpx.get(listed, params={"order": "desc", "limit": 100}, timeout=30).json()
+    assert set(ids) <= {c["id"] for c in newest["data"]}

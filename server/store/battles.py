@@ -140,6 +140,21 @@ def select_battle(conn: Connection, battle_id: str, owner: str | None) -> Battle
     return row
 
 
+def not_an_open_battle_answer() -> list[Any]:
+    """The condition that a completion is not an answer of a battle still open: a blind
+    battle's answers name their models, so until the vote they read as missing to the voter
+    on every route (lists, retrieve, messages, update, delete, feedback); the admin sees all."""
+    open_battles = battles.c.winner.is_(None)
+    return [
+        completions.c.id.not_in(
+            select(battles.c.completion_a).where(open_battles, battles.c.completion_a.is_not(None))
+        ),
+        completions.c.id.not_in(
+            select(battles.c.completion_b).where(open_battles, battles.c.completion_b.is_not(None))
+        ),
+    ]
+
+
 def vote(
     conn: Connection,
     battle_id: str,

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import Connection, and_, delete, func, or_, select
 
 from server.errors import Conflict, NotFound
+from server.store.battles import not_an_open_battle_answer
 from server.store.records import CompletionRecord
 from server.store.schema import battles, completion_metadata, completions, feedback
 
@@ -21,10 +22,11 @@ CHAT = "chat"
 
 
 def _mine(owner: str | None) -> list[Any]:
-    """Chat records of ``owner`` (a key id); None (the admin): everyone's."""
+    """Chat records of ``owner`` (a key id), less its open battles' answers (blind until
+    the vote); None (the admin): everyone's."""
     conditions = [completions.c.endpoint == CHAT]
     if owner is not None:
-        conditions.append(completions.c.key_id == owner)
+        conditions += [completions.c.key_id == owner, *not_an_open_battle_answer()]
     return conditions
 
 

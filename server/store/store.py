@@ -133,9 +133,7 @@ class Store:
         def read() -> tuple[CompletionRecord, list[FeedbackRow]] | None:
             with self.engine.connect() as conn:
                 row = conn.execute(
-                    select(completions).where(
-                        completions.c.id == completion_id, *_owned(completions, owner)
-                    )
+                    select(completions).where(completions.c.id == completion_id, *_visible(owner))
                 ).first()
                 if row is None:
                     return None
@@ -659,7 +657,7 @@ def _feedback_values(row: FeedbackRow) -> dict[str, Any]:
 
 def _judged_record(conn: Connection, completion_id: str, owner: str | None, param: str) -> Any:
     row = conn.execute(
-        select(completions).where(completions.c.id == completion_id, *_owned(completions, owner))
+        select(completions).where(completions.c.id == completion_id, *_visible(owner))
     ).first()
     if row is None:
         raise NotFound(f"No stored completion `{completion_id}`.", param=param)
@@ -671,6 +669,14 @@ def _next_seq(conn: Connection, name: str) -> int:
     counter's row until commit, so numbers commit in order (see ``schema.counters``)."""
     conn.execute(update(counters).where(counters.c.name == name).values(value=counters.c.value + 1))
     return int(conn.execute(select(counters.c.value).where(counters.c.name == name)).scalar_one())
+
+
+def _visible(owner: str | None) -> list[Any]:
+    """The completions ``owner`` may see: its own, less its open battles' answers (blind
+    until the vote); None (the admin): all."""
+    if owner is None:
+        return []
+    return [*_owned(completions, owner), *battles.not_an_open_battle_answer()]
 
 
 def _owned(table: Any, owner: str | None) -> list[Any]:
