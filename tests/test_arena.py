@@ -233,9 +233,8 @@ def test_item_1_battle_answers_stay_blind_until_the_vote(
             assert httpx.get(url, timeout=30).status_code == 404, url
         renamed = httpx.post(f"{listed}/{completion_id}", json={"metadata": {"k": "v"}})
         assert renamed.status_code == 404
-        judged = httpx.post(
-            f"{gateway.url}/v1/feedback", json={"completion_id": completion_id, "label": "desirable"}
-        )
+        label = {"completion_id": completion_id, "label": "desirable"}
+        judged = httpx.post(f"{gateway.url}/v1/feedback", json=label)
         assert judged.status_code == 404, judged.text
     newest = httpx.get(listed, params={"order": "desc", "limit": 100}, timeout=30).json()
     assert not {c["id"] for c in newest["data"]} & set(ids)

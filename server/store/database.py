@@ -31,6 +31,10 @@ def open_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record):  # type: ignore[no-untyped-def]
+            # SQLAlchemy, not pysqlite, begins transactions (``_begin``): pysqlite begins one
+            # only before a write, so a SAVEPOINT first in a transaction would start (and its
+            # RELEASE commit) a transaction of its own (SQLAlchemy's documented recipe).
+            dbapi_conn.isolation_level = None
             cursor = dbapi_conn.cursor()
             # WAL: readers never block the writer. synchronous=FULL: a commit returns only
             # after the WAL is fsynced, so an acknowledged write survives a crash.
@@ -38,6 +42,10 @@ def open_engine(url: str) -> Engine:
             cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn):  # type: ignore[no-untyped-def]
+            conn.exec_driver_sql("BEGIN")
 
         return engine
     if parsed.get_backend_name() == "postgresql":

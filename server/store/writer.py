@@ -4,8 +4,10 @@ A commit (one fsync) covers every write that queued up while the previous commit
 durable acknowledged writes scale past the disk's fsync rate. Nothing is acknowledged
 before its commit returns.
 
-An operation is a function of a connection that does its checks (raising a client error)
-before it writes, so a refused operation leaves nothing behind in a shared transaction.
+An operation is a function of a connection. Each runs in its own SAVEPOINT within the
+group's transaction: one refused with a client error (``GatewayError``) after it wrote — an
+arena vote whose preference row went in before the vote was refused — is rolled back to its
+savepoint and leaves nothing behind, while the others in the group commit.
 """
 
 from __future__ import annotations
@@ -91,8 +93,10 @@ class GroupCommitWriter:
             with self._engine.begin() as conn:
                 for op, future in batch:
                     try:
-                        outcomes.append((future, True, op(conn)))
-                    except GatewayError as exc:  # refused before writing anything
+                        with conn.begin_nested():  # a refusal undoes this op's writes only
+                            result = op(conn)
+                        outcomes.append((future, True, result))
+                    except GatewayError as exc:
                         outcomes.append((future, False, exc))
         except Exception:
             # The group failed as a whole (e.g. a constraint): retry each alone, so one
