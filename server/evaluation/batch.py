@@ -261,7 +261,8 @@ def engine_generator(model: ServedModel, spec_for: Callable[[int], SamplingSpec]
     """Generation through the served model's renderer and engine (the server's path)."""
 
     async def generate(item: Item) -> tuple[str, str | None, int]:
-        prompt = await off_loop(model.renderer.render_chat, [Message("user", item.instruction)])
+        messages = [Message("user", item.instruction)]
+        prompt = await off_loop(len(item.instruction), model.renderer.render_chat, messages)
         spec = spec_for(len(prompt.token_ids))
         text, tokens, reason = "", 0, None
         async for deltas in model.engine.generate(

@@ -15,7 +15,7 @@ from server.protocol import ERROR_RESPONSES, RenderRequest, RenderResponse
 from server.routes.deps import RegistryDep
 from server.serving.chat import to_messages
 from server.serving.generation import check_request_rate, template_headers
-from server.serving.tokenizing import off_loop
+from server.serving.tokenizing import off_loop, text_size
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 
@@ -31,9 +31,11 @@ async def render(body: RenderRequest, request: Request, registry: RegistryDep) -
     try:
         if body.messages is not None:
             messages = to_messages(body.messages)
-            prompt = await off_loop(renderer.render_chat, messages, quantile=body.quantile)
+            size = text_size(body.model_dump(include={"messages"}))
+            prompt = await off_loop(size, renderer.render_chat, messages, quantile=body.quantile)
         else:
-            prompt = await off_loop(renderer.render_text, body.prompt or "", quantile=body.quantile)
+            text = body.prompt or ""
+            prompt = await off_loop(len(text), renderer.render_text, text, quantile=body.quantile)
     except RenderError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from exc
     result = RenderResponse(
@@ -43,7 +45,7 @@ async def render(body: RenderRequest, request: Request, registry: RegistryDep) -
         template_fingerprint=renderer.fingerprint,
         text=prompt.text,
         token_ids=prompt.token_ids,
-        tokens=await off_loop(renderer.tokenizer.convert_ids_to_tokens, prompt.token_ids),
+        tokens=renderer.tokenizer.convert_ids_to_tokens(prompt.token_ids),
         stop=list(renderer.stop),
     )
     return JSONResponse(result.model_dump(), headers=template_headers(model))

@@ -50,7 +50,7 @@ from server.serving.generation import (
     usage,
 )
 from server.serving.stream_frames import StreamFrames, chat_text_choice
-from server.serving.tokenizing import off_loop
+from server.serving.tokenizing import off_loop, text_size
 
 ENDPOINT = "/v1/chat/completions"
 
@@ -89,7 +89,10 @@ async def create_chat_completion(
     ensure_healthy(model)
     try:
         prompt = await off_loop(
-            model.renderer.render_chat, to_messages(body.messages), quantile=body.quantile
+            text_size(body.model_dump(include={"messages"})),
+            model.renderer.render_chat,
+            to_messages(body.messages),
+            quantile=body.quantile,
         )
     except RenderError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from exc

@@ -37,7 +37,7 @@ from server.serving.generation import (
     usage,
 )
 from server.serving.stream_frames import StreamFrames, completion_text_choice
-from server.serving.tokenizing import off_loop
+from server.serving.tokenizing import off_loop, text_size
 
 ENDPOINT = "/v1/completions"
 MAX_PROMPTS = 64
@@ -87,7 +87,7 @@ async def create_completion(
 ) -> Response:
     model = registry.get(body.model)
     ensure_healthy(model)
-    prompts = await off_loop(_prompts, body, model)  # rendering: off the event loop
+    prompts = await off_loop(text_size(body.prompt), _prompts, body, model)  # long: off the loop
     longest = max(len(p.token_ids) for p in prompts)
     family = model.renderer.spec
     max_tokens = resolve_max_tokens(
