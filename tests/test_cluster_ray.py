@@ -101,13 +101,23 @@ def chat(gateway: Gateway, messages: list[dict[str, str]], **fields: object) -> 
 
 
 async def replicas_serving(gateway: Gateway, requests: int = 12) -> list[str]:
-    """The replica header of ``requests`` concurrent short requests."""
+    """The replica header of ``requests`` concurrent requests for one prompt.
+
+    Each holds its replica for 32 tokens: the first replica to see the prompt is preferred
+    (its prefix) until it holds ``max_imbalance`` more requests than the other, and with
+    4-token answers a slow front end could hand requests to the router more slowly than
+    the preferred replica finished them (on CI, all 12 went to one replica)."""
     async with httpx.AsyncClient(timeout=120) as http:
         replies = await asyncio.gather(
             *(
                 http.post(
                     f"{gateway.url}/v1/chat/completions",
-                    json={"model": gateway.model, "messages": FRANCE, "max_tokens": 4},
+                    json={
+                        "model": gateway.model,
+                        "messages": FRANCE,
+                        "max_tokens": 32,
+                        "min_tokens": 32,
+                    },
                 )
                 for _ in range(requests)
             )

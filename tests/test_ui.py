@@ -131,20 +131,44 @@ def test_side_by_side_preference_lands_as_a_dpo_pair(
     assert any(p["chosen"].strip() == b_text.strip() for p in pairs), pairs[-3:]
 
 
+def _with_markup_first(stream: str, markup: str) -> str:
+    """The SSE ``stream`` with ``markup`` put before the first content its model sent."""
+    lines = stream.split("\n")
+    for i, line in enumerate(lines):
+        if not line.startswith("data: {"):
+            continue
+        chunk = json.loads(line.removeprefix("data: "))
+        delta = chunk["choices"][0]["delta"] if chunk.get("choices") else {}
+        if delta.get("content"):
+            delta["content"] = markup + delta["content"]
+            lines[i] = "data: " + json.dumps(chunk)
+            return "\n".join(lines)
+    raise AssertionError(f"no content in the stream: {stream[:500]}")
+
+
 def test_model_and_user_text_render_as_text(gateway: Gateway, page) -> None:
+    payload = "<script>window.__pwned = true</script><img src=x onerror='window.__pwned=true'>"
+
+    # The model's real streamed answer, with markup in its first token, as a model that
+    # repeats or is led into writing markup sends it (whether the small default model
+    # repeats it greedily depends on the CPU's arithmetic: on an AVX2-only CI machine it
+    # described the markup instead).
+    def hostile_model(route) -> None:  # type: ignore[no-untyped-def]
+        real = route.fetch()
+        route.fulfill(response=real, body=_with_markup_first(real.text(), payload))
+
+    page.route("**/v1/chat/completions", hostile_model)
     page.goto(f"{gateway.url}/ui")
     page.evaluate("window.__pwned = false")
     page.get_by_label("Temperature").fill("0")
     page.get_by_label("Max tokens").fill("40")
-    payload = "<script>window.__pwned = true</script><img src=x onerror='window.__pwned=true'>"
     send(page, f"Repeat this HTML exactly: {payload}")
     answer = page.locator(".answer").last
     answer.get_by_role("button", name="Accept").wait_for(state="visible")
     page.wait_for_function("() => document.querySelector('.answer[data-completion-id]')")
     response = answer.locator(".text").inner_text()
     print("model answered:", repr(response))
-    # The default model repeats the markup (greedy): a response containing <script>, as text.
-    assert "<script>window.__pwned = true</script>" in response
+    assert response.startswith(payload)  # shown as text
     # The user's message is shown verbatim, as text; nothing in the transcript became markup.
     assert payload in page.locator(".turn.user").last.inner_text()
     assert page.locator("#transcript script, #transcript img").count() == 0
