@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from server import __version__
 from server.cluster.config import ClusterSettings
@@ -36,6 +36,7 @@ from server.metrics import GatewayMetrics, RequestMetricsMiddleware
 from server.models.models_file import JudgeEntry, ModelEntry, Resources
 from server.models.registry import Registry
 from server.routes import admin, arena, feedback, health, openai, render, stored_completions, ui
+from server.routes.deps import storable_params
 from server.settings import Settings
 from server.store import Store
 from server.training.online import AlignJobs
@@ -124,7 +125,12 @@ def build_app(
             registry.shutdown()
             store.close()  # commits every queued record first
 
-    app = FastAPI(title="aligngate", version=__version__, lifespan=lifespan)
+    app = FastAPI(
+        title="aligngate",
+        version=__version__,
+        lifespan=lifespan,
+        dependencies=[Depends(storable_params)],
+    )
     app.state.settings = settings
     app.state.registry = registry
     app.state.judges = built  # by name: the sampler's, the promotion gate's

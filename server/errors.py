@@ -134,6 +134,8 @@ def _status_type(status: int) -> str:
 
 
 _LOCATION_PREFIXES = ("body", "query", "path", "header")
+# What the store cannot keep (``store.storable``); pydantic finds unpaired surrogates itself.
+UNPAIRED_SURROGATES = "must not contain unpaired surrogates (text must be valid Unicode)"
 # pydantic names the branch of a union it tried ("str", "list[TextPart]",
 # "function-after[_no_nul(), str]"); a client wants only the field path.
 _UNION_TAGS = ("str", "int", "float", "bool", "list", "dict", "none")
@@ -160,6 +162,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "The request body is not valid JSON.", None
     if first.get("type") == "extra_forbidden":
         msg = "Unrecognized request argument supplied"
+    if first.get("type") == "string_unicode":
+        msg = UNPAIRED_SURROGATES
     text = f"{param}: {msg}" if param else msg
     if len(errors) > 1:
         text += f" (and {len(errors) - 1} more error(s))"

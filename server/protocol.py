@@ -25,6 +25,7 @@ from pydantic import (
 from server.engine.types import SamplingSpec, StructuredSpec
 from server.errors import InvalidRequest
 from server.models.families import FamilySpec
+from server.store import storable
 
 # Public caps; vLLM's own default for n is 16,384.
 MAX_N = 16
@@ -38,14 +39,15 @@ MAX_MESSAGE_CHARS = 200_000
 CLIENT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "template")
 
 
-def _no_nul(value: str) -> str:
-    # NUL cannot be stored by PostgreSQL and is never meaningful text.
-    if "\x00" in value:
-        raise ValueError("text must not contain NUL characters")
+def _storable(value: str) -> str:
+    found = storable.problem(value)
+    if found:
+        raise ValueError(found)
     return value
 
 
-Text = Annotated[str, AfterValidator(_no_nul)]
+# A path or query parameter's text (a request body's is checked by its model, below).
+Text = Annotated[str, AfterValidator(_storable)]
 
 # OpenAI's limits on ``metadata``: 16 pairs, keys up to 64 characters, values up to 512.
 MAX_METADATA_PAIRS = 16
@@ -78,19 +80,34 @@ def check_metadata(value: Any) -> Any:
 Metadata = Annotated[dict[str, str], BeforeValidator(check_metadata)]
 
 
-class _Strict(BaseModel):
+class _StorableText(BaseModel):
+    """A request body whose every string — nested in lists and dicts, keys included — is
+    text the store can keep (``storable``): a 400 naming the field otherwise, whether or not
+    the field is stored today."""
+
+    @field_validator("*")
+    @classmethod
+    def _storable_text(cls, value: Any) -> Any:
+        if not isinstance(value, BaseModel):  # a nested model checked its own fields
+            found = storable.first_problem(value)
+            if found:
+                raise ValueError(found)
+        return value
+
+
+class _Strict(_StorableText):
     model_config = ConfigDict(extra="forbid")
 
 
 class TextPart(_Strict):
     type: Literal["text"]
-    text: Text
+    text: str
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
-    name: Text | None = Field(default=None, max_length=256)
+    content: str | list[TextPart]
+    name: str | None = Field(default=None, max_length=256)
 
     @model_validator(mode="after")
     def _check_length(self) -> ChatMessage:
@@ -115,8 +132,8 @@ class StructuredOutputs(_Strict):
     """vLLM's ``structured_outputs`` extension: constrain the text to a regular expression,
     one of a list of strings, or a JSON Schema (exactly one)."""
 
-    regex: Text | None = Field(default=None, min_length=1, max_length=MAX_STRUCTURE_CHARS)
-    choice: list[Text] | None = Field(default=None, min_length=1, max_length=256)
+    regex: str | None = Field(default=None, min_length=1, max_length=MAX_STRUCTURE_CHARS)
+    choice: list[str] | None = Field(default=None, min_length=1, max_length=256)
     json_schema: dict[str, Any] | None = Field(default=None, alias="json")
 
     @model_validator(mode="after")
@@ -128,9 +145,9 @@ class StructuredOutputs(_Strict):
 
 
 class JsonSchemaFormat(_Strict):
-    name: Text = Field(default="schema", max_length=64)
+    name: str = Field(default="schema", max_length=64)
     schema_: dict[str, Any] = Field(alias="schema")
-    description: Text | None = Field(default=None, max_length=2000)
+    description: str | None = Field(default=None, max_length=2000)
     strict: bool | None = None
 
 
@@ -154,11 +171,11 @@ class _SamplingFields(_Strict):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = Field(default=1, ge=1, le=MAX_N)
-    stop: Text | list[Text] | None = None
+    stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    user: Text | None = Field(default=None, max_length=256)
+    user: str | None = Field(default=None, max_length=256)
     stream: bool = False
     stream_options: StreamOptions | None = None
     store: bool | None = None
@@ -274,7 +291,7 @@ class ChatCompletionRequest(_SamplingFields):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-PromptInput = Text | list[Text] | list[int] | list[list[int]]
+PromptInput = str | list[str] | list[int] | list[list[int]]
 
 
 class CompletionRequest(_SamplingFields):
@@ -303,7 +320,7 @@ class FeedbackRequest(_Strict):
 
     completion_id: str = Field(min_length=1, max_length=64)
     choice_index: int = Field(default=0, ge=0, le=1024)
-    judgment: Text | None = None
+    judgment: str | None = None
     # -1 / +1 (thumbs) or 1-5 (stars). 1 alone reads as thumbs-up; a 1-star rating says
     # rating_scale "stars".
     rating: Literal[-1, 1, 2, 3, 4, 5] | None = None
@@ -315,8 +332,8 @@ class FeedbackRequest(_Strict):
     preferred_over: str | None = Field(default=None, min_length=1, max_length=64)
     # Which choice of ``preferred_over`` lost (default 0).
     preferred_over_choice: int | None = Field(default=None, ge=0, le=1024)
-    annotator: Text | None = Field(default=None, min_length=1, max_length=256)
-    idempotency_key: Text | None = Field(default=None, min_length=1, max_length=256)
+    annotator: str | None = Field(default=None, min_length=1, max_length=256)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=256)
 
     @field_validator("judgment")
     @classmethod
@@ -510,6 +527,9 @@ class ChatCompletionDeleted(BaseModel):
     id: str
     object: Literal["chat.completion.deleted"] = "chat.completion.deleted"
     deleted: bool
+    # What derived from it and went with it: unreviewed feedback rows (people's pending
+    # judgments, AI judges' verdicts) and AI judges' calls.
+    deleted_with_it: dict[str, int] = Field(default_factory=dict)
 
 
 class ChatDelta(BaseModel):
@@ -609,7 +629,7 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class AdapterLoadRequest(BaseModel):
+class AdapterLoadRequest(_StorableText):
     """``POST /admin/adapters``: serve an adapter folder under its own model name."""
 
     model_config = ConfigDict(extra="forbid")
@@ -622,7 +642,7 @@ class AdapterLoadRequest(BaseModel):
     base: str | None = Field(default=None, max_length=128)
 
 
-class Hyperparameters(BaseModel):
+class Hyperparameters(_StorableText):
     """Training settings of an online iteration: any field of the method's config (shared:
     LoRA, schedule, batch, length; per method: CUT's threshold, KTO's and DPO's beta, Quark's
     coefficients). A field left out keeps the method's default, the same one ``aligngate
@@ -667,10 +687,10 @@ class GateRequest(_Strict):
 
     enabled: bool = True
     # A pairwise judge of the models file (default: its only pairwise judge).
-    judge: Text | None = Field(default=None, max_length=64)
+    judge: str | None = Field(default=None, max_length=64)
     # Instructions (a JSON list or JSONL of {instruction}): default ALIGNGATE_GATE_INSTRUCTIONS,
     # else the official AlpacaEval set.
-    instructions: Text | None = Field(default=None, max_length=4096)
+    instructions: str | None = Field(default=None, max_length=4096)
     # Items judged. Default: the fewest with ≥ 80 % power to promote a candidate whose true
     # win rate is 0.60 with 30 % ties (README "The promotion gate").
     size: int = Field(default=116, ge=1, le=805)
@@ -705,7 +725,7 @@ class AlignRequest(_Strict):
     # annotators (added to ALIGNGATE_TRUSTED_ANNOTATORS) — unless include_unreviewed.
     # API key ids whose judgments train unreviewed (besides ALIGNGATE_TRUSTED_ANNOTATORS and
     # the keys file's `trusted` keys); the name is kept from when it matched annotator labels.
-    trusted_annotators: list[Text] = Field(default_factory=list, max_length=1000)
+    trusted_annotators: list[str] = Field(default_factory=list, max_length=1000)
     include_unreviewed: bool = False
     gate: GateRequest = Field(default_factory=GateRequest)
 
@@ -715,13 +735,13 @@ class PromoteRequest(_Strict):
 
     alias: str = Field(min_length=1, max_length=160)
     version: str = Field(min_length=1, max_length=128)
-    reason: Text = Field(default="", max_length=1000)
+    reason: str = Field(default="", max_length=1000)
 
 
 class ReviewRequest(_Strict):
     """``POST /admin/feedback/review``: mark feedback as reviewed (or take the mark back)."""
 
-    ids: list[Text] = Field(min_length=1, max_length=1000)
+    ids: list[str] = Field(min_length=1, max_length=1000)
     reviewed: bool = True
 
 
@@ -745,7 +765,7 @@ class BattleRequest(_Strict):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    user: Text | None = Field(default=None, max_length=256)
+    user: str | None = Field(default=None, max_length=256)
 
     @field_validator("models")
     @classmethod
@@ -783,7 +803,7 @@ class VoteRequest(_Strict):
     """``POST /v1/arena/battles/{id}/vote``: A better, B better, a tie, or both bad."""
 
     winner: Winner
-    annotator: Text | None = Field(default=None, min_length=1, max_length=256)
+    annotator: str | None = Field(default=None, min_length=1, max_length=256)
 
 
 class LeaderboardRow(BaseModel):

@@ -391,3 +391,59 @@ async def test_item_6_metrics_is_not_a_tenants_window_on_others() -> None:
         assert (await remote.get("/metrics")).status_code == 401
     with pytest.raises(KeyConfigError, match="metrics key is shorter"):
         KeyRing([], None, "short")
+
+
+CROSS_SITE = [
+    {"origin": "https://evil.example", "sec-fetch-site": "cross-site"},
+    {"origin": "http://localhost:5173", "sec-fetch-site": "same-site"},  # another port
+    {"origin": "https://evil.example"},  # a browser without Sec-Fetch-* headers
+    {"origin": "null"},  # a sandboxed frame or a file:// page
+    {"sec-fetch-site": "cross-site"},
+]
+
+
+async def test_item_8_keyless_mode_refuses_other_sites_pages() -> None:
+    """Issue 32, item 8: without keys, loopback is trusted, and a page the user visits
+    could post to the local gateway from the user's browser (feedback, votes, admin calls).
+    A state-changing request another site's page sent is now refused (it went through
+    before); the gateway's own pages, non-browser clients and reads are unaffected."""
+    keyless = KeyRing([], None)
+    async with client(keyless) as c:
+        for headers in CROSS_SITE:
+            for method, path in (("POST", "/v1/feedback"), ("POST", "/admin/align")):
+                r = await c.request(method, path, headers={"host": "127.0.0.1:8000", **headers})
+                assert r.status_code == 403, (headers, r.text)
+                error = r.json()["error"]
+                assert error["code"] == "cross_site_request", error
+                assert "Cross-site request refused" in error["message"]
+            delete = await c.delete("/v1/chat/completions/x", headers=headers)
+            assert delete.status_code == 403, headers
+            assert (await c.get("/v1/feedback", headers=headers)).status_code == 200
+        own_page = {"origin": "http://127.0.0.1:8000", "sec-fetch-site": "same-origin"}
+        for headers in (own_page, {"sec-fetch-site": "none"}, {}):  # UI, typed URL, curl
+            r = await c.post("/v1/feedback", headers={"host": "127.0.0.1:8000", **headers})
+            assert r.status_code == 200 and r.text == "loopback", (headers, r.text)
+    # With keys, a page cannot send the user's key (no cookies): the check is not needed.
+    keyed = KeyRing(parse_keys(ALICE, None), ADMIN)
+    async with client(keyed) as c:
+        r = await c.post(
+            "/v1/feedback",
+            headers={"authorization": f"Bearer {ALICE}", **CROSS_SITE[0]},
+        )
+        assert r.status_code == 200
+
+
+def test_item_8_a_json_body_sent_as_a_form_is_not_read(gateway: Gateway) -> None:
+    """A cross-site form can post any text as ``text/plain`` without a CORS preflight:
+    FastAPI reads JSON only under a JSON content type (pinned >= 0.115, past 0.65.2's fix
+    of CVE-2021-32677), so such a body is a 400 and stores nothing."""
+    body = '{"completion_id": "chatcmpl-x", "judgment": "planted"}'
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+        r = httpx.post(
+            f"{gateway.url}/v1/feedback",
+            content=body,
+            headers={"content-type": content_type},
+            timeout=30,
+        )
+        assert r.status_code == 400, (content_type, r.text)
+        assert r.json()["error"]["type"] == "invalid_request_error"

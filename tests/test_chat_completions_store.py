@@ -1,12 +1,14 @@
 """The store behind OpenAI's Stored Completions API, on SQLite and on a real PostgreSQL
 server: metadata stored with a record, listed by cursor and filter, replaced, and deletion
-(refused for judged records)."""
+(with what derives from it; refused while reviewed feedback or a battle holds it)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -16,6 +18,7 @@ from server.errors import Conflict, NotFound
 from server.store import FeedbackCreate, Store
 from server.store import schema as store_schema
 from server.store.database import migrate, open_engine
+from server.store.records import JudgeCallRow
 from tests.test_store import completion
 
 ALICE = "alice"
@@ -101,31 +104,74 @@ async def test_update_replaces_metadata(store: Store) -> None:
     assert (await store.update_chat_metadata("c1", None, owner=None)).metadata == {}
 
 
-async def test_delete_removes_the_record_unless_feedback_names_it(store: Store) -> None:
+def _judge_call(cid: str, verdict: dict[str, object]) -> JudgeCallRow:
+    return JudgeCallRow(
+        id=f"jc-{uuid.uuid4().hex}",
+        created_at=time.time(),
+        judge="strict",
+        kind="pairwise",
+        judge_model="m",
+        prompt_version="pairwise.txt@abc",
+        completion_id=cid,
+        choice_index=0,
+        other_choice_index=1,
+        verdict=verdict,
+        raw_replies=[f"Answer A of {cid} is ..."],
+        latency_ms=1.0,
+        requests=1,
+        prompt_tokens=10,
+        completion_tokens=5,
+        source="live",
+    )
+
+
+async def test_item_11_deleting_a_completion_deletes_what_derives_from_it(store: Store) -> None:
+    """Issue 32, item 11: a completion with feedback could not be deleted (409), even when
+    the feedback was an AI judge's verdict sampled from live traffic, and an AI judge's tie
+    (a call without feedback) outlived the completion it quoted. Now the delete takes with
+    it every unreviewed feedback row on it or naming it (people's pending judgments, judges'
+    verdicts) and every judge call about it; reviewed feedback (accepted training data) and
+    arena battles still hold it (409, nothing deleted)."""
     put(store, "c1", at=1.0, metadata={"a": "1"}, key_id=ALICE)
-    put(store, "c2", at=2.0, key_id=ALICE)
-    put(store, "c3", at=3.0, key_id=ALICE)
+    for cid, at in (("c2", 2.0), ("c3", 3.0), ("c4", 4.0)):
+        put(store, cid, at=at, n=2, key_id=ALICE)
     with pytest.raises(NotFound):
         await store.delete_chat_completion("c1", owner=BOB)
-    await store.delete_chat_completion("c1", owner=ALICE)
+    assert await store.delete_chat_completion("c1", owner=ALICE) == {
+        "feedback": 0,
+        "judge_calls": 0,
+    }
     with pytest.raises(NotFound):
         await store.get_chat_completion("c1")
     with pytest.raises(NotFound):
         await store.delete_chat_completion("c1", owner=ALICE)
     assert (await store.list_chat_completions(metadata={"a": "1"}))[0] == []
 
-    # c2 judged; c3 the rejected side of a preference: both stay, feedback and all.
-    await store.add_feedback(
-        FeedbackCreate(completion_id="c2", judgment="Wrong.", key_id=ALICE), owner=ALICE
-    )
-    await store.add_feedback(
-        FeedbackCreate(completion_id="c2", preferred_over="c3", key_id=ALICE), owner=ALICE
-    )
-    for cid in ("c2", "c3"):
-        with pytest.raises(Conflict, match="feedback"):
-            await store.delete_chat_completion(cid, owner=None)
-        assert (await store.get_chat_completion(cid)).id == cid
-    _, feedback = await store.get_completion("c2")
+    # c2: a person's pending judgment, a judge's verdict, a judge's tie; the rejected side
+    # of a preference on c3.
+    await store.add_feedback(FeedbackCreate("c2", judgment="Wrong.", key_id=ALICE), owner=ALICE)
+    verdict = FeedbackCreate("c2", preferred_over="c2", preferred_over_choice=1, key_id="judge")
+    await store.add_judge_call(_judge_call("c2", {"outcome": "a"}), verdict)
+    await store.add_judge_call(_judge_call("c2", {"outcome": "tie"}), None)
+    await store.add_feedback(FeedbackCreate("c3", preferred_over="c2", key_id=ALICE), owner=ALICE)
+    await store.add_judge_call(_judge_call("c4", {"outcome": "tie"}), None)
+    assert await store.delete_chat_completion("c2", owner=ALICE) == {
+        "feedback": 3,
+        "judge_calls": 2,
+    }
+    assert await store.list_judge_calls(completion_id="c2") == []
+    left, _ = await store.list_feedback()
+    assert left == []  # c3's preference named c2: it went too
+    assert len(await store.list_judge_calls(completion_id="c4")) == 1  # another's stays
+
+    # Reviewed feedback is training data: the delete is refused and nothing goes.
+    row, _ = await store.add_feedback(FeedbackCreate("c3", rating=1, key_id=ALICE), owner=ALICE)
+    await store.add_feedback(FeedbackCreate("c3", judgment="Pending.", key_id=ALICE), owner=ALICE)
+    await store.set_reviewed([row.id], True)
+    with pytest.raises(Conflict, match="reviewed feedback"):
+        await store.delete_chat_completion("c3", owner=None)
+    assert (await store.get_chat_completion("c3")).id == "c3"
+    _, feedback = await store.get_completion("c3")
     assert len(feedback) == 2
 
 

@@ -149,7 +149,9 @@ def test_update_replaces_metadata(client: openai.OpenAI, gateway: Gateway) -> No
         client.chat.completions.update("chatcmpl-nope", metadata={"a": "b"})
 
 
-def test_delete_unless_judged(client: openai.OpenAI, gateway: Gateway) -> None:
+def test_delete_takes_unreviewed_feedback_and_refuses_reviewed(
+    client: openai.OpenAI, gateway: Gateway
+) -> None:
     run = tag()
     doomed = ask(client, gateway, "Hi", metadata={"run": run})
     deleted = client.chat.completions.delete(doomed.id)
@@ -167,7 +169,7 @@ def test_delete_unless_judged(client: openai.OpenAI, gateway: Gateway) -> None:
     assert httpx.get(f"{gateway.url}/v1/completions/{doomed.id}", timeout=30).status_code == 404
     assert list(client.chat.completions.list(metadata={"run": run})) == []
 
-    # A judged completion is training data: refused, and it and its feedback stay.
+    # Unreviewed feedback derives from it: it goes with the completion (issue 32, item 11).
     judged = ask(client, gateway, "Hi")
     posted = httpx.post(
         f"{gateway.url}/v1/feedback",
@@ -175,11 +177,29 @@ def test_delete_unless_judged(client: openai.OpenAI, gateway: Gateway) -> None:
         timeout=30,
     )
     assert posted.status_code == 201
+    gone = httpx.delete(f"{gateway.url}/v1/chat/completions/{judged.id}", timeout=30).json()
+    assert gone["deleted"] and gone["deleted_with_it"] == {"feedback": 1, "judge_calls": 0}
+    feedback_ids = [
+        f["id"] for f in httpx.get(f"{gateway.url}/v1/feedback", timeout=30).json()["data"]
+    ]
+    assert posted.json()["id"] not in feedback_ids
+
+    # Reviewed feedback is training data: refused, and it and its feedback stay.
+    kept = ask(client, gateway, "Hi")
+    posted = httpx.post(
+        f"{gateway.url}/v1/feedback",
+        json={"completion_id": kept.id, "judgment": "Too short."},
+        timeout=30,
+    )
+    review = httpx.post(
+        f"{gateway.url}/admin/feedback/review", json={"ids": [posted.json()["id"]]}, timeout=30
+    )
+    assert review.status_code == 200, review.text
     with pytest.raises(openai.ConflictError) as refused:
-        client.chat.completions.delete(judged.id)
+        client.chat.completions.delete(kept.id)
     assert refused.value.body["param"] == "completion_id"  # type: ignore[index]
-    assert "feedback" in refused.value.body["message"]  # type: ignore[index]
-    record = httpx.get(f"{gateway.url}/v1/completions/{judged.id}", timeout=30).json()
+    assert "reviewed feedback" in refused.value.body["message"]  # type: ignore[index]
+    record = httpx.get(f"{gateway.url}/v1/completions/{kept.id}", timeout=30).json()
     assert [f["judgment"] for f in record["feedback"]] == ["Too short."]
 
 

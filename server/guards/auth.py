@@ -31,6 +31,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.errors import error_body
+from server.guards import cross_site
 
 MIN_KEY_CHARS = 16
 ADMIN_KEY_ID = "admin"
@@ -313,6 +314,8 @@ class AuthMiddleware:
         key_id, refusal, annotator = self._decide(scope, admin_route)
         if key_id == LOOPBACK_KEY_ID and not self._host_allowed(scope):
             refusal = (403, self._host_refusal(scope))
+        elif key_id == LOOPBACK_KEY_ID and (other_site := cross_site.refusal(scope)):
+            refusal = (403, other_site)
         if refusal is not None:
             status, message = refusal
             await _refuse(send, status, message)
@@ -396,6 +399,8 @@ async def _refuse(send: Send, status: int, message: str) -> None:
     code = "invalid_api_key" if status == 401 else "admin_key_required"
     if message.startswith("Host "):
         code = "host_not_allowed"
+    elif message.startswith("Cross-site "):
+        code = "cross_site_request"
     body = json.dumps(error_body(message, error_type, None, code)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if status == 401:

@@ -1,4 +1,5 @@
-"""Typed FastAPI dependencies: the services built once in the lifespan, off ``app.state``."""
+"""Typed FastAPI dependencies: the services built once in the lifespan, off ``app.state``,
+and the check every route's path and query parameters pass (``storable_params``)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from server.errors import InvalidRequest
 from server.guards.auth import tenant_of
 from server.metrics import GatewayMetrics
 from server.models.registry import Registry
-from server.store import ANONYMOUS_KEY, Store
+from server.store import ANONYMOUS_KEY, Store, storable
 from server.training.online import AlignJobs
 
 
@@ -39,3 +41,16 @@ AlignJobsDep = Annotated[AlignJobs, Depends(get_align_jobs)]
 StoreDep = Annotated[Store, Depends(get_store)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
 TenantDep = Annotated[str | None, Depends(get_tenant)]
+
+
+def storable_params(request: Request) -> None:
+    """Every route's path and query parameters are text the store can keep (they are
+    looked up in it: a NUL reached PostgreSQL as a 503): a 400 naming the parameter
+    (``metadata[k]`` filters: ``metadata``)."""
+    params = [*request.path_params.items(), *request.query_params.multi_items()]
+    for name, value in params:
+        for text in (name, value):
+            found = storable.problem(text) if isinstance(text, str) else None
+            if found:
+                param = name.split("[", 1)[0]
+                raise InvalidRequest(f"`{param}` {found}.", param=param)

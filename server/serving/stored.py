@@ -138,5 +138,5 @@ async def update_metadata(
 
 
 async def delete(store: Store, completion_id: str, owner: str | None) -> ChatCompletionDeleted:
-    await store.delete_chat_completion(completion_id, owner=owner)
-    return ChatCompletionDeleted(id=completion_id, deleted=True)
+    derived = await store.delete_chat_completion(completion_id, owner=owner)
+    return ChatCompletionDeleted(id=completion_id, deleted=True, deleted_with_it=derived)

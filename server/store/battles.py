@@ -20,6 +20,7 @@ from sqlalchemy import Connection, select, update
 from server.errors import Conflict, InvalidRequest, NotFound
 from server.store.records import CompletionRecord, FeedbackCreate, FeedbackRow
 from server.store.schema import battles, completions
+from server.store.storable import check_fields, check_row
 
 InsertFeedback = Callable[[Connection, FeedbackCreate, str | None], tuple[FeedbackRow, bool]]
 WINNERS = ("a", "b", "tie", "both_bad")
@@ -118,7 +119,9 @@ def insert_battle(conn: Connection, new: BattleCreate) -> BattleRow:
         annotator=new.annotator,
         feedback_id=None,
     )
-    conn.execute(battles.insert().values(**row.values()))
+    values = row.values()
+    check_row(battles, values)
+    conn.execute(battles.insert().values(**values))
     return row
 
 
@@ -169,6 +172,7 @@ def vote(
     feedback insert (its checks included), run in this same transaction."""
     if winner not in WINNERS:
         raise InvalidRequest(f"winner must be one of {list(WINNERS)}", param="winner")
+    check_fields(battle_id=battle_id, annotator=annotator)
     row = select_battle(conn, battle_id, owner)
     if row.winner is not None:
         raise Conflict(f"Battle `{battle_id}` was already voted on.", param="winner")

@@ -16,7 +16,14 @@ from sqlalchemy import Connection, and_, delete, func, or_, select
 from server.errors import Conflict, NotFound
 from server.store.battles import not_an_open_battle_answer
 from server.store.records import CompletionRecord
-from server.store.schema import battles, completion_metadata, completions, feedback
+from server.store.schema import (
+    battles,
+    completion_metadata,
+    completions,
+    feedback,
+    judge_calls,
+)
+from server.store.storable import check_row
 
 CHAT = "chat"
 
@@ -36,11 +43,11 @@ def _missing(completion_id: str, param: str = "completion_id") -> NotFound:
 
 
 def insert_metadata(conn: Connection, completion_id: str, pairs: Mapping[str, str]) -> None:
-    if pairs:
-        conn.execute(
-            completion_metadata.insert(),
-            [{"completion_id": completion_id, "key": k, "value": v} for k, v in pairs.items()],
-        )
+    rows = [{"completion_id": completion_id, "key": k, "value": v} for k, v in pairs.items()]
+    for row in rows:
+        check_row(completion_metadata, row)
+    if rows:
+        conn.execute(completion_metadata.insert(), rows)
 
 
 def metadata_of(conn: Connection, ids: Sequence[str]) -> dict[str, dict[str, str]]:
@@ -141,26 +148,27 @@ def replace_metadata(
     return get_chat(conn, completion_id, owner)
 
 
-def delete_chat(conn: Connection, completion_id: str, owner: str | None) -> None:
-    """Delete the record and its metadata. A record with feedback — on it, or naming it as
-    the rejected side of a preference — is training data, and an arena battle's answer is
-    evaluation data: refused with Conflict, nothing deleted (the foreign keys would refuse
-    it too)."""
+def delete_chat(conn: Connection, completion_id: str, owner: str | None) -> dict[str, int]:
+    """Delete the record, its metadata and what derives from it: the feedback on it or
+    naming it as a preference's rejected side that no one reviewed yet (people's pending
+    judgments, AI judges' verdicts) and every AI judge's call about it (its replies, ties
+    included). Returns how many feedback rows and judge calls went with it.
+
+    Refused with Conflict, nothing deleted, while the record is held: by reviewed feedback
+    (accepted training data — adapters trained on it name its hash) or as an arena
+    battle's answer (the leaderboard's evidence)."""
     get_chat(conn, completion_id, owner)
-    judged = conn.execute(
-        select(func.count())
-        .select_from(feedback)
-        .where(
-            or_(
-                feedback.c.completion_id == completion_id,
-                feedback.c.preferred_over == completion_id,
-            )
-        )
+    names_it = or_(
+        feedback.c.completion_id == completion_id, feedback.c.preferred_over == completion_id
+    )
+    reviewed = conn.execute(
+        select(func.count()).select_from(feedback).where(names_it, feedback.c.reviewed)
     ).scalar_one()
-    if judged:
+    if reviewed:
         raise Conflict(
-            f"Stored chat completion `{completion_id}` has {judged} feedback record(s): "
-            "judged completions are training data and are not deleted.",
+            f"Stored chat completion `{completion_id}` has {reviewed} reviewed feedback "
+            "record(s): reviewed feedback is training data, and its completions are not "
+            "deleted (unreviewed feedback and AI judges' verdicts are deleted with them).",
             param="completion_id",
         )
     battled = conn.execute(
@@ -176,7 +184,15 @@ def delete_chat(conn: Connection, completion_id: str, owner: str | None) -> None
             "battles are evaluation data and their answers are not deleted.",
             param="completion_id",
         )
+    pending = list(conn.execute(select(feedback.c.id).where(names_it)).scalars())
+    about_it = or_(
+        judge_calls.c.completion_id == completion_id, judge_calls.c.feedback_id.in_(pending)
+    )
+    calls = conn.execute(delete(judge_calls).where(about_it)).rowcount
+    if pending:
+        conn.execute(delete(feedback).where(feedback.c.id.in_(pending)))
     conn.execute(
         delete(completion_metadata).where(completion_metadata.c.completion_id == completion_id)
     )
     conn.execute(delete(completions).where(completions.c.id == completion_id))
+    return {"feedback": len(pending), "judge_calls": calls}

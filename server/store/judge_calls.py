@@ -15,10 +15,13 @@ from sqlalchemy import Connection, exists, or_, select
 
 from server.store.records import CompletionRecord, JudgeCallRow
 from server.store.schema import completions, judge_calls
+from server.store.storable import check_row
 
 
 def insert_call(conn: Connection, row: JudgeCallRow) -> None:
-    conn.execute(judge_calls.insert().values(**asdict(row)))
+    values = asdict(row)
+    check_row(judge_calls, values)
+    conn.execute(judge_calls.insert().values(**values))
 
 
 def list_calls(

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, or_, select, update
@@ -42,6 +43,7 @@ from server.store.records import (
     polarity_of,
 )
 from server.store.schema import FEEDBACK_SEQUENCE, completions, counters, feedback
+from server.store.storable import check_fields, check_row
 from server.store.writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
@@ -50,7 +52,10 @@ VERDICTS = {True: "desirable", False: "undesirable", None: "neutral"}
 
 
 def _payload_hash(fb: FeedbackCreate) -> str:
-    blob = json.dumps(fb.payload(), sort_keys=True, ensure_ascii=False).encode()
+    # surrogatepass: text the store refuses (``storable``) must reach that refusal.
+    blob = json.dumps(fb.payload(), sort_keys=True, ensure_ascii=False).encode(
+        "utf-8", "surrogatepass"
+    )
     return hashlib.sha256(blob).hexdigest()
 
 
@@ -98,6 +103,7 @@ class Store:
         values = record.row()
 
         def write(conn: Connection) -> None:
+            check_row(completions, values)
             conn.execute(completions.insert().values(**values))
             chat.insert_metadata(conn, record.id, record.metadata or {})
 
@@ -202,9 +208,12 @@ class Store:
             lambda conn: chat.replace_metadata(conn, completion_id, metadata or {}, owner)
         )
 
-    async def delete_chat_completion(self, completion_id: str, *, owner: str | None = None) -> None:
-        """Delete a chat record; Conflict if feedback names it (see ``chat.delete_chat``)."""
-        await self._write(lambda conn: chat.delete_chat(conn, completion_id, owner))
+    async def delete_chat_completion(
+        self, completion_id: str, *, owner: str | None = None
+    ) -> dict[str, int]:
+        """Delete a chat record and what derives from it; Conflict while reviewed feedback
+        or a battle holds it (see ``chat.delete_chat``). Returns the derived rows deleted."""
+        return await self._write(lambda conn: chat.delete_chat(conn, completion_id, owner))
 
     # ---- feedback -----------------------------------------------------------------------
 
@@ -284,6 +293,7 @@ class Store:
         ids = sorted(set(feedback_ids))
 
         def write(conn: Connection) -> int:
+            check_fields(ids=ids)
             found = {
                 r.id for r in conn.execute(select(feedback.c.id).where(feedback.c.id.in_(ids)))
             }
@@ -295,7 +305,7 @@ class Store:
 
         try:
             return await asyncio.wrap_future(self._writer.submit(write))
-        except NotFound:
+        except (NotFound, InvalidRequest):
             raise
         except Exception as exc:
             raise StoreUnavailable("The feedback store is unavailable; nothing changed.") from exc
@@ -561,6 +571,7 @@ def insert_feedback(
 ) -> tuple[FeedbackRow, bool]:
     """``add_feedback``'s checks and insert, inside the caller's transaction (an arena vote
     stores its preference in the same transaction as the vote)."""
+    check_fields(**asdict(fb))  # before any statement names its text
     digest = digest or _payload_hash(fb)
     if fb.idempotency_key is not None:
         existing = conn.execute(
