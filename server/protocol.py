@@ -276,12 +276,27 @@ class _SamplingFields(_Strict):
         )
 
 
+def _check_prompt_logprobs(prompt_logprobs: int | None, stream: bool) -> None:
+    # vLLM's rule: the prompt's log-probabilities come with a whole answer, not a stream.
+    if stream and prompt_logprobs:
+        raise InvalidRequest(
+            "`prompt_logprobs` are not available when `stream=True`.", param="prompt_logprobs"
+        )
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's: each prompt token's log-probability and the k most likely at its position.
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _prompt_logprobs_not_streamed(self) -> ChatCompletionRequest:
+        _check_prompt_logprobs(self.prompt_logprobs, self.stream)
+        return self
 
     def requested_max_tokens(self) -> int | None:
         # OpenAI deprecated max_tokens for max_completion_tokens; the newer field wins.
@@ -296,9 +311,30 @@ PromptInput = str | list[str] | list[int] | list[list[int]]
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptInput
-    max_tokens: int | None = Field(default=16, ge=1)
+    # 0 with ``echo``: score the prompt and generate nothing (vLLM's, for log-likelihoods).
+    max_tokens: int | None = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # ``echo`` repeats the prompt before the answer, and with ``logprobs`` its tokens'
+    # log-probabilities too (the first is null: nothing precedes it).
     echo: bool = False
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _scoring_only_with_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise InvalidRequest(
+                "max_tokens 0 generates nothing: it needs `echo` (score the prompt)",
+                param="max_tokens",
+            )
+        _check_prompt_logprobs(self.prompt_logprobs, self.stream)
+        return self
+
+    def engine_prompt_logprobs(self) -> int | None:
+        """How many top tokens per prompt position the engine scores (vLLM's rule:
+        ``prompt_logprobs``, else ``logprobs`` when echoing)."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
 
     @field_validator("prompt")
     @classmethod
@@ -483,6 +519,23 @@ class ChatChoice(BaseModel):
     finish_reason: str | None
 
 
+class PromptTokenLogprob(BaseModel):
+    """vLLM's ``Logprob`` as its server sends it."""
+
+    logprob: float
+    rank: int | None
+    decoded_token: str
+
+
+# Per prompt token (the first: null): {token id: its log-probability}, the prompt's own
+# token first, then the k most likely. Sent only when requested.
+PromptLogprobsOut = list[dict[str, PromptTokenLogprob] | None]
+
+
+def _unless_requested(value: object) -> bool:
+    return value is None
+
+
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -490,6 +543,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobsOut | None = Field(default=None, exclude_if=_unless_requested)
 
 
 # ---- OpenAI's Stored Completions (``/v1/chat/completions/{id}`` …) ---------------------
@@ -565,6 +619,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    prompt_logprobs: PromptLogprobsOut | None = Field(default=None, exclude_if=_unless_requested)
 
 
 class Completion(BaseModel):

@@ -12,7 +12,7 @@ import pytest
 
 from server.cluster.replica import coalesced
 from server.cluster.stream_items import decode_step, encode_step
-from server.engine.types import ChoiceDelta, TokenLogprob, TopLogprob
+from server.engine.types import ChoiceDelta, RankedLogprob, TokenLogprob, TopLogprob
 
 
 def step(i: int) -> list[ChoiceDelta]:
@@ -84,8 +84,9 @@ def test_cancelling_the_stream_closes_the_engines() -> None:
 
 
 def test_a_step_crosses_as_plain_values_and_comes_back_whole() -> None:
+    scored = [None, (RankedLogprob(5, " of", -2.5, 3), RankedLogprob(6, " the", -0.5, 1))]
     deltas = [
-        ChoiceDelta(index=0, text="Par", token_ids=[42, 7]),
+        ChoiceDelta(index=0, text="Par", token_ids=[42, 7], prompt_logprobs=scored),
         ChoiceDelta(
             index=1,
             text="is",

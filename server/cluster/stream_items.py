@@ -15,7 +15,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from server.engine.types import ChoiceDelta, TokenLogprob, TopLogprob
+from server.engine.types import (
+    ChoiceDelta,
+    PromptLogprobs,
+    RankedLogprob,
+    TokenLogprob,
+    TopLogprob,
+)
 
 EncodedStep = tuple[tuple[Any, ...], ...]
 
@@ -35,6 +41,26 @@ def _decode_logprobs(encoded: Sequence[Any] | None) -> list[TokenLogprob] | None
     ]
 
 
+def _encode_prompt(prompt: PromptLogprobs | None) -> tuple[Any, ...] | None:
+    if prompt is None:
+        return None
+    return tuple(
+        None
+        if position is None
+        else tuple((r.token_id, r.token, r.logprob, r.rank) for r in position)
+        for position in prompt
+    )
+
+
+def _decode_prompt(encoded: Sequence[Any] | None) -> PromptLogprobs | None:
+    if encoded is None:
+        return None
+    return [
+        None if position is None else tuple(RankedLogprob(*ranked) for ranked in position)
+        for position in encoded
+    ]
+
+
 def encode_step(step: Sequence[ChoiceDelta]) -> EncodedStep:
     """One engine step (a delta per choice that moved) as plain values."""
     return tuple(
@@ -45,6 +71,7 @@ def encode_step(step: Sequence[ChoiceDelta]) -> EncodedStep:
             _encode_logprobs(d.logprobs),
             d.finish_reason,
             d.stop_reason,
+            _encode_prompt(d.prompt_logprobs),
         )
         for d in step
     )
@@ -60,6 +87,7 @@ def decode_step(encoded: Sequence[Sequence[Any]]) -> list[ChoiceDelta]:
             logprobs=_decode_logprobs(logprobs),
             finish_reason=finish_reason,
             stop_reason=stop_reason,
+            prompt_logprobs=_decode_prompt(prompt),
         )
-        for index, text, token_ids, logprobs, finish_reason, stop_reason in encoded
+        for index, text, token_ids, logprobs, finish_reason, stop_reason, prompt in encoded
     ]

@@ -37,6 +37,8 @@ class SamplingSpec:
     ignore_eos: bool = False
     # None: no log-probabilities; k >= 0: the sampled token's plus the k most likely.
     logprobs: int | None = None
+    # The same for each prompt token (as vLLM's ``prompt_logprobs``; the first has none).
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # Batch work needs no per-token deltas: the engine then sends each request's output
     # once, which spares the front end (which shares the CPU with the engine) that work.
@@ -66,6 +68,22 @@ class TokenLogprob:
     top: tuple[TopLogprob, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class RankedLogprob:
+    """One token's log-probability at a prompt position, with its rank in the vocabulary
+    (1: the most likely)."""
+
+    token_id: int
+    token: str
+    logprob: float
+    rank: int
+
+
+# Per prompt token: None for the first (nothing precedes it), else the prompt's own token
+# first, then the k most likely (vLLM's ``prompt_logprobs``, in its order).
+PromptLogprobs = list[tuple[RankedLogprob, ...] | None]
+
+
 @dataclass(slots=True)
 class ChoiceDelta:
     """What one choice produced since the previous step."""
@@ -76,6 +94,8 @@ class ChoiceDelta:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None
+    # The prompt's log-probabilities, on the deltas of the step that scored them (once).
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,8 @@ from server.engine.types import (
     AdapterRef,
     ChoiceDelta,
     EngineStats,
+    PromptLogprobs,
+    RankedLogprob,
     Replica,
     SamplingRejected,
     SamplingSpec,
@@ -172,6 +174,7 @@ def _to_sampling_params(spec: SamplingSpec) -> Any:
         min_tokens=spec.min_tokens,
         ignore_eos=spec.ignore_eos,
         logprobs=spec.logprobs,
+        prompt_logprobs=spec.prompt_logprobs,
         skip_special_tokens=spec.skip_special_tokens,
         output_kind=RequestOutputKind.FINAL_ONLY if spec.final_only else RequestOutputKind.DELTA,
         structured_outputs=_structured_outputs(spec),
@@ -213,6 +216,25 @@ def _logprobs(completion: Any, k: int) -> list[TokenLogprob] | None:
             )
         )
     return out
+
+
+def _prompt_logprobs(positions: Any) -> PromptLogprobs:
+    """vLLM's prompt log-probabilities (per position: None, or {token id: Logprob}, the
+    prompt's token first), with -inf as -9999.0 as vLLM's server sends it."""
+    return [
+        None
+        if position is None
+        else tuple(
+            RankedLogprob(
+                token_id=token_id,
+                token=lp.decoded_token or "",
+                logprob=_finite(lp.logprob),
+                rank=int(lp.rank) if lp.rank is not None else 0,
+            )
+            for token_id, lp in position.items()
+        )
+        for position in positions
+    ]
 
 
 @functools.cache
@@ -310,6 +332,11 @@ class VllmEngine:
             except StopAsyncIteration:
                 return
             async for out in _chain_first(first, stream):
+                scored = getattr(out, "prompt_logprobs", None)
+                prompt = _prompt_logprobs(scored) if scored is not None else None
+                if prompt is not None and not out.outputs:  # scored before any token
+                    yield [ChoiceDelta(index=0, text="", token_ids=[], prompt_logprobs=prompt)]
+                    continue
                 yield [
                     ChoiceDelta(
                         index=c.index,
@@ -318,6 +345,7 @@ class VllmEngine:
                         logprobs=_logprobs(c, k) if spec.logprobs is not None else None,
                         finish_reason=c.finish_reason,
                         stop_reason=c.stop_reason,
+                        prompt_logprobs=prompt,
                     )
                     for c in out.outputs
                 ]

@@ -7,6 +7,7 @@ Does not know: how prompts are rendered (``render``) or how the engine runs (``e
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncGenerator
 
@@ -49,6 +50,7 @@ from server.serving.generation import (
     unless_disconnected,
     usage,
 )
+from server.serving.prompt_scores import prompt_logprobs_out
 from server.serving.stream_frames import StreamFrames, chat_text_choice
 from server.serving.tokenizing import off_loop, text_size
 
@@ -104,7 +106,10 @@ async def create_chat_completion(
         prompt_param="messages",
         default=family.sampling.max_tokens,
     )
-    spec = body.sampling_spec(max_tokens=max_tokens, logprobs=body.engine_logprobs(), family=family)
+    spec = dataclasses.replace(
+        body.sampling_spec(max_tokens=max_tokens, logprobs=body.engine_logprobs(), family=family),
+        prompt_logprobs=body.prompt_logprobs,
+    )
     request_id = new_id("chatcmpl")
     tracker = tracker_for(request, model, ENDPOINT, prompt_tokens=len(prompt.token_ids))
     steps = merged([engine_steps(model, request_id, prompt.token_ids, spec, tracker)])
@@ -210,6 +215,13 @@ async def create_chat_completion(
                 for r in results
             ],
             usage=usage(len(prompt.token_ids), completion_tokens),
+            prompt_logprobs=(
+                prompt_logprobs_out(
+                    next((r.prompt_logprobs for r in results if r.prompt_logprobs), None)
+                )
+                if body.prompt_logprobs is not None
+                else None
+            ),
         ).model_dump_json(),
         media_type="application/json",
         headers=response_headers(model, tracker),

@@ -7,14 +7,15 @@ Does not know: how prompts are tokenized (``render``) or how the engine runs (``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncGenerator
 
 from fastapi import Request
 from fastapi.responses import Response
 
-from server.engine.types import TokenLogprob
-from server.errors import InvalidRequest
+from server.engine.types import PromptLogprobs, TokenLogprob
+from server.errors import EngineFailure, InvalidRequest
 from server.models.registry import Registry, ServedModel
 from server.models.render import RenderedPrompt, RenderError
 from server.protocol import Completion, CompletionChoice, CompletionLogprobs, CompletionRequest
@@ -36,6 +37,7 @@ from server.serving.generation import (
     unless_disconnected,
     usage,
 )
+from server.serving.prompt_scores import echoed_logprobs, prompt_logprobs_out
 from server.serving.stream_frames import StreamFrames, completion_text_choice
 from server.serving.tokenizing import off_loop, text_size
 
@@ -43,10 +45,16 @@ ENDPOINT = "/v1/completions"
 MAX_PROMPTS = 64
 
 
-def completion_logprobs(items: list[TokenLogprob] | None, offset: int) -> CompletionLogprobs | None:
+def completion_logprobs(
+    items: list[TokenLogprob] | None, offset: int, echoed: CompletionLogprobs | None = None
+) -> CompletionLogprobs | None:
+    """OpenAI's ``logprobs`` of a choice: the echoed prompt's (``echoed``), then the
+    generated tokens', offsets counted from ``offset``."""
     if items is None:
-        return None
-    out = CompletionLogprobs()
+        return echoed
+    out = echoed.model_copy(deep=True) if echoed is not None else CompletionLogprobs()
+    if echoed is not None and echoed.tokens:
+        offset = echoed.text_offset[-1] + len(echoed.tokens[-1])
     for lp in items:
         out.tokens.append(lp.token)
         out.token_logprobs.append(lp.logprob)
@@ -90,14 +98,20 @@ async def create_completion(
     prompts = await off_loop(text_size(body.prompt), _prompts, body, model)  # long: off the loop
     longest = max(len(p.token_ids) for p in prompts)
     family = model.renderer.spec
+    # max_tokens 0 (with echo): the engine scores the prompt and samples one token, which
+    # the answer leaves out, as vLLM's server does.
+    scoring_only = body.max_tokens == 0
     max_tokens = resolve_max_tokens(
-        body.max_tokens,
+        1 if scoring_only else body.max_tokens,
         longest,
         model.max_model_len,
         prompt_param="prompt",
         default=family.sampling.max_tokens,
     )
-    spec = body.sampling_spec(max_tokens=max_tokens, logprobs=body.logprobs, family=family)
+    spec = dataclasses.replace(
+        body.sampling_spec(max_tokens=max_tokens, logprobs=body.logprobs, family=family),
+        prompt_logprobs=body.engine_prompt_logprobs(),
+    )
     request_id = new_id("cmpl")
     prompt_tokens = sum(len(p.token_ids) for p in prompts)
     tracker = tracker_for(request, model, ENDPOINT, prompt_tokens=prompt_tokens)
@@ -132,6 +146,17 @@ async def create_completion(
     def echo_text(prompt_index: int) -> str:
         return prompts[prompt_index].text if body.echo else ""
 
+    def decode(token_id: int) -> str:
+        return str(model.renderer.tokenizer.decode(token_id))
+
+    def echoed(prompt_index: int, scored: PromptLogprobs | None) -> CompletionLogprobs | None:
+        """The echoed prompt's logprobs, when both ``echo`` and ``logprobs`` ask."""
+        if not body.echo or body.logprobs is None:
+            return None
+        if scored is None:  # the engine always scores a prompt it was asked to
+            raise EngineFailure("the engine returned no prompt log-probabilities")
+        return echoed_logprobs(prompts[prompt_index], scored, body.logprobs, decode)
+
     if body.stream:
         include_usage = body.include_usage()
 
@@ -141,6 +166,7 @@ async def create_completion(
             )
             started: set[int] = set()
             offsets: dict[int, int] = {}
+            prompt_scores: dict[int, PromptLogprobs] = {}
             results = [ChoiceResult(index=i) for i in range(len(prompts) * n)]
             async with contextlib.aclosing(steps):
                 async for prompt_index, deltas in steps:
@@ -149,19 +175,25 @@ async def create_completion(
                     for d in deltas:
                         index = prompt_index * n + d.index
                         results[index].add(d)
-                        text = d.text
+                        text = d.text if not scoring_only else ""
+                        generated = d.logprobs if not scoring_only else None
+                        first_logprobs = None
                         if index not in started:
                             started.add(index)
                             text = echo_text(prompt_index) + text
-                        if not (text or d.finish_reason or d.logprobs):
+                            scored = d.prompt_logprobs or prompt_scores.get(prompt_index)
+                            first_logprobs = echoed(prompt_index, scored)
+                        if d.prompt_logprobs is not None:
+                            prompt_scores[prompt_index] = d.prompt_logprobs
+                        if not (text or d.finish_reason or generated):
                             continue
                         offset = offsets.get(index, 0)
-                        if d.logprobs:
+                        if generated or first_logprobs:
                             choices.append(
                                 CompletionChoice(
                                     index=index,
                                     text=text,
-                                    logprobs=completion_logprobs(d.logprobs, offset),
+                                    logprobs=completion_logprobs(generated, offset, first_logprobs),
                                     finish_reason=d.finish_reason,
                                 )
                             )
@@ -201,15 +233,24 @@ async def create_completion(
     finally:
         tracker.close()
     record(results)
+    scores: dict[int, PromptLogprobs] = {}
+    for r in results:
+        if r.prompt_logprobs is not None:
+            scores.setdefault(r.index // n, r.prompt_logprobs)
     choices = []
     for r in results:
-        prefix = echo_text(r.index // n)
+        p = r.index // n
+        prefix = echo_text(p)
+        generated = r.logprobs if not scoring_only else ([] if r.logprobs is not None else None)
         choices.append(
             CompletionChoice(
                 index=r.index,
-                text=prefix + r.text,
-                logprobs=completion_logprobs(r.logprobs, len(prefix)),
+                text=prefix + (r.text if not scoring_only else ""),
+                logprobs=completion_logprobs(generated, len(prefix), echoed(p, scores.get(p))),
                 finish_reason=r.finish_reason,
+                prompt_logprobs=(
+                    prompt_logprobs_out(scores.get(p)) if body.prompt_logprobs is not None else None
+                ),
             )
         )
     return Response(

@@ -23,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Send
 
-from server.engine.types import ChoiceDelta, Replica, SamplingSpec, TokenLogprob
+from server.engine.types import ChoiceDelta, PromptLogprobs, Replica, SamplingSpec, TokenLogprob
 from server.errors import (
     ContextLengthExceeded,
     EngineFailure,
@@ -144,12 +144,15 @@ class ChoiceResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
     def add(self, delta: ChoiceDelta) -> None:
         self.text += delta.text
         self.token_ids.extend(delta.token_ids)
         if delta.logprobs is not None:
             self.logprobs = (self.logprobs or []) + delta.logprobs
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs = delta.prompt_logprobs
         if delta.finish_reason is not None:
             self.finish_reason = delta.finish_reason
 

@@ -1,0 +1,172 @@
+"""lm-evaluation-harness against the gateway and against raw ``vllm serve`` of the same
+checkpoint, both of its API paths (issue 33, item 2): a multiple-choice task through
+``local-completions`` (``loglikelihood``: ``echo`` + ``logprobs`` + ``max_tokens`` 1 on
+token-id prompts) and a generation task through ``local-chat-completions``
+(``generate_until``). Each item's log-likelihoods agree within 1e-3 and the metrics are
+identical. Before, the multiple-choice path ran without an error and scored garbage.
+
+The tasks are defined here over local data (``tests/lm_eval/``): no dataset is downloaded.
+The session's gateway (the README's ``aligngate serve``) and raw vLLM with its engine
+settings (LoRA on, the same context length and KV cache) run one after the other."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtest.servers import (
+    DEFAULT_LORA_FLAGS,
+    DEFAULT_MAX_MODEL_LEN,
+    RunningServer,
+    engine_env,
+    raw_vllm,
+)
+from tests.conftest import Gateway
+
+pytestmark = pytest.mark.slow
+
+DATA = Path(__file__).parent / "lm_eval"
+MULTIPLE_CHOICE = "aligngate_general_knowledge"
+GENERATION = "aligngate_capitals"
+
+
+def _task_files(folder: Path) -> Path:
+    """The two tasks' configs, naming the local data by absolute path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{MULTIPLE_CHOICE}.yaml").write_text(
+        f"""task: {MULTIPLE_CHOICE}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {DATA / "general_knowledge.jsonl"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Question: {{{{question}}}}\\nAnswer:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+    )
+    (folder / f"{GENERATION}.yaml").write_text(
+        f"""task: {GENERATION}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {DATA / "capitals.jsonl"}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}} Answer with one word."
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 8
+  do_sample: false
+filter_list:
+  - name: first_word
+    filter:
+      - function: regex
+        regex_pattern: "([A-Z][a-z]+)"
+      - function: take_first
+metric_list:
+  - metric: exact_match
+    ignore_case: true
+"""
+    )
+    return folder
+
+
+def _evaluate(base_url: str, model: str, tokenizer: Path, tasks: Path) -> dict[str, Any]:
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(tasks), include_defaults=False)
+    common = {"model": model, "num_concurrent": 1, "max_retries": 1, "timeout": 120}
+    scored = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            **common,
+            "base_url": f"{base_url}/v1/completions",
+            "tokenizer": str(tokenizer),
+            "tokenized_requests": True,
+        },
+        tasks=[MULTIPLE_CHOICE],
+        task_manager=manager,
+        log_samples=True,
+    )
+    generated = lm_eval.simple_evaluate(
+        model="local-chat-completions",
+        model_args={**common, "base_url": f"{base_url}/v1/chat/completions"},
+        tasks=[GENERATION],
+        task_manager=manager,
+        apply_chat_template=True,
+        log_samples=True,
+    )
+    assert scored is not None and generated is not None
+    return {
+        "metrics": {
+            MULTIPLE_CHOICE: scored["results"][MULTIPLE_CHOICE],
+            GENERATION: generated["results"][GENERATION],
+        },
+        # Per item: each choice's (log-likelihood, greedy?); the generation's text.
+        "loglikelihoods": [
+            [resp[0] for resp in s["resps"]] for s in scored["samples"][MULTIPLE_CHOICE]
+        ],
+        "generations": [s["resps"][0][0] for s in generated["samples"][GENERATION]],
+    }
+
+
+@pytest.fixture(scope="module")
+def offline() -> Iterator[None]:
+    """Nothing is downloaded: the datasets library reads the local files only."""
+    saved = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    os.environ.update({"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def test_lm_eval_scores_the_same_through_the_gateway_as_through_vllm(
+    gateway: Gateway, default_model_path: Path, tmp_path: Path, offline: None
+) -> None:
+    tasks = _task_files(tmp_path / "tasks")
+    through_gateway = _evaluate(gateway.url, gateway.model, default_model_path, tasks)
+
+    spec = raw_vllm(
+        default_model_path,
+        gateway.model,
+        DEFAULT_MAX_MODEL_LEN,
+        engine_env(1, {}),
+        DEFAULT_LORA_FLAGS,
+    )
+    server = RunningServer(spec, tmp_path / "vllm.log")
+    try:
+        server.wait_ready(gateway.model)
+        through_vllm = _evaluate(spec.base_url, gateway.model, default_model_path, tasks)
+    finally:
+        server.stop()
+
+    print("lm-eval through the gateway:", through_gateway["metrics"])
+    print("lm-eval through raw vLLM:   ", through_vllm["metrics"])
+    ours, theirs = through_gateway["loglikelihoods"], through_vllm["loglikelihoods"]
+    assert len(ours) == len(theirs) == 20
+    worst = 0.0
+    for item_ours, item_theirs in zip(ours, theirs, strict=True):
+        assert len(item_ours) == len(item_theirs) == 4
+        for (ll, greedy), (ll_vllm, greedy_vllm) in zip(item_ours, item_theirs, strict=True):
+            worst = max(worst, abs(ll - ll_vllm))
+            assert greedy == greedy_vllm
+    print(f"largest per-choice log-likelihood difference: {worst:.2e} nats")
+    assert worst < 1e-3
+    assert through_gateway["generations"] == through_vllm["generations"]
+    assert through_gateway["metrics"] == through_vllm["metrics"]
+    # A checkpoint that answers "Paris" scores above chance on its own task.
+    assert through_gateway["metrics"][MULTIPLE_CHOICE]["acc,none"] > 0.25
