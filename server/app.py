@@ -37,6 +37,7 @@ from server.models.models_file import JudgeEntry, ModelEntry, Resources
 from server.models.registry import Registry
 from server.routes import admin, arena, feedback, health, openai, render, stored_completions, ui
 from server.routes.deps import storable_params
+from server.serving.lenient import IgnoredFieldsHeader
 from server.settings import Settings
 from server.store import Store
 from server.training.online import AlignJobs
@@ -169,6 +170,7 @@ def build_app(
         allowed_hosts=parse_allowed_hosts(settings.allowed_hosts),
     )
     app.add_middleware(RequestLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(IgnoredFieldsHeader)
     app.state.drain = Drain()
     app.add_middleware(DrainMiddleware, drain=app.state.drain)
     # Outermost: refused requests are counted too.

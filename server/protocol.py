@@ -165,7 +165,11 @@ class ResponseFormat(_Strict):
 
 
 class _SamplingFields(_Strict):
-    """Fields shared by chat and text completions."""
+    """Fields shared by chat and text completions. A field not declared here is kept
+    aside (``model_extra``) rather than refused, as vLLM's server does: ``lenient``
+    ignores it, or refuses it where it would change the answer."""
+
+    model_config = ConfigDict(extra="allow")
 
     model: str = Field(max_length=256)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)

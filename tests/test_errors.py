@@ -141,8 +141,6 @@ def test_request_limits_name_the_parameter(gateway: Gateway) -> None:
         ),
         ({"messages": FRANCE, "chat_template": "{{ 'x' }}"}, "chat_template"),
         ({"messages": FRANCE, "chat_template_kwargs": {}}, "chat_template_kwargs"),
-        # Remote code is the models file's decision, never a request's.
-        ({"messages": FRANCE, "trust_remote_code": True}, "trust_remote_code"),
         ({"messages": [{"role": "user", "content": "hi"}] * 513}, "messages"),
         ({"messages": [{"role": "user", "content": "x" * 200_001}]}, "messages.0"),
         ({"messages": FRANCE, "stop": ["x" * 257]}, "stop"),

@@ -18,6 +18,7 @@ from server.protocol import (
 from server.routes.deps import RegistryDep
 from server.serving.chat import create_chat_completion
 from server.serving.completions import create_completion
+from server.serving.lenient import ignored_fields, note_ignored
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 
@@ -26,11 +27,13 @@ router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, registry: RegistryDep
 ) -> Response:
+    note_ignored(request.scope, ignored_fields(body.model_extra, "/v1/chat/completions"))
     return await create_chat_completion(body, request, registry)
 
 
 @router.post("/completions", response_model=Completion)
 async def completions(body: CompletionRequest, request: Request, registry: RegistryDep) -> Response:
+    note_ignored(request.scope, ignored_fields(body.model_extra, "/v1/completions"))
     return await create_completion(body, request, registry)
 
 

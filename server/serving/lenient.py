@@ -1,0 +1,115 @@
+"""Fields a client sends that the gateway does not take, handled as vLLM's server handles
+them: ignored, logged once per field name, and named in a response header — except those
+that would change the answer and that the gateway cannot honour, which are a 400 naming
+the field (answering without them would be answering a different request).
+
+Clients send such fields by default (LangChain, LiteLLM, newer OpenAI SDKs:
+``parallel_tool_calls``, ``service_tier``, ``stream_options`` on a non-streamed request …).
+
+Owns: which fields are refused and why, the once-per-name log, the header. Does not know:
+what the request asks otherwise (``protocol``), engines.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import InvalidRequest
+
+log = logging.getLogger(__name__)
+
+IGNORED_FIELDS_HEADER = "x-aligngate-ignored-fields"
+STATE_KEY = "ignored_fields"
+
+
+def _given(value: Any) -> bool:
+    return value not in (None, False, "", [], {}, 0)
+
+
+def _not_none(choice: Any) -> bool:
+    return choice not in (None, "none", "auto")
+
+
+# Field -> (when its value changes the answer, why the gateway cannot honour it).
+_CANNOT_HONOUR: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (_given, "tool calls are not served by this gateway"),
+    "tool_choice": (_not_none, "tool calls are not served by this gateway"),
+    "functions": (_given, "function calls are not served by this gateway"),
+    "function_call": (_not_none, "function calls are not served by this gateway"),
+    "logit_bias": (_given, "logit_bias is not supported yet"),
+    "logprob_token_ids": (_given, "logprob_token_ids is not supported"),
+    "suffix": (_given, "insertion (suffix) is not supported"),
+    "best_of": (lambda v: v not in (None, 1), "best_of is not supported (vLLM V1 removed it)"),
+    "use_beam_search": (_given, "beam search is not supported"),
+    "length_penalty": (lambda v: v not in (None, 1, 1.0), "beam search is not supported"),
+    "stop_token_ids": (_given, "stop_token_ids is not supported yet"),
+    "include_stop_str_in_output": (_given, "include_stop_str_in_output is not supported yet"),
+    "skip_special_tokens": (lambda v: v is False, "special tokens are always skipped"),
+    "spaces_between_special_tokens": (lambda v: v is False, "special tokens are skipped"),
+    "add_generation_prompt": (lambda v: v is False, "assistant prefill is not supported yet"),
+    "continue_final_message": (_given, "assistant prefill is not supported yet"),
+    "add_special_tokens": (_given, "the family's template decides special tokens"),
+    "echo": (_given, "echo is not supported on chat completions"),
+    "allowed_token_ids": (_given, "allowed_token_ids is not supported"),
+    "bad_words": (_given, "bad_words is not supported"),
+    "truncate_prompt_tokens": (_given, "prompts are never truncated: a long one is a 400"),
+    "return_tokens_as_token_ids": (_given, "return_tokens_as_token_ids is not supported"),
+    "return_token_ids": (_given, "return_token_ids is not supported yet"),
+    "guided_json": (_given, "use structured_outputs or response_format"),
+    "guided_regex": (_given, "use structured_outputs or response_format"),
+    "guided_choice": (_given, "use structured_outputs or response_format"),
+    "guided_grammar": (_given, "grammars are not supported; use structured_outputs"),
+    "modalities": (lambda v: v not in (None, ["text"]), "text is the only modality"),
+    "audio": (_given, "audio output is not supported"),
+    "web_search_options": (_given, "hosted tools are not supported"),
+}
+
+_logged: set[str] = set()
+
+
+def ignored_fields(extra: Mapping[str, Any] | None, endpoint: str) -> list[str]:
+    """The names of ``extra`` (a request's fields the gateway does not take) it ignores;
+    a 400 for the first whose value would change the answer."""
+    names = sorted(extra or {})
+    for name in names:
+        refused = _CANNOT_HONOUR.get(name)
+        if refused is not None and refused[0](extra[name]):  # type: ignore[index]
+            raise InvalidRequest(f"`{name}` cannot be honoured: {refused[1]}.", param=name)
+    for name in names:
+        if name not in _logged:
+            _logged.add(name)
+            log.warning("Ignoring field %r sent to %s (logged once per field name)", name, endpoint)
+    return names
+
+
+def note_ignored(scope: Scope, names: list[str]) -> None:
+    """Name ``names`` in this request's response header (``IgnoredFieldsHeader``)."""
+    if names:
+        scope.setdefault("state", {})[STATE_KEY] = names
+
+
+class IgnoredFieldsHeader:
+    """Adds ``x-aligngate-ignored-fields`` to a response whose request noted some."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_header(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = scope.get("state", {}).get(STATE_KEY)
+                if names:
+                    headers = list(message.get("headers", []))
+                    headers.append((IGNORED_FIELDS_HEADER.encode(), ",".join(names).encode()))
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_header)
