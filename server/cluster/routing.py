@@ -52,6 +52,11 @@ class AffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         # moved on to the next request: without these, a burst of requests for one
         # prefix would all see the holder idle and all go to it.
         self._chosen: dict[str, deque[float]] = defaultdict(deque)
+        # Requests this router sent to each replica and that have not finished. Serve keeps
+        # a queue-length cache only when strict ``max_ongoing_requests`` is on; without
+        # it the cache stays empty, every replica read as idle, and a held prefix took
+        # every request of a burst (seen on CI: all 12 on one replica of two).
+        self._in_flight: dict[str, int] = defaultdict(int)
 
     async def choose_replicas(
         self,
@@ -85,10 +90,7 @@ class AffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         adapter_holders = {
             r.unique_id for r in self._multiplexed_model_id_to_replica_ids.get(model_id, ())
         }
-        load = {
-            rid: (self._replica_queue_len_cache.get(r.replica_id) or 0) + self._unsent(rid)
-            for rid, r in by_id.items()
-        }
+        load = {rid: self._load(r.replica_id) for rid, r in by_id.items()}
         chosen = affinity.preferred(
             by_id, prefix_holders, adapter_holders, load, self._max_imbalance
         )
@@ -96,6 +98,14 @@ class AffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
             return []
         self._chosen[chosen[0]].append(time.monotonic())
         return [by_id[chosen[0]]]
+
+    def _load(self, replica_id: ReplicaID) -> int:
+        """Requests ``replica_id`` holds as this router knows it: Serve's cached queue length
+        or the requests sent and not finished, whichever is more, plus first choices not
+        sent yet."""
+        rid = replica_id.unique_id
+        cached = self._replica_queue_len_cache.get(replica_id) or 0
+        return max(cached, self._in_flight.get(rid, 0)) + self._unsent(rid)
 
     def _unsent(self, replica: str) -> int:
         """First choices of ``replica`` made in the last second and not sent yet (one
@@ -108,9 +118,24 @@ class AffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
 
     def on_send_request(self, replica_id: ReplicaID) -> None:
         super().on_send_request(replica_id)  # Serve now counts it in the replica's queue
+        self._in_flight[replica_id.unique_id] += 1
         made = self._chosen.get(replica_id.unique_id)
         if made:
             made.popleft()
+
+    def decrement_queue_len_cache(self, replica_id: ReplicaID) -> None:
+        """A request sent to ``replica_id`` finished (Serve calls this whether or not its
+        cache is on)."""
+        super().decrement_queue_len_cache(replica_id)
+        rid = replica_id.unique_id
+        if self._in_flight.get(rid, 0) > 0:
+            self._in_flight[rid] -= 1
+
+    def on_new_queue_len_info(self, replica_id: ReplicaID, num_ongoing_requests: int) -> None:
+        """The replica said how many requests it holds (a probe's or a rejection's answer):
+        the count starts again from there."""
+        super().on_new_queue_len_info(replica_id, num_ongoing_requests)
+        self._in_flight[replica_id.unique_id] = num_ongoing_requests
 
     def on_request_routed(
         self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any
@@ -124,6 +149,7 @@ class AffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self._memory.forget(replica_id.unique_id)
+        self._in_flight.pop(replica_id.unique_id, None)
 
 
 def _prompt_and_adapter(request: PendingRequest) -> tuple[list[int] | None, Any]:
