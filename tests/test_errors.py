@@ -51,7 +51,7 @@ def test_unknown_model_is_404(gateway: Gateway) -> None:
         ("top_logprobs", 21),
         ("presence_penalty", 3),
         ("stop", [""]),
-        ("unknown_field", 1),
+        ("tools", [{"type": "function", "function": {"name": "f"}}]),  # cannot be honoured
     ],
 )
 def test_bad_chat_field_is_400_naming_it(gateway: Gateway, field: str, value: Any) -> None:

@@ -94,7 +94,8 @@ def test_the_openai_sdk_with_extra_body(gateway: Gateway) -> None:
         extra_body={"vendor_option": {"a": 1}},
     )
     assert raw.headers[HEADER] == "vendor_option"
-    assert "Paris" in (raw.parse().choices[0].message.content or "")
+    reply = raw.parse()
+    assert reply.choices[0].message.content and reply.usage.completion_tokens > 0  # type: ignore[union-attr]
 
 
 def test_langchain_openai_chat_model(gateway: Gateway) -> None:
@@ -109,7 +110,6 @@ def test_langchain_openai_chat_model(gateway: Gateway) -> None:
         max_retries=0,
     )
     answer = chat.invoke("What is the capital of France?")
-    assert "Paris" in str(answer.content)
     chunks = chat.stream("What is the capital of France?")
     streamed = "".join(str(chunk.content) for chunk in chunks)
-    assert "Paris" in streamed
+    assert answer.content and streamed == answer.content  # greedy: the same answer either way

@@ -4,7 +4,8 @@ end's deployment handle).
 
 Owns: sending an ``abort`` to the replica it names (shared streams: the replica that
 took the request), and for everything else power of two choices as Ray Serve's default
-router does it (two random replicas, the nearer ones first, the less busy of the two),
+router does it (two random replicas, the nearer ones first, the less busy of the two as
+this router counts its requests in flight, each tried in turn),
 preceded by a first choice for requests that continue a cached prefix (a conversation's
 next turn: the replica that was sent its earlier turns, remembered by ``affinity``) or
 name an adapter (the replicas that report it loaded, through Ray Serve's multiplexing),
@@ -52,10 +53,8 @@ class AffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         # moved on to the next request: without these, a burst of requests for one
         # prefix would all see the holder idle and all go to it.
         self._chosen: dict[str, deque[float]] = defaultdict(deque)
-        # Requests this router sent to each replica and that have not finished. Serve keeps
-        # a queue-length cache only when strict ``max_ongoing_requests`` is on; without
-        # it the cache stays empty, every replica read as idle, and a held prefix took
-        # every request of a burst (seen on CI: all 12 on one replica of two).
+        # Requests this router sent to each replica and that have not finished: Serve's
+        # queue-length cache forgets a replica after 10 s without traffic.
         self._in_flight: dict[str, int] = defaultdict(int)
 
     async def choose_replicas(
@@ -74,7 +73,25 @@ class AffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
         if not self._affinity or pending_request is None or len(candidate_replicas) < 2:
             return [fallback]
         first = self._first_choice(candidate_replicas, pending_request)
-        return [first, fallback] if first else [fallback]
+        if first:
+            return [first, *self._less_busy_first(fallback)]
+        return self._less_busy_first(fallback, note=True)
+
+    def _less_busy_first(
+        self, two: list[RunningReplica], *, note: bool = False
+    ) -> list[list[RunningReplica]]:
+        """The two, less busy first as this router counts (``_load``), each its own rank.
+
+        Given both in one rank, Serve takes the one its queue-length cache holds and only
+        probes the other in the background: a replica unused for 10 s has no cache entry,
+        so a burst went wholly to the one that had (seen: 12 of 12). As single ranks, the
+        first is probed when it is not cached, and the second tried only if it does not
+        answer. ``note``: count the first as chosen until it is sent (a burst's routing
+        decisions are all made before the first send)."""
+        ordered = sorted(two, key=lambda r: self._load(r.replica_id))  # ties: random order
+        if note and ordered:
+            self._chosen[ordered[0].replica_id.unique_id].append(time.monotonic())
+        return [[r] for r in ordered]
 
     def _first_choice(
         self, candidates: list[RunningReplica], request: PendingRequest
