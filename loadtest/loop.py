@@ -91,8 +91,8 @@ class LoopConfig:
             methods=["kto"],
             iterations=1,
             null_runs=0,
-            train_prompts=16,
-            heldout=24,
+            train_prompts=12,
+            heldout=12,
         )
 
 

@@ -61,15 +61,15 @@ def test_quick_loop_runs_serve_judge_train_gate_and_measure(
     print("loop --quick:", json.dumps(summary["methods"]["kto"], default=str)[:3000])
     assert summary["complete"] is True
     run = summary["methods"]["kto"]
-    assert run["base"]["n"] == 24 and 0 <= run["base"]["rate"] <= 1
+    assert run["base"]["n"] == 12 and 0 <= run["base"]["rate"] <= 1
     (iteration,) = run["iterations"]
     assert iteration["status"] == "succeeded", iteration
     assert iteration["examples"] >= 8 and iteration["train"]["steps"] >= 1
     gate = iteration["gate"]
-    assert gate["judge"] == "gatekeeper" and gate["items"] == 24
+    assert gate["judge"] == "gatekeeper" and gate["items"] == 12
     assert gate["eval_source"].endswith("heldout.json")
     # Measured on the gate's own greedy answers (both sides, every held-out prompt).
-    assert iteration["objective"]["n"] == 24 and not gate["incumbent_cached"]
+    assert iteration["objective"]["n"] == 12 and not gate["incumbent_cached"]
     for step in ("serve_s", "judge_s", "align_s"):
         assert iteration["timings"][step] >= 0
     assert (out / "objective.png").stat().st_size > 0
