@@ -11,6 +11,7 @@ prompt (the same weights read the same prefix)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -27,6 +28,15 @@ def complete(gateway: Gateway, **fields: Any) -> httpx.Response:
         json={"model": gateway.model, "temperature": 0, **fields},
         timeout=120,
     )
+
+
+def hi(gateway: Gateway, **fields: Any) -> dict[str, Any]:
+    """A one-token chat answer to "Hi"."""
+    messages = [{"role": "user", "content": "Hi"}]
+    body = {"model": gateway.model, "messages": messages, "max_tokens": 1, **fields}
+    r = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return dict(r.json())
 
 
 def ids_of(gateway: Gateway, prompt: str) -> list[int]:
@@ -100,16 +110,7 @@ def test_prompt_logprobs_on_completions_and_chat(gateway: Gateway) -> None:
         assert all(set(v) == {"logprob", "rank", "decoded_token"} for v in position.values())
         assert sorted(v["rank"] for v in position.values())[0] == 1 or len(position) == 3
 
-    chat = httpx.post(
-        f"{gateway.url}/v1/chat/completions",
-        json={
-            "model": gateway.model,
-            "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 1,
-            "prompt_logprobs": 0,
-        },
-        timeout=120,
-    ).json()
+    chat = hi(gateway, prompt_logprobs=0)
     rendered = httpx.post(
         f"{gateway.url}/v1/render",
         json={"model": gateway.model, "messages": [{"role": "user", "content": "Hi"}]},
@@ -118,16 +119,7 @@ def test_prompt_logprobs_on_completions_and_chat(gateway: Gateway) -> None:
     assert len(chat["prompt_logprobs"]) == len(rendered["token_ids"])
     assert chat["prompt_logprobs"][0] is None
     assert all(len(p) == 1 for p in chat["prompt_logprobs"][1:])  # k = 0: the token itself
-    plain = httpx.post(
-        f"{gateway.url}/v1/chat/completions",
-        json={
-            "model": gateway.model,
-            "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 1,
-        },
-        timeout=120,
-    ).json()
-    assert "prompt_logprobs" not in plain  # only when asked
+    assert "prompt_logprobs" not in hi(gateway)  # only when asked
 
 
 def test_echo_streams_the_prompt_and_its_logprobs_first(gateway: Gateway) -> None:
@@ -149,7 +141,7 @@ def test_echo_streams_the_prompt_and_its_logprobs_first(gateway: Gateway) -> Non
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data: {"):
-                chunks.append(httpx.Response(200, content=line[6:]).json())
+                chunks.append(json.loads(line.removeprefix("data: ")))
     texts = "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
     assert texts == PROMPT
     first = chunks[0]["choices"][0]["logprobs"]
