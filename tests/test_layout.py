@@ -28,6 +28,7 @@ PEER_IMPORTS = {
     ("training", "evaluation"),  # an iteration's promotion gate: judges and the win rate
     ("models", "protocol"),
     ("protocol", "models"),  # request models take the family table's defaults
+    ("protocol", "store"),  # request models refuse text the store cannot keep (storable)
 }
 TOP_LEVEL_MODULES = {"__init__", "app", "settings", "errors", "metrics", "protocol"}
 

@@ -34,6 +34,14 @@ def test_unknown_fields_are_ignored_and_named(gateway: Gateway) -> None:
     ) as streamed:
         assert streamed.status_code == 200 and streamed.headers[HEADER] == "x"
         assert [line for line in streamed.iter_lines() if line][-1] == "data: [DONE]"
+    # A field name is any JSON string; the header percent-encodes it (found by the fuzzer:
+    # a raw name with a control character made uvicorn drop the connection).
+    odd = httpx.post(
+        f"{gateway.url}/v1/chat/completions",
+        json={"model": gateway.model, "messages": FRANCE, "max_tokens": 2, "a b\n\u00e9": 1},
+        timeout=120,
+    )
+    assert odd.status_code == 200 and odd.headers[HEADER] == "a%20b%0A%C3%A9"
     plain = httpx.post(
         f"{gateway.url}/v1/chat/completions",
         json={"model": gateway.model, "messages": FRANCE, "max_tokens": 2},

@@ -79,15 +79,24 @@ def encode_step(step: Sequence[ChoiceDelta]) -> EncodedStep:
 
 def decode_step(encoded: Sequence[Sequence[Any]]) -> list[ChoiceDelta]:
     """The step ``encode_step`` encoded."""
-    return [
-        ChoiceDelta(
-            index=index,
-            text=text,
-            token_ids=list(token_ids),
-            logprobs=_decode_logprobs(logprobs),
-            finish_reason=finish_reason,
-            stop_reason=stop_reason,
-            prompt_logprobs=_decode_prompt(prompt),
-        )
-        for index, text, token_ids, logprobs, finish_reason, stop_reason, prompt in encoded
-    ]
+    return [_decode_delta(*item) for item in encoded]
+
+
+def _decode_delta(
+    index: int,
+    text: str,
+    token_ids: Sequence[int],
+    logprobs: Sequence[Any] | None,
+    finish_reason: str | None,
+    stop_reason: int | str | None,
+    prompt: Sequence[Any] | None = None,  # absent from a replica that predates it
+) -> ChoiceDelta:
+    return ChoiceDelta(
+        index=index,
+        text=text,
+        token_ids=list(token_ids),
+        logprobs=_decode_logprobs(logprobs),
+        finish_reason=finish_reason,
+        stop_reason=stop_reason,
+        prompt_logprobs=_decode_prompt(prompt),
+    )

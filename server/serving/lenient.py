@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
+from urllib.parse import quote
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,6 +25,10 @@ log = logging.getLogger(__name__)
 
 IGNORED_FIELDS_HEADER = "x-aligngate-ignored-fields"
 STATE_KEY = "ignored_fields"
+# A request may name thousands of fields (within the body limit): the header names the
+# first ones, and the log stops learning new names after this many.
+MAX_NAMED = 32
+MAX_LOGGED_NAMES = 1024
 
 
 def _given(value: Any) -> bool:
@@ -80,10 +85,19 @@ def ignored_fields(extra: Mapping[str, Any] | None, endpoint: str) -> list[str]:
         if refused is not None and refused[0](extra[name]):  # type: ignore[index]
             raise InvalidRequest(f"`{name}` cannot be honoured: {refused[1]}.", param=name)
     for name in names:
-        if name not in _logged:
+        if name not in _logged and len(_logged) < MAX_LOGGED_NAMES:
             _logged.add(name)
             log.warning("Ignoring field %r sent to %s (logged once per field name)", name, endpoint)
     return names
+
+
+def header_value(names: list[str]) -> bytes:
+    """The header's value: the names percent-encoded (a field name is any JSON string, a
+    header value visible ASCII), at most ``MAX_NAMED`` of them, then how many more."""
+    shown = [quote(n.encode("utf-8", "surrogatepass"), safe="") for n in names[:MAX_NAMED]]
+    if len(names) > MAX_NAMED:
+        shown.append(f"...{len(names) - MAX_NAMED} more")
+    return ",".join(shown).encode("ascii")
 
 
 def note_ignored(scope: Scope, names: list[str]) -> None:
@@ -108,7 +122,7 @@ class IgnoredFieldsHeader:
                 names = scope.get("state", {}).get(STATE_KEY)
                 if names:
                     headers = list(message.get("headers", []))
-                    headers.append((IGNORED_FIELDS_HEADER.encode(), ",".join(names).encode()))
+                    headers.append((IGNORED_FIELDS_HEADER.encode(), header_value(names)))
                     message = {**message, "headers": headers}
             await send(message)
 
