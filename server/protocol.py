@@ -32,6 +32,7 @@ MAX_N = 16
 MAX_LOGPROBS = 20
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 MAX_MESSAGES = 512
 MAX_MESSAGE_CHARS = 200_000
 # Templates come from the models file only: a client-supplied one could render any prompt
@@ -191,6 +192,13 @@ class _SamplingFields(_Strict):
     repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
     min_tokens: int = Field(default=0, ge=0, le=1_000_000)
     ignore_eos: bool = False
+    # Token controls, with vLLM's meanings: OpenAI's logit_bias ({token id: -100..100},
+    # added to the logits), more token ids that end the answer, whether a matched stop
+    # string stays in the text, whether special tokens are left out of it.
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     # Refused when given (see CLIENT_TEMPLATE_FIELDS); declared so the error names them.
     chat_template: None = Field(default=None, exclude=True)
     chat_template_kwargs: None = Field(default=None, exclude=True)
@@ -221,6 +229,23 @@ class _SamplingFields(_Strict):
             return StructuredSpec(json_object=True)
         assert f.json_schema is not None
         return StructuredSpec(json_schema=json.dumps(f.json_schema.schema_))
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"logit_bias keys are token ids; got {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"a logit_bias value is between -100 and 100; got {bias}")
+        return value
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _check_stop_token_ids(cls, value: list[int] | None) -> list[int] | None:
+        if any(t < 0 for t in value or []):
+            raise ValueError("stop_token_ids are token ids (>= 0)")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -277,6 +302,10 @@ class _SamplingFields(_Strict):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             structured=self.structured_spec(),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            logit_bias=tuple((int(t), float(b)) for t, b in (self.logit_bias or {}).items()),
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            skip_special_tokens=self.skip_special_tokens,
         )
 
 

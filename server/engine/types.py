@@ -40,6 +40,9 @@ class SamplingSpec:
     # The same for each prompt token (as vLLM's ``prompt_logprobs``; the first has none).
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    # (token id, bias) pairs added to the logits (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
     # Batch work needs no per-token deltas: the engine then sends each request's output
     # once, which spares the front end (which shares the CPU with the engine) that work.
     final_only: bool = False

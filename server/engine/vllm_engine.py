@@ -176,6 +176,8 @@ def _to_sampling_params(spec: SamplingSpec) -> Any:
         logprobs=spec.logprobs,
         prompt_logprobs=spec.prompt_logprobs,
         skip_special_tokens=spec.skip_special_tokens,
+        include_stop_str_in_output=spec.include_stop_str_in_output,
+        logit_bias=dict(spec.logit_bias) or None,
         output_kind=RequestOutputKind.FINAL_ONLY if spec.final_only else RequestOutputKind.DELTA,
         structured_outputs=_structured_outputs(spec),
     )
