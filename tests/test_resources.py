@@ -23,6 +23,7 @@ from server.resources.platform import (
     assumed_gpus,
     engine_core_preloaded,
     engine_defaults,
+    engine_dtype,
     engine_environment,
     training_device,
 )
@@ -62,6 +63,22 @@ def test_cpu_gets_todays_settings_and_cuda_gets_vllms_own() -> None:
     # (vLLM would spawn a fresh interpreter); on CUDA vLLM forks it from the gateway itself.
     assert engine_core_preloaded(CPU)
     assert not engine_core_preloaded(ONE_H100)
+
+
+def test_auto_dtype_is_float32_on_a_cpu_and_vllms_choice_on_cuda() -> None:
+    """On a CPU vLLM's bf16 answer depends on the instruction set (platform.engine_dtype);
+    a models file's explicit dtype is kept on either."""
+    assert engine_dtype("auto", CPU) == "float32"
+    assert engine_dtype("auto", ONE_H100) == "auto"
+    assert engine_dtype("bfloat16", CPU) == "bfloat16"
+    assert engine_dtype("float16", ONE_H100) == "float16"
+
+
+def test_raw_vllm_gets_the_gateways_platform_settings() -> None:
+    from loadtest.servers import platform_flags
+
+    assert platform_flags(CPU) == ["--enforce-eager", "--dtype", "float32"]
+    assert platform_flags(ONE_H100) == []
 
 
 def test_an_explicit_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -95,7 +95,8 @@ def bench_alpaca_eval(
     # The raw engine gets what the gateway's engine got: platform defaults, memory share.
     assert registry.plan is not None
     placed = registry.plan.engine(entry.name)
-    options = engine_options(entry, path, placed, engine_defaults(registry.plan.platform))
+    platform = registry.plan.platform
+    options = engine_options(entry, path, placed, engine_defaults(platform), platform)
     outputs, seconds = offline_generate(options, prompts, spec)
     raw = Leg("vLLM LLM.generate (offline)", len(prompts), sum(len(o) for o in outputs), seconds)
     hf = _hf_loop(path, prompts[:hf_items], max_tokens, eos)

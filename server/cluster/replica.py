@@ -27,7 +27,12 @@ from server.cluster.shared_streams import Outbox, carry
 from server.cluster.stream_items import EncodedStep, encode_step
 from server.engine.types import AdapterRef, ChoiceDelta, Replica, SamplingSpec
 from server.engine.vllm_engine import AdapterLoadError, EngineOptions, VllmEngine
-from server.resources.platform import apply_engine_environment, detect, engine_defaults
+from server.resources.platform import (
+    apply_engine_environment,
+    detect,
+    engine_defaults,
+    engine_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +139,11 @@ class EngineReplica:
     ):
         platform = detect()
         apply_engine_environment(platform, cpu_kv_cache_gib)
-        options = dataclasses.replace(options, extra={**engine_defaults(platform), **options.extra})
+        options = dataclasses.replace(
+            options,
+            dtype=engine_dtype(options.dtype, platform),
+            extra={**engine_defaults(platform), **options.extra},
+        )
         self.name = name
         self.replica = _replica_id()
         self.stream_interval_s = stream_interval_ms / 1000

@@ -90,6 +90,7 @@ class ModelEntry(BaseModel):
     quantile_tokens: list[str] | None = Field(default=None, min_length=1)
     default_quantile: int | None = Field(default=None, ge=0)
     max_model_len: int | None = Field(default=None, ge=16)
+    # vLLM's dtype; auto: vLLM's choice on a GPU, float32 on a CPU (platform.engine_dtype).
     dtype: str = "auto"
     seed: int = 0
     trust_remote_code: bool = False

@@ -51,6 +51,7 @@ from server.resources.platform import (
     effective_cpu_kv_cache_gib,
     engine_core_preloaded,
     engine_defaults,
+    engine_dtype,
 )
 from server.settings import Settings
 
@@ -72,15 +73,20 @@ def lora_engine_args(lora: LoraSettings | None) -> dict[str, Any]:
 
 
 def engine_options(
-    entry: ModelEntry, path: str, placed: EnginePlan | None, defaults: dict[str, object]
+    entry: ModelEntry,
+    path: str,
+    placed: EnginePlan | None,
+    defaults: dict[str, object],
+    platform: Platform | None,
 ) -> EngineOptions:
-    """What vLLM gets for ``entry``: the platform's defaults, LoRA, the plan's memory share
-    and devices (none on a cluster: Ray places replicas), then the models file's own
-    `engine_args` (which win)."""
+    """What vLLM gets for ``entry``: the platform's defaults and dtype, LoRA, the plan's
+    memory share and devices (none on a cluster: Ray places replicas), then the models
+    file's own `engine_args` (which win). ``platform`` None: a Ray replica applies its own
+    node's defaults and dtype (``cluster.replica``)."""
     return EngineOptions(
         model_path=path,
         max_model_len=entry.max_model_len,
-        dtype=entry.dtype,
+        dtype=engine_dtype(entry.dtype, platform) if platform else entry.dtype,
         seed=entry.seed,
         extra={
             **defaults,
@@ -415,7 +421,8 @@ class Registry:
 
         def start_engine(entry: ModelEntry, path: str, placed: EnginePlan) -> VllmEngine:
             started = time.perf_counter()
-            engine = VllmEngine.start(entry.name, engine_options(entry, path, placed, defaults))
+            options = engine_options(entry, path, placed, defaults, platform)
+            engine = VllmEngine.start(entry.name, options)
             log.info("Engine for %s up in %.1f s", entry.name, time.perf_counter() - started)
             return engine
 
@@ -452,7 +459,7 @@ class Registry:
 
         models = []
         for entry, path, _ in prepared:
-            options = engine_options(entry, path, None, {})
+            options = engine_options(entry, path, None, {}, None)
             check_options(options)
             deployment = deployment_options(
                 name=entry.name,
