@@ -6,6 +6,7 @@ One cluster for the module (the only one that needs it)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -337,8 +338,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
+async def _watch_health(http: httpx.AsyncClient, gateway: Gateway, statuses: set[str]) -> None:
+    """/health's status every half second until cancelled (Serve may replace the replica
+    before the killed requests have all ended: the degraded window is watched from the
+    kill on)."""
+    while True:
+        health = await http.get(f"{gateway.url}/health", timeout=10)
+        assert health.status_code == 200, health.text
+        statuses.add(health.json()["status"])
+        await asyncio.sleep(0.5)
+
+
 async def _kill_under_load(
-    gateway: Gateway, cluster: RayHead
+    gateway: Gateway, cluster: RayHead, statuses: set[str]
 ) -> tuple[list, list, float, list[int]]:
     async with httpx.AsyncClient(timeout=httpx.Timeout(90)) as http:
         starts = [asyncio.Event() for _ in range(6)]
@@ -363,9 +375,15 @@ async def _kill_under_load(
         ]
         os.kill(victims[0], signal.SIGKILL)
         killed_at = time.monotonic()
-        # No request hangs: all end well within the client timeout.
-        streamed = await asyncio.wait_for(asyncio.gather(*streams), timeout=120)
-        answered = await asyncio.wait_for(asyncio.gather(*whole), timeout=120)
+        watch = asyncio.create_task(_watch_health(http, gateway, statuses))
+        try:
+            # No request hangs: all end well within the client timeout.
+            streamed = await asyncio.wait_for(asyncio.gather(*streams), timeout=120)
+            answered = await asyncio.wait_for(asyncio.gather(*whole), timeout=120)
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
     return streamed, answered, killed_at, victim_cores
 
 
@@ -374,8 +392,9 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(
 ) -> None:
     before = set(asyncio.run(replicas_serving(gateway)))
     assert len(before) == 2
+    statuses: set[str] = set()
     streamed, answered, killed_at, victim_cores = asyncio.run(
-        _kill_under_load(gateway, ray_cluster)
+        _kill_under_load(gateway, ray_cluster, statuses)
     )
     assert len(victim_cores) == 1, victim_cores
 
@@ -407,7 +426,6 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_comes_back(
     assert fresh.status_code == 200 and fresh.headers[REPLICA] not in dead
 
     # Ray Serve replaces the replica; meanwhile /health says degraded (still 200).
-    statuses = set()
     deadline = time.monotonic() + 240
     while True:
         health = httpx.get(f"{gateway.url}/health", timeout=10)
