@@ -35,7 +35,17 @@ from server.guards.ratelimit import RateLimiter
 from server.metrics import GatewayMetrics, RequestMetricsMiddleware
 from server.models.models_file import JudgeEntry, ModelEntry, Resources
 from server.models.registry import Registry
-from server.routes import admin, arena, feedback, health, openai, render, stored_completions, ui
+from server.routes import (
+    admin,
+    arena,
+    feedback,
+    health,
+    openai,
+    render,
+    stored_completions,
+    tokenize,
+    ui,
+)
 from server.routes.deps import storable_params
 from server.serving.lenient import IgnoredFieldsHeader
 from server.settings import Settings
@@ -156,6 +166,7 @@ def build_app(
     app.include_router(openai.router)
     app.include_router(stored_completions.router)
     app.include_router(render.router)
+    app.include_router(tokenize.router)
     app.include_router(feedback.router)
     app.include_router(arena.router)
     app.include_router(health.router)

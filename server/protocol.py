@@ -706,6 +706,41 @@ class RenderResponse(BaseModel):
     stop: list[str]
 
 
+class TokenizeRequest(_Strict):
+    """vLLM's ``POST /tokenize``: a completions ``prompt`` or chat ``messages``, not both.
+    Fields vLLM takes that change the rendering are accepted and checked by the route
+    (``routes.tokenize``): those it cannot honour are refused by name."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    # vLLM's defaults: specials (BOS) added to a text prompt, not on top of a chat template.
+    add_special_tokens: bool | None = None
+    return_token_strs: bool | None = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    quantile: int | None = Field(default=None, ge=0, le=255)
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=2**63 - 1)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str

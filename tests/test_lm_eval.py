@@ -7,7 +7,10 @@ identical. Before, the multiple-choice path ran without an error and scored garb
 
 The tasks are defined here over local data (``tests/lm_eval/``): no dataset is downloaded.
 The session's gateway (the README's ``aligngate serve``) and raw vLLM with its engine
-settings (LoRA on, the same context length and KV cache) run one after the other."""
+settings (LoRA on, the same context length, dtype and KV cache) are asked in turn.
+
+The same raw server answers ``/tokenize`` and ``/detokenize`` beside the gateway (issue 33,
+item 6): the same ids, counts and strings for text prompts and chat messages."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from loadtest.servers import (
@@ -134,12 +138,11 @@ def offline() -> Iterator[None]:
             os.environ[key] = value
 
 
-def test_lm_eval_scores_the_same_through_the_gateway_as_through_vllm(
-    gateway: Gateway, default_model_path: Path, tmp_path: Path, offline: None
-) -> None:
-    tasks = _task_files(tmp_path / "tasks")
-    through_gateway = _evaluate(gateway.url, gateway.model, default_model_path, tasks)
-
+@pytest.fixture(scope="module")
+def vllm_url(
+    gateway: Gateway, default_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """Raw ``vllm serve`` of the gateway's checkpoint under the gateway's model name."""
     spec = raw_vllm(
         default_model_path,
         gateway.model,
@@ -147,12 +150,20 @@ def test_lm_eval_scores_the_same_through_the_gateway_as_through_vllm(
         engine_env(1, {}),
         DEFAULT_LORA_FLAGS,
     )
-    server = RunningServer(spec, tmp_path / "vllm.log")
+    server = RunningServer(spec, tmp_path_factory.mktemp("raw-vllm") / "vllm.log")
     try:
         server.wait_ready(gateway.model)
-        through_vllm = _evaluate(spec.base_url, gateway.model, default_model_path, tasks)
+        yield spec.base_url
     finally:
         server.stop()
+
+
+def test_lm_eval_scores_the_same_through_the_gateway_as_through_vllm(
+    gateway: Gateway, vllm_url: str, default_model_path: Path, tmp_path: Path, offline: None
+) -> None:
+    tasks = _task_files(tmp_path / "tasks")
+    through_gateway = _evaluate(gateway.url, gateway.model, default_model_path, tasks)
+    through_vllm = _evaluate(vllm_url, gateway.model, default_model_path, tasks)
 
     print("lm-eval through the gateway:", through_gateway["metrics"])
     print("lm-eval through raw vLLM:   ", through_vllm["metrics"])
@@ -170,3 +181,45 @@ def test_lm_eval_scores_the_same_through_the_gateway_as_through_vllm(
     assert through_gateway["metrics"] == through_vllm["metrics"]
     # A checkpoint that answers "Paris" scores above chance on its own task.
     assert through_gateway["metrics"][MULTIPLE_CHOICE]["acc,none"] > 0.25
+
+
+TOKENIZE_BODIES: list[dict[str, Any]] = [
+    {"prompt": "The capital of France is"},
+    {"prompt": "<|im_start|>user\nHi<|im_end|>", "add_special_tokens": False},
+    {"prompt": "Émile's café: 3.14 — ok?", "return_token_strs": True},
+    {"messages": [{"role": "user", "content": "What is the capital of France?"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Name a planet."},
+            {"role": "assistant", "content": "Mars."},
+            {"role": "user", "content": "Another?"},
+        ],
+        "return_token_strs": True,
+    },
+]
+
+
+def test_tokenize_and_detokenize_answer_as_vllms(gateway: Gateway, vllm_url: str) -> None:
+    for body in TOKENIZE_BODIES:
+        answers = [
+            httpx.post(f"{url}/tokenize", json={"model": gateway.model, **body}, timeout=30)
+            for url in (gateway.url, vllm_url)
+        ]
+        assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+        ours, theirs = (a.json() for a in answers)
+        assert ours == theirs, body
+        assert ours["count"] == len(ours["tokens"]) > 0
+        assert (ours["token_strs"] is not None) == bool(body.get("return_token_strs"))
+
+        back = [
+            httpx.post(
+                f"{url}/detokenize",
+                json={"model": gateway.model, "tokens": ours["tokens"]},
+                timeout=30,
+            ).json()
+            for url in (gateway.url, vllm_url)
+        ]
+        assert back[0] == back[1], body
+        if "prompt" in body:
+            assert back[0]["prompt"] == body["prompt"]

@@ -423,6 +423,11 @@ class Renderer:
             return RenderedPrompt(text=prompt, token_ids=list(ids))
         return RenderedPrompt(text=prompt, token_ids=self._with_bos(self._encode(prompt)))
 
+    def encode_raw(self, text: str) -> list[int]:
+        """``text`` as the tokenizer reads it: control text becomes control tokens and no
+        special token is added (vLLM's ``add_special_tokens: false``)."""
+        return self._encode(text)
+
     def render_ids(self, token_ids: list[int]) -> RenderedPrompt:
         vocab = len(self.tokenizer)
         bad = next((t for t in token_ids if t < 0 or t >= vocab), None)
