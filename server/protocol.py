@@ -199,6 +199,8 @@ class _SamplingFields(_Strict):
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # vLLM's: the prompt's token ids and each choice's generated ids in the answer.
+    return_token_ids: bool = False
     # Refused when given (see CLIENT_TEMPLATE_FIELDS); declared so the error names them.
     chat_template: None = Field(default=None, exclude=True)
     chat_template_kwargs: None = Field(default=None, exclude=True)
@@ -545,11 +547,16 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+def _unless_requested(value: object) -> bool:
+    return value is None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None
+    token_ids: list[int] | None = Field(default=None, exclude_if=_unless_requested)
 
 
 class PromptTokenLogprob(BaseModel):
@@ -565,10 +572,6 @@ class PromptTokenLogprob(BaseModel):
 PromptLogprobsOut = list[dict[str, PromptTokenLogprob] | None]
 
 
-def _unless_requested(value: object) -> bool:
-    return value is None
-
-
 class ChatCompletion(BaseModel):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
@@ -577,6 +580,7 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     prompt_logprobs: PromptLogprobsOut | None = Field(default=None, exclude_if=_unless_requested)
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_unless_requested)
 
 
 # ---- OpenAI's Stored Completions (``/v1/chat/completions/{id}`` …) ---------------------
@@ -629,6 +633,7 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    token_ids: list[int] | None = Field(default=None, exclude_if=_unless_requested)
 
 
 class ChatCompletionChunk(BaseModel):
@@ -638,6 +643,7 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_unless_requested)
 
 
 class CompletionLogprobs(BaseModel):
@@ -653,6 +659,8 @@ class CompletionChoice(BaseModel):
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
     prompt_logprobs: PromptLogprobsOut | None = Field(default=None, exclude_if=_unless_requested)
+    prompt_token_ids: list[int] | None = Field(default=None, exclude_if=_unless_requested)
+    token_ids: list[int] | None = Field(default=None, exclude_if=_unless_requested)
 
 
 class Completion(BaseModel):

@@ -14,6 +14,7 @@ item 6): the same ids, counts and strings for text prompts and chat messages."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -223,3 +224,61 @@ def test_tokenize_and_detokenize_answer_as_vllms(gateway: Gateway, vllm_url: str
         assert back[0] == back[1], body
         if "prompt" in body:
             assert back[0]["prompt"] == body["prompt"]
+
+
+def _sse(url: str, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    with httpx.stream("POST", f"{url}{path}", json={**body, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line.removeprefix("data: ") for line in r.iter_lines() if line.strip()]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_return_token_ids_answers_as_vllms(gateway: Gateway, vllm_url: str) -> None:
+    """``return_token_ids`` (issue 33, item 4): the prompt's ids and each choice's generated
+    ids, whole and streamed, as raw vLLM gives them for the same greedy request."""
+    asks = [
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Name a planet."}]}),
+        ("/v1/completions", {"prompt": "The capital of France is"}),
+        ("/v1/completions", {"prompt": "The capital of France is", "echo": True}),
+    ]
+    for path, ask in asks:
+        body = {"model": gateway.model, **ask, "max_tokens": 8, "temperature": 0}
+        body["return_token_ids"] = True
+        ours, theirs = (
+            httpx.post(f"{url}{path}", json=body, timeout=60).json()
+            for url in (gateway.url, vllm_url)
+        )
+        if path == "/v1/chat/completions":
+            assert ours["prompt_token_ids"] == theirs["prompt_token_ids"]
+            assert (
+                ours["choices"][0]["message"]["content"]
+                == (theirs["choices"][0]["message"]["content"])
+            )
+        else:
+            fields = ("prompt_token_ids", "text")
+            assert [ours["choices"][0][f] for f in fields] == [
+                theirs["choices"][0][f] for f in fields
+            ], ask
+        ids = ours["choices"][0]["token_ids"]
+        assert ids == theirs["choices"][0]["token_ids"] and len(ids) > 0, ask
+
+        # Streamed: the prompt's ids once, each chunk's new ids, the same ids in all.
+        for url in (gateway.url, vllm_url):
+            chunks = _sse(url, path, body)
+            key = "prompt_token_ids"
+            prompt_ids = [c[key] for c in chunks if c.get(key)] + [
+                ch[key] for c in chunks for ch in c["choices"] if ch.get(key)
+            ]
+            expected = ours.get(key) or ours["choices"][0][key]
+            assert prompt_ids == [expected], (url, ask)
+            streamed = [t for c in chunks for ch in c["choices"] for t in ch.get("token_ids") or []]
+            assert streamed == ids, (url, ask)
+
+    # Without it, the fields are absent from the gateway's answer, as vLLM's are null.
+    plain = httpx.post(
+        f"{gateway.url}/v1/completions",
+        json={"model": gateway.model, "prompt": "Hi", "max_tokens": 2},
+        timeout=60,
+    ).json()
+    assert "token_ids" not in plain["choices"][0]

@@ -115,6 +115,7 @@ async def create_chat_completion(
     steps = merged([engine_steps(model, request_id, prompt.token_ids, spec, tracker)])
     created = int(time.time())
     storing = should_store(body.store, model)
+    with_ids = body.return_token_ids
 
     def record(results: list[ChoiceResult]) -> None:
         if storing:
@@ -137,7 +138,9 @@ async def create_chat_completion(
 
         async def chunks() -> AsyncGenerator[ChatCompletionChunk | bytes]:
             def chunk(
-                choices: list[ChatChunkChoice], totals: Usage | None = None
+                choices: list[ChatChunkChoice],
+                totals: Usage | None = None,
+                prompt_token_ids: list[int] | None = None,
             ) -> ChatCompletionChunk:
                 return ChatCompletionChunk(
                     id=request_id,
@@ -145,6 +148,7 @@ async def create_chat_completion(
                     model=model.name,
                     choices=choices,
                     usage=totals,
+                    prompt_token_ids=prompt_token_ids,
                 )
 
             frames = StreamFrames(chunk([]))
@@ -163,14 +167,19 @@ async def create_chat_completion(
                                     index=i, delta=ChatDelta(role="assistant", content="")
                                 )
                                 for i in range(body.n)
-                            ]
+                            ],
+                            prompt_token_ids=prompt.token_ids if with_ids else None,
                         )
                     for d in deltas:
                         results[d.index].add(d)
-                    moved = [d for d in deltas if d.text or d.finish_reason or d.logprobs]
+                    moved = [
+                        d
+                        for d in deltas
+                        if d.text or d.finish_reason or d.logprobs or (with_ids and d.token_ids)
+                    ]
                     if not moved:
                         continue
-                    if any(d.logprobs for d in moved):
+                    if with_ids or any(d.logprobs for d in moved):
                         yield chunk(
                             [
                                 ChatChunkChoice(
@@ -178,6 +187,7 @@ async def create_chat_completion(
                                     delta=ChatDelta(content=d.text),
                                     logprobs=chat_logprobs(d.logprobs),
                                     finish_reason=d.finish_reason,
+                                    token_ids=list(d.token_ids) if with_ids else None,
                                 )
                                 for d in moved
                             ]
@@ -211,6 +221,7 @@ async def create_chat_completion(
                     message=AssistantMessage(content=r.text),
                     logprobs=chat_logprobs(r.logprobs),
                     finish_reason=r.finish_reason,
+                    token_ids=r.token_ids if with_ids else None,
                 )
                 for r in results
             ],
@@ -222,6 +233,7 @@ async def create_chat_completion(
                 if body.prompt_logprobs is not None
                 else None
             ),
+            prompt_token_ids=prompt.token_ids if with_ids else None,
         ).model_dump_json(),
         media_type="application/json",
         headers=response_headers(model, tracker),

@@ -143,8 +143,15 @@ async def create_completion(
                 metadata=body.metadata,
             )
 
+    with_ids = body.return_token_ids
+
     def echo_text(prompt_index: int) -> str:
-        return prompts[prompt_index].text if body.echo else ""
+        """The echoed prompt. With ``return_token_ids`` vLLM leaves its text out (it does
+        not detokenize the prompt): the prompt comes back as ``prompt_token_ids``."""
+        return prompts[prompt_index].text if body.echo and not with_ids else ""
+
+    def echo_length(prompt_index: int) -> int:
+        return len(prompts[prompt_index].text) if body.echo else 0
 
     def decode(token_id: int) -> str:
         return str(model.renderer.tokenizer.decode(token_id))
@@ -178,28 +185,35 @@ async def create_completion(
                         text = d.text if not scoring_only else ""
                         generated = d.logprobs if not scoring_only else None
                         first_logprobs = None
+                        first_ids = None
+                        hidden = 0  # echoed text left out (return_token_ids)
                         if index not in started:
                             started.add(index)
                             text = echo_text(prompt_index) + text
+                            hidden = echo_length(prompt_index) - len(echo_text(prompt_index))
+                            first_ids = prompts[prompt_index].token_ids if with_ids else None
                             scored = d.prompt_logprobs or prompt_scores.get(prompt_index)
                             first_logprobs = echoed(prompt_index, scored)
                         if d.prompt_logprobs is not None:
                             prompt_scores[prompt_index] = d.prompt_logprobs
-                        if not (text or d.finish_reason or generated):
+                        carries_ids = with_ids and bool(first_ids or d.token_ids)
+                        if not (text or d.finish_reason or generated or carries_ids):
                             continue
                         offset = offsets.get(index, 0)
-                        if generated or first_logprobs:
+                        if generated or first_logprobs or with_ids:
                             choices.append(
                                 CompletionChoice(
                                     index=index,
                                     text=text,
                                     logprobs=completion_logprobs(generated, offset, first_logprobs),
                                     finish_reason=d.finish_reason,
+                                    prompt_token_ids=first_ids,
+                                    token_ids=list(d.token_ids) if with_ids else None,
                                 )
                             )
                         else:  # the per-token hot path: text only, as JSON at once
                             choices.append(completion_text_choice(index, text, d.finish_reason))
-                        offsets[index] = offset + len(text)
+                        offsets[index] = offset + len(text) + hidden
                     if not choices:
                         continue
                     if all(isinstance(c, str) for c in choices):
@@ -246,11 +260,13 @@ async def create_completion(
             CompletionChoice(
                 index=r.index,
                 text=prefix + (r.text if not scoring_only else ""),
-                logprobs=completion_logprobs(generated, len(prefix), echoed(p, scores.get(p))),
+                logprobs=completion_logprobs(generated, echo_length(p), echoed(p, scores.get(p))),
                 finish_reason=r.finish_reason,
                 prompt_logprobs=(
                     prompt_logprobs_out(scores.get(p)) if body.prompt_logprobs is not None else None
                 ),
+                prompt_token_ids=prompts[p].token_ids if with_ids else None,
+                token_ids=r.token_ids if with_ids else None,
             )
         )
     return Response(

@@ -59,7 +59,6 @@ _CANNOT_HONOUR: dict[str, tuple[Callable[[Any], bool], str]] = {
     "bad_words": (_given, "bad_words is not supported"),
     "truncate_prompt_tokens": (_given, "prompts are never truncated: a long one is a 400"),
     "return_tokens_as_token_ids": (_given, "return_tokens_as_token_ids is not supported"),
-    "return_token_ids": (_given, "return_token_ids is not supported yet"),
     "guided_json": (_given, "use structured_outputs or response_format"),
     "guided_regex": (_given, "use structured_outputs or response_format"),
     "guided_choice": (_given, "use structured_outputs or response_format"),
