@@ -37,7 +37,32 @@ MAX_MESSAGES = 512
 MAX_MESSAGE_CHARS = 200_000
 # Templates come from the models file only: a client-supplied one could render any prompt
 # (and, with some engines, run template code).
-CLIENT_TEMPLATE_FIELDS = ("chat_template", "chat_template_kwargs", "template")
+CLIENT_TEMPLATE_FIELDS = ("chat_template", "template")
+# What a chat template's own arguments would clash with (vLLM passes the rest through).
+RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "conversation", "add_generation_prompt",
+    "continue_final_message", "tools", "documents", "chat_template", "tokenize",
+    "return_dict", "return_tensors", "return_assistant_tokens_mask", "padding",
+    "truncation", "max_length", "tokenizer_kwargs", "bos_token", "eos_token"})  # fmt: skip
+
+
+def _check_template_kwargs(value: Any) -> Any:
+    """vLLM's ``chat_template_kwargs``, as far as a template variable can go: string keys,
+    scalar values (a string is user text, tokenized as such), none the gateway sets."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError("chat_template_kwargs must be an object")
+    for key, item in value.items():
+        if key in RESERVED_TEMPLATE_KWARGS:
+            raise ValueError(f"{key!r} is set by the gateway, not by a template variable")
+        if item is not None and not isinstance(item, (str, bool, int, float)):
+            raise ValueError(f"{key!r}: values must be strings, numbers, booleans or null")
+    return value
+
+
+TemplateKwargs = Annotated[
+    dict[str, str | bool | int | float | None] | None, BeforeValidator(_check_template_kwargs)
+]
 
 
 def _storable(value: str) -> str:
@@ -203,7 +228,6 @@ class _SamplingFields(_Strict):
     return_token_ids: bool = False
     # Refused when given (see CLIENT_TEMPLATE_FIELDS); declared so the error names them.
     chat_template: None = Field(default=None, exclude=True)
-    chat_template_kwargs: None = Field(default=None, exclude=True)
     template: None = Field(default=None, exclude=True)
     # Quark models: which reward quantile to condition on (0 = best); others refuse it.
     quantile: int | None = Field(default=None, ge=0, le=255)
@@ -327,10 +351,21 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
     # vLLM's: each prompt token's log-probability and the k most likely at its position.
     prompt_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's chat options: the checkpoint chat template's variables (chat-template families;
+    # scalars only), and an assistant prefill: the last message, the assistant's, continued.
+    chat_template_kwargs: TemplateKwargs = Field(default=None, max_length=32)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
     @model_validator(mode="after")
     def _prompt_logprobs_not_streamed(self) -> ChatCompletionRequest:
         _check_prompt_logprobs(self.prompt_logprobs, self.stream)
+        if self.continue_final_message and self.add_generation_prompt:
+            raise InvalidRequest(
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to "
+                "true (vLLM's rule): a prefill continues the answer instead of opening one.",
+                param="add_generation_prompt",
+            )
         return self
 
     def requested_max_tokens(self) -> int | None:
@@ -728,7 +763,7 @@ class TokenizeRequest(_Strict):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template: str | None = None
-    chat_template_kwargs: dict[str, Any] | None = None
+    chat_template_kwargs: TemplateKwargs = Field(default=None, max_length=32)
     tools: list[dict[str, Any]] | None = None
     quantile: int | None = Field(default=None, ge=0, le=255)
 

@@ -66,7 +66,7 @@ def test_unknown_fields_are_ignored_and_named(gateway: Gateway) -> None:
         ("tool_choice", "required"),
         ("suffix", "and so on"),
         ("best_of", 2),
-        ("continue_final_message", True),
+        ("bad_words", ["sea"]),
         ("guided_json", {"type": "object"}),
     ],
 )

@@ -198,6 +198,17 @@ TOKENIZE_BODIES: list[dict[str, Any]] = [
         ],
         "return_token_strs": True,
     },
+    # vLLM's chat options: an assistant prefill, no generation prompt, template variables.
+    {
+        "messages": [
+            {"role": "user", "content": "What is the capital of France?"},
+            {"role": "assistant", "content": "The capital of France is"},
+        ],
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+    },
+    {"messages": [{"role": "user", "content": "Hi"}], "add_generation_prompt": False},
+    {"messages": [{"role": "user", "content": "Hi"}], "chat_template_kwargs": {"x": "y"}},
 ]
 
 
@@ -282,3 +293,30 @@ def test_return_token_ids_answers_as_vllms(gateway: Gateway, vllm_url: str) -> N
         timeout=60,
     ).json()
     assert "token_ids" not in plain["choices"][0]
+
+
+def test_an_assistant_prefill_is_continued_as_vllm_continues_it(
+    gateway: Gateway, vllm_url: str
+) -> None:
+    """``continue_final_message`` (issue 33, item 4): the model continues the assistant's
+    message; the same greedy continuation and prompt as raw vLLM's."""
+    body = {
+        "model": gateway.model,
+        "messages": [
+            {"role": "user", "content": "Name the largest planet."},
+            {"role": "assistant", "content": "The largest planet is"},
+        ],
+        "continue_final_message": True,
+        "add_generation_prompt": False,
+        "max_tokens": 12,
+        "temperature": 0,
+    }
+    ours, theirs = (
+        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60).json()
+        for url in (gateway.url, vllm_url)
+    )
+    assert ours["usage"]["prompt_tokens"] == theirs["usage"]["prompt_tokens"]
+    answer = ours["choices"][0]["message"]["content"]
+    assert answer == theirs["choices"][0]["message"]["content"] and answer.strip(), (ours, theirs)
+    # A continuation, not a new answer: it does not restate the prefill.
+    assert not answer.lstrip().startswith("The largest planet is")

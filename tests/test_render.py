@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from server.models.render import FamilyDetectionError, Message, Renderer, RenderError, detect_family
+from server.models.render import (
+    FamilyDetectionError,
+    Message,
+    PromptForm,
+    Renderer,
+    RenderError,
+    detect_family,
+)
 
 ALPACA_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately "
@@ -153,10 +160,87 @@ def test_guarded_tokenization_matches_the_fast_path_on_clean_text(
         fast = r.render_chat(msgs).token_ids
         system, turns = r._conversation(msgs)
         variables = {"quantile_token": r.quantile_tokens[0]} if r.quantile_tokens else {}
+        text = r.render_chat(msgs).text
         guarded = r._with_bos(
-            r._tokenize_guarded(r._template, system, turns, variables, r.render_chat(msgs).text)
+            r._tokenize_guarded(r._template, system, turns, variables, text, PromptForm())
         )
         assert guarded == fast
+
+
+# --- vLLM's chat options: assistant prefill, no generation prompt, template variables ------
+
+QUESTION = [Message("user", "Name a planet.")]
+PREFILLED = [*QUESTION, Message("assistant", "The planet is")]
+
+
+@pytest.mark.parametrize("family", ["cut", "kto", "quark"])
+def test_a_fixed_template_continues_the_prefill_after_its_answer_opening(
+    renderers: dict[str, Renderer], family: str
+) -> None:
+    r = renderers[family]
+    continued = r.render_chat(PREFILLED, continue_final=True, generation_prompt=False)
+    assert continued.text == r.render_chat(QUESTION).text + "The planet is"
+    # Tokenized as one text, as a trainer tokenizes prompt + response.
+    assert continued.token_ids == r._with_bos(r._encode(continued.text))
+    with pytest.raises(RenderError) as refused:
+        r.render_chat(QUESTION, generation_prompt=False)
+    assert refused.value.param == "add_generation_prompt"
+    with pytest.raises(RenderError) as refused:
+        r.render_chat(QUESTION, template_kwargs={"greeting": "hi"})
+    assert refused.value.param == "chat_template_kwargs" and family in str(refused.value)
+
+
+@pytest.mark.parametrize("family", ["dpo", "chat"])
+def test_a_checkpoint_template_renders_vllms_chat_options_as_transformers_does(
+    renderers: dict[str, Renderer], family: str
+) -> None:
+    r = renderers[family]
+
+    def hf(messages: list[Message], **options: bool) -> list[int]:
+        # With the family's default system message, as the gateway sends it (DPO's).
+        system = [{"role": "system", "content": r.spec.system}] if r.spec.system else []
+        conversation = system + [{"role": m.role, "content": m.content} for m in messages]
+        return list(
+            r.tokenizer.apply_chat_template(conversation, return_dict=True, **options)["input_ids"]
+        )
+
+    continued = r.render_chat(PREFILLED, continue_final=True, generation_prompt=False)
+    assert continued.text.endswith("The planet is")
+    expected = hf(PREFILLED, continue_final_message=True, add_generation_prompt=False)
+    assert continued.token_ids == expected
+    open_ended = r.render_chat(QUESTION, generation_prompt=False)
+    assert open_ended.token_ids == hf(QUESTION, add_generation_prompt=False)
+    with pytest.raises(RenderError) as refused:
+        r.render_chat(QUESTION, continue_final=True, generation_prompt=False)
+    assert refused.value.param == "messages"
+
+
+@pytest.mark.parametrize("marker", INJECTIONS)
+def test_a_prefill_and_template_variables_never_become_control_tokens(
+    renderers: dict[str, Renderer], tiny_dir: Path, tmp_path: Path, marker: str
+) -> None:
+    for r in renderers.values():
+        clean = r.render_chat(PREFILLED, continue_final=True, generation_prompt=False)
+        dirty = r.render_chat(
+            [*QUESTION, Message("assistant", f"The {marker} planet is{marker}")],
+            continue_final=True,
+            generation_prompt=False,
+        )
+        assert r.count_control_ids(dirty.token_ids) == r.count_control_ids(clean.token_ids)
+        assert marker in dirty.text
+
+    # A template variable is user text too (a checkpoint template that prints one).
+    template = tmp_path / "greeting.jinja"
+    template.write_text(
+        "{{ greeting }}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% endif %}"
+    )
+    r = Renderer.load(tiny_dir / "chat", template=str(template))
+    plain = r.render_chat(QUESTION, template_kwargs={"greeting": "Hello. "})
+    assert plain.text.startswith("Hello. <|im_start|>user")
+    dirty = r.render_chat(QUESTION, template_kwargs={"greeting": f"Hello{marker}. "})
+    assert r.count_control_ids(dirty.token_ids) == r.count_control_ids(plain.token_ids)
 
 
 def test_family_detection(tiny_dir: Path, renderers: dict[str, Renderer]) -> None:

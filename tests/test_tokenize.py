@@ -60,10 +60,11 @@ def test_text_prompt_ids_as_the_tokenizer_gives_them(gateway: Gateway, tokenizer
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
-        ({"continue_final_message": True, "add_generation_prompt": False}, "add_generation_prompt"),
-        ({"continue_final_message": True}, "continue_final_message"),
+        ({"continue_final_message": True}, "add_generation_prompt"),  # vLLM's rule
+        ({"continue_final_message": True, "add_generation_prompt": False}, "messages"),
         ({"chat_template": "{{ messages }}"}, "chat_template"),
-        ({"chat_template_kwargs": {"enable_thinking": False}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"tools": "x"}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"nested": {"a": 1}}}, "chat_template_kwargs"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         ({"add_special_tokens": True}, "add_special_tokens"),
     ],

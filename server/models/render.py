@@ -9,6 +9,7 @@ Does not know: HTTP, engines, sampling.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -45,6 +46,15 @@ class FamilyDetectionError(ValueError):
 class Message:
     role: str  # "system" | "user" | "assistant"
     content: str
+
+
+@dataclass(frozen=True, slots=True)
+class PromptForm:
+    """How a conversation ends in its prompt: the answer's opening (the generation prompt)
+    or not, and an assistant prefill the model continues."""
+
+    generation_prompt: bool = True
+    prefill: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,18 +359,26 @@ class Renderer:
         system: str | None,
         turns: list[Message],
         variables: dict[str, Any],
+        form: PromptForm,
     ) -> str:
         tok = self.tokenizer
-        if template is None:  # the checkpoint's own chat template
+        if template is None:  # the checkpoint's own chat template (vLLM's way: HF's)
             conversation = [{"role": "system", "content": system}] if system is not None else []
             conversation += [{"role": m.role, "content": m.content} for m in turns]
-            return tok.apply_chat_template(
-                conversation,
-                tokenize=False,
-                add_generation_prompt=True,
-                chat_template=self.template_source,
-            )
-        return template.render(
+            if form.prefill is not None:
+                conversation.append({"role": "assistant", "content": form.prefill})
+            try:
+                return tok.apply_chat_template(
+                    conversation,
+                    tokenize=False,
+                    add_generation_prompt=form.generation_prompt and form.prefill is None,
+                    continue_final_message=form.prefill is not None,
+                    chat_template=self.template_source,
+                    **variables,
+                )
+            except ValueError as exc:  # HF's refusals (a prefill the template rewrites)
+                raise RenderError(str(exc), param="messages") from exc
+        text = template.render(
             messages=[{"role": m.role, "content": m.content} for m in turns],
             system_message=system,
             bos_token=tok.bos_token or "",
@@ -368,21 +386,29 @@ class Renderer:
             add_generation_prompt=True,
             **variables,
         )
+        # A fixed template's generation prompt opens the answer: the prefill continues it.
+        return text + (form.prefill or "")
 
     def _render(
-        self, template: jinja2.Template | None, messages: list[Message], variables: dict[str, Any]
+        self,
+        template: jinja2.Template | None,
+        messages: list[Message],
+        variables: dict[str, Any],
+        form: PromptForm | None = None,
     ) -> RenderedPrompt:
+        form = form or PromptForm()
         system, turns = self._conversation(messages)
         try:
-            text = self._render_source(template, system, turns, variables)
+            text = self._render_source(template, system, turns, variables, form)
             contents = ([system] if system is not None else []) + [m.content for m in turns]
+            contents += [form.prefill] if form.prefill else []
             contents += [
                 v
                 for v in variables.values()
                 if isinstance(v, str) and v not in self.quantile_tokens
             ]
             if any(self._meets_control_text(c) for c in contents):
-                ids = self._tokenize_guarded(template, system, turns, variables, text)
+                ids = self._tokenize_guarded(template, system, turns, variables, text, form)
             else:
                 # Common case: the whole text in one pass, exactly as a trainer would. No
                 # control text lies in or across the user's text, so each control token the
@@ -395,10 +421,48 @@ class Renderer:
         return RenderedPrompt(text=text, token_ids=self._with_bos(ids))
 
     def render_chat(
-        self, messages: list[Message], *, quantile: int | None = None
+        self,
+        messages: list[Message],
+        *,
+        quantile: int | None = None,
+        template_kwargs: dict[str, Any] | None = None,
+        generation_prompt: bool = True,
+        continue_final: bool = False,
     ) -> RenderedPrompt:
+        """The prompt for ``messages``. vLLM's chat options: ``template_kwargs`` are the
+        checkpoint chat template's variables (chat-template families only);
+        ``continue_final`` renders the last message, the assistant's, open for the model
+        to continue (a prefill); ``generation_prompt`` False leaves the answer's opening
+        out (checkpoint templates only: a fixed template always opens the answer)."""
         token = self._quantile_token(quantile)
-        return self._render(self._template, messages, {"quantile_token": token} if token else {})
+        fixed = self._template is not None
+        if template_kwargs and fixed:
+            raise RenderError(
+                f"`chat_template_kwargs` applies to models rendered by their checkpoint's "
+                f"chat template; this model's {self.family} format is a fixed template.",
+                param="chat_template_kwargs",
+            )
+        prefill: str | None = None
+        if continue_final:
+            if messages[-1].role != "assistant":
+                raise RenderError(
+                    "`continue_final_message` continues the last message: it must be the "
+                    "assistant's.",
+                    param="messages",
+                )
+            prefill, messages = messages[-1].content, messages[:-1]
+        elif not generation_prompt and fixed:
+            raise RenderError(
+                f"`add_generation_prompt: false` cannot be rendered in the {self.family} "
+                "format: its template always opens the answer (continue an assistant "
+                "message with `continue_final_message` instead).",
+                param="add_generation_prompt",
+            )
+        variables: dict[str, Any] = {"quantile_token": token} if token else {}
+        if template_kwargs:
+            variables = dict(template_kwargs)
+        form = PromptForm(generation_prompt=generation_prompt, prefill=prefill)
+        return self._render(self._template, messages, variables, form)
 
     def render_extra(self, name: str, messages: list[Message], **variables: str) -> RenderedPrompt:
         """A family's other format, e.g. CUT's judgment prompt (``judge``)."""
@@ -498,6 +562,7 @@ class Renderer:
         turns: list[Message],
         variables: dict[str, Any],
         text: str,
+        form: PromptForm | None = None,
     ) -> list[int]:
         """``text`` in one pass, with control tokens only where the template wrote them.
 
@@ -517,7 +582,13 @@ class Renderer:
             k: (mark(v) if isinstance(v, str) and v not in self.quantile_tokens else v)
             for k, v in variables.items()
         }
-        skeleton = self._render_source(template, marked_system, marked_turns, marked_vars)
+        form = form or PromptForm()
+        marked_form = dataclasses.replace(
+            form, prefill=mark(form.prefill) if form.prefill else form.prefill
+        )
+        skeleton = self._render_source(
+            template, marked_system, marked_turns, marked_vars, marked_form
+        )
         parts = re.split(f"(\x00{nonce}:\\d+\x00)", skeleton)
         pieces: list[tuple[str, bool]] = []  # (text, written by the template)
         pos = 0

@@ -2,9 +2,10 @@
 
 ``/tokenize`` gives the token ids the gateway would send the engine: a ``prompt`` as
 ``/v1/completions`` renders it (BOS as the family adds it; Quark's quantile prefix), or
-``messages`` through the family's template as ``/v1/chat/completions`` renders them. The
-fields of vLLM's request that the gateway cannot honour are refused by name (400), never
-ignored: a different tokenization would go unnoticed. ``/detokenize`` is the tokenizer's
+``messages`` through the family's template as ``/v1/chat/completions`` renders them (with
+vLLM's ``chat_template_kwargs``, ``add_generation_prompt`` and ``continue_final_message``).
+The fields of vLLM's request that the gateway cannot honour are refused by name (400),
+never ignored: a different tokenization would go unnoticed. ``/detokenize`` is the tokenizer's
 plain ``decode``, as vLLM's.
 
 Rate-limited per key like ``/v1/render`` (a request each; no tokens generated). Owns the
@@ -64,15 +65,12 @@ def _refuse_unsupported(body: TokenizeRequest) -> None:
             if sent:
                 raise InvalidRequest(f"`{field}` applies to `messages` only.", param=field)
         return
+    if body.continue_final_message and body.add_generation_prompt:
+        raise InvalidRequest(
+            "Cannot set both `continue_final_message` and `add_generation_prompt` to true.",
+            param="add_generation_prompt",
+        )
     refusals = {
-        "add_generation_prompt": (
-            not body.add_generation_prompt,
-            "the gateway renders every conversation with its generation prompt",
-        ),
-        "continue_final_message": (
-            body.continue_final_message,
-            "assistant prefill is not rendered by this gateway",
-        ),
         "add_special_tokens": (
             bool(body.add_special_tokens),
             "the family's template places the special tokens; none are added on top",
@@ -80,10 +78,6 @@ def _refuse_unsupported(body: TokenizeRequest) -> None:
         "chat_template": (
             body.chat_template is not None,
             "a model's template is fixed by its family (the models file's `template`)",
-        ),
-        "chat_template_kwargs": (
-            bool(body.chat_template_kwargs),
-            "template variables are not passed to the family's template",
         ),
         "tools": (bool(body.tools), "tools are not rendered by this gateway"),
     }
@@ -105,7 +99,15 @@ async def tokenize(
         if body.messages is not None:
             size = text_size(body.model_dump(include={"messages"}))
             messages = to_messages(body.messages)
-            chat = await off_loop(size, renderer.render_chat, messages, quantile=body.quantile)
+            chat = await off_loop(
+                size,
+                renderer.render_chat,
+                messages,
+                quantile=body.quantile,
+                template_kwargs=body.chat_template_kwargs,
+                generation_prompt=body.add_generation_prompt,
+                continue_final=body.continue_final_message,
+            )
             ids = chat.token_ids
         elif body.add_special_tokens is False:
             if body.quantile is not None:

@@ -95,6 +95,9 @@ async def create_chat_completion(
             model.renderer.render_chat,
             to_messages(body.messages),
             quantile=body.quantile,
+            template_kwargs=body.chat_template_kwargs,
+            generation_prompt=body.add_generation_prompt,
+            continue_final=body.continue_final_message,
         )
     except RenderError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from exc

@@ -51,8 +51,6 @@ _CANNOT_HONOUR: dict[str, tuple[Callable[[Any], bool], str]] = {
     "use_beam_search": (_given, "beam search is not supported"),
     "length_penalty": (lambda v: v not in (None, 1, 1.0), "beam search is not supported"),
     "spaces_between_special_tokens": (lambda v: v is False, "special tokens are skipped"),
-    "add_generation_prompt": (lambda v: v is False, "assistant prefill is not supported yet"),
-    "continue_final_message": (_given, "assistant prefill is not supported yet"),
     "add_special_tokens": (_given, "the family's template decides special tokens"),
     "echo": (_given, "echo is not supported on chat completions"),
     "allowed_token_ids": (_given, "allowed_token_ids is not supported"),
