@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -203,8 +204,8 @@ class _SamplingFields(_Strict):
     n: int = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     user: str | None = Field(default=None, max_length=256)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -301,29 +302,41 @@ class _SamplingFields(_Strict):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def sampling_spec(
-        self, *, max_tokens: int, logprobs: int | None, family: FamilySpec
+        self,
+        *,
+        max_tokens: int,
+        logprobs: int | None,
+        family: FamilySpec,
+        defaults: Mapping[str, Any],
     ) -> SamplingSpec:
-        """Engine settings: the request's fields, else the family's defaults, else OpenAI's."""
+        """Engine settings: the request's fields, else the model's ``defaults`` (the models
+        file, the generation config, the family: ``models.decoding``), else OpenAI's."""
         if self.min_tokens > max_tokens:
             raise InvalidRequest(
                 f"min_tokens ({self.min_tokens}) is more than max_tokens ({max_tokens})",
                 param="min_tokens",
             )
-        defaults = family.sampling
-        temperature = self.temperature if self.temperature is not None else defaults.temperature
-        top_p = self.top_p if self.top_p is not None else defaults.top_p
+
+        def pick(name: str, neutral: float) -> Any:
+            given = getattr(self, name)
+            if given is not None:
+                return given
+            default = defaults.get(name)
+            return neutral if default is None else default
+
+        top_k = pick("top_k", 0)
         return SamplingSpec(
             max_tokens=max_tokens,
-            temperature=1.0 if temperature is None else temperature,
-            top_p=1.0 if top_p is None else top_p,
-            top_k=self.top_k if self.top_k and self.top_k > 0 else 0,
-            min_p=self.min_p or 0.0,
+            temperature=pick("temperature", 1.0),
+            top_p=pick("top_p", 1.0),
+            top_k=top_k if top_k > 0 else 0,
+            min_p=pick("min_p", 0.0),
             n=self.n,
             stop=self.stop_list() + tuple(s for s in family.stop if s not in self.stop_list()),
             seed=self.seed,
-            presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty or 1.0,
+            presence_penalty=pick("presence_penalty", 0.0),
+            frequency_penalty=pick("frequency_penalty", 0.0),
+            repetition_penalty=pick("repetition_penalty", 1.0),
             min_tokens=self.min_tokens,
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
@@ -717,6 +730,9 @@ class ModelCard(BaseModel):
     family: str
     template: str
     template_fingerprint: str
+    # What a left-out sampling field becomes, and from where: {field: {value, from}}, "from"
+    # being "models file", the generation_config.json path or "family".
+    sampling_defaults: dict[str, dict[str, Any]] = Field(default_factory=dict)
     # An adapter: the base model it runs on, and its metadata (method, data, hyper-parameters).
     parent: str | None = None
     adapter: dict[str, Any] | None = None

@@ -234,13 +234,15 @@ async def run_batch(
 def batch_spec(
     model: ServedModel, *, max_tokens: int | None, temperature: float | None
 ) -> Callable[[int], SamplingSpec]:
-    """Sampling for a batch: the flags, else the family's defaults (alpaca_eval's configs for
-    these checkpoints use the same), else greedy with up to 2048 new tokens as the CUT
-    repo's generate.py; capped by the room left in the context."""
+    """Sampling for a batch: the flags, else the model's defaults (the models file, the
+    generation config, the family's — alpaca_eval's configs for these checkpoints use the
+    family's — as ``models.decoding`` orders them), else greedy with up to 2048 new tokens
+    as the CUT repo's generate.py; capped by the room left in the context."""
     family = model.renderer.spec
-    wanted = max_tokens or family.sampling.max_tokens or DEFAULT_MAX_TOKENS
-    temp = temperature if temperature is not None else family.sampling.temperature
-    top_p = family.sampling.top_p if temperature is None else None
+    defaults = model.decoding
+    wanted = max_tokens or defaults.get("max_tokens") or DEFAULT_MAX_TOKENS
+    temp = temperature if temperature is not None else defaults.get("temperature")
+    top_p = defaults.get("top_p") if temperature is None else None
 
     def spec_for(prompt_len: int) -> SamplingSpec:
         room = model.max_model_len - prompt_len

@@ -25,8 +25,10 @@ from pydantic import (
 )
 
 from server.cluster.config import Autoscaling, ClusterSettings
+from server.models.decoding import DecodingDefaults, GenerationConfigError, generation_config_values
+from server.models.decoding import resolve as resolve_decoding
 from server.models.default_model import DEFAULT_MODEL_NAME, builtin_model
-from server.models.families import templates_dir
+from server.models.families import FamilySpec, templates_dir
 from server.models.render import FamilyDetectionError, Renderer
 from server.settings import Settings
 
@@ -75,6 +77,22 @@ class AdapterEntry(BaseModel):
     path: str  # relative to the adapters root
 
 
+class SamplingDefaults(BaseModel):
+    """A model's defaults for the sampling fields a request leaves out (they win over the
+    checkpoint's generation config and the family's defaults: ``models.decoding``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+
+
 class ModelEntry(BaseModel):
     """One served model, as written in the models file."""
 
@@ -92,6 +110,10 @@ class ModelEntry(BaseModel):
     max_model_len: int | None = Field(default=None, ge=16)
     # vLLM's dtype; auto: vLLM's choice on a GPU, float32 on a CPU (platform.engine_dtype).
     dtype: str = "auto"
+    # vLLM's --generation-config: the sampling defaults of the checkpoint's
+    # generation_config.json (auto), none (vllm), or a folder's (relative to this file).
+    generation_config: str = "auto"
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
     seed: int = 0
     trust_remote_code: bool = False
     # Record this model's completions in the store (a request's `store` field overrides).
@@ -140,9 +162,14 @@ class ModelEntry(BaseModel):
             "max_cpu_loras",
             "gpu_memory_utilization",
             "tensor_parallel_size",
+            "generation_config",
         } & set(value)
         if shadowed:
             raise ValueError(f"set {', '.join(sorted(shadowed))} as entry fields, not engine_args")
+        if "override_generation_config" in value:
+            raise ValueError(
+                "set sampling defaults as the entry's `sampling`, not override_generation_config"
+            )
         return value
 
     @model_validator(mode="after")
@@ -359,6 +386,9 @@ def load_deployment(path: Path) -> Deployment:
             update["path"] = str(base / entry.path)
         if entry.template and (base / entry.template).is_file():
             update["template"] = str(base / entry.template)
+        setting = entry.generation_config
+        if setting not in ("auto", "vllm") and not Path(setting).is_absolute():
+            update["generation_config"] = str(base / setting)
         entries.append(entry.model_copy(update=update) if update else entry)
     if any(j.kind == "function" for j in parsed.judges) and str(base) not in sys.path:
         # A function judge's module may sit beside the models file (`target: rules:fn`).
@@ -403,6 +433,20 @@ def resolve_path(entry: ModelEntry, settings: Settings) -> str:
     if not Path(entry.path).is_dir():
         raise ModelsFileError(f"model {entry.name!r}: {entry.path} is not a folder")
     return entry.path
+
+
+def decoding_defaults(entry: ModelEntry, path: str, family: FamilySpec) -> DecodingDefaults:
+    """The model's defaults for left-out sampling fields, each with its source."""
+    try:
+        values, source = generation_config_values(entry.generation_config, Path(path))
+    except GenerationConfigError as exc:
+        raise ModelsFileError(f"model {entry.name!r}: {exc}") from exc
+    return resolve_decoding(
+        entry.sampling.model_dump(exclude_none=True),
+        values,
+        source,
+        family.sampling.model_dump(exclude_none=True),
+    )
 
 
 def build_renderer(entry: ModelEntry, path: str) -> Renderer:

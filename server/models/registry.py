@@ -32,12 +32,14 @@ from server.models.adapter_files import (
 )
 from server.models.adapter_meta import base_fingerprint
 from server.models.aliases import PROMOTIONS_FILE, AliasBook, base_of_alias, latest_alias
+from server.models.decoding import DecodingDefaults
 from server.models.models_file import (
     LoraSettings,
     ModelEntry,
     ModelsFileError,
     Resources,
     build_renderer,
+    decoding_defaults,
     resolve_path,
 )
 from server.models.planning import PlanningError, plan_entries
@@ -143,6 +145,9 @@ class ServedModel:
     adapter: AdapterRef | None = None
     parent: str | None = None
     adapter_meta: dict[str, Any] | None = None
+    # Defaults for the sampling fields a request leaves out (``models.decoding``); an
+    # adapter has its parent's.
+    decoding: DecodingDefaults = field(default_factory=DecodingDefaults)
 
     @property
     def name(self) -> str:
@@ -275,6 +280,7 @@ class Registry:
             adapter=ref,
             parent=parent.name,
             adapter_meta=folder.meta,
+            decoding=parent.decoding,
         )
 
     def _sync_adapters(self) -> None:
@@ -373,16 +379,21 @@ class Registry:
         assert platform is not None
         clock = time.perf_counter()  # ``prepare`` timed the platform
         prepared = {}
+        decodings: dict[str, DecodingDefaults] = {}
         for entry in entries:
             path = resolve_path(entry, settings)
             lap("checkpoints")
-            prepared[entry.name] = (entry, path, build_renderer(entry, path))
+            renderer = build_renderer(entry, path)
+            prepared[entry.name] = (entry, path, renderer)
+            decodings[entry.name] = decoding_defaults(entry, path, renderer.spec)
             lap("renderers")
         if cluster is not None:
             await self._start_on_cluster(list(prepared.values()), settings, cluster)
             lap("engines")
         else:
             await self._start_here(prepared, settings, resources, platform, lap)
+        for name, decoding in decodings.items():
+            self._models[name].decoding = decoding
         self._sync_adapters()  # on a cluster: what its front ends serve already
         for entry in entries:
             for adapter in entry.adapters:

@@ -46,6 +46,7 @@ def model_card(m: ServedModel) -> ModelCard:
         family=m.renderer.family,
         template=m.renderer.template_name,
         template_fingerprint=m.renderer.fingerprint,
+        sampling_defaults=m.decoding.described(),
         parent=m.parent,
         adapter=m.adapter_meta if m.adapter is not None else None,
     )

@@ -107,10 +107,15 @@ async def create_chat_completion(
         len(prompt.token_ids),
         model.max_model_len,
         prompt_param="messages",
-        default=family.sampling.max_tokens,
+        default=model.decoding.get("max_tokens"),
     )
     spec = dataclasses.replace(
-        body.sampling_spec(max_tokens=max_tokens, logprobs=body.engine_logprobs(), family=family),
+        body.sampling_spec(
+            max_tokens=max_tokens,
+            logprobs=body.engine_logprobs(),
+            family=family,
+            defaults=model.decoding.values,
+        ),
         prompt_logprobs=body.prompt_logprobs,
     )
     request_id = new_id("chatcmpl")

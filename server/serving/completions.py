@@ -106,10 +106,15 @@ async def create_completion(
         longest,
         model.max_model_len,
         prompt_param="prompt",
-        default=family.sampling.max_tokens,
+        default=model.decoding.get("max_tokens"),
     )
     spec = dataclasses.replace(
-        body.sampling_spec(max_tokens=max_tokens, logprobs=body.logprobs, family=family),
+        body.sampling_spec(
+            max_tokens=max_tokens,
+            logprobs=body.logprobs,
+            family=family,
+            defaults=model.decoding.values,
+        ),
         prompt_logprobs=body.engine_prompt_logprobs(),
     )
     request_id = new_id("cmpl")
