@@ -114,6 +114,13 @@ def build_app(
                 for m in registry.all()
             ]
         )
+        metrics.watch_vllm(
+            lambda: [
+                (m.name, m.engine.metrics_registry)
+                for m in registry.all()
+                if getattr(m.engine, "metrics_registry", None) is not None
+            ]
+        )
         phases = ", ".join(f"{name} {s:.1f}" for name, s in registry.startup.items())
         log.info(
             "Models ready in %.1f s (%s); %.1f s since the process started",

@@ -169,6 +169,11 @@ class GatewayMetrics:
         unfinished) where unfinished counts requests the engine still tracks."""
         self.registry.register(_EngineCollector(read))
 
+    def watch_vllm(self, read: Callable[[], list[tuple[str, CollectorRegistry]]]) -> None:
+        """Expose vLLM's own ``vllm:*`` series of every local engine, read at scrape time
+        from each engine's registry: (model, registry)."""
+        self.registry.register(VllmMetricsCollector(read))
+
 
 _JUDGE_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -249,6 +254,35 @@ class _EngineCollector(Collector):
             waiting.add_metric([model], wait)
             unfinished.add_metric([model], unfin)
         yield from (running, waiting, unfinished)
+
+
+class VllmMetricsCollector(Collector):
+    """vLLM's own series of several engines as one set of metric families.
+
+    Each engine keeps its ``vllm:*`` series in a registry of its own (``engine.vllm_engine``);
+    the text format allows each family once, so the families are merged here. Every sample
+    carries its model as vLLM's ``model_name`` label (added where vLLM leaves it out, as on
+    ``vllm:cache_config_info``), so two engines' samples never collide.
+    """
+
+    def __init__(self, read: Callable[[], list[tuple[str, CollectorRegistry]]]):
+        self._read = read
+
+    def collect(self) -> Any:
+        from prometheus_client.metrics_core import Metric
+
+        families: dict[str, Metric] = {}
+        for model, registry in self._read():
+            for family in registry.collect():
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = Metric(family.name, family.documentation, family.type, family.unit)
+                    families[family.name] = merged
+                for sample in family.samples:
+                    if "model_name" not in sample.labels:
+                        sample = sample._replace(labels={**sample.labels, "model_name": model})
+                    merged.samples.append(sample)
+        yield from families.values()
 
 
 class RequestMetricsMiddleware:

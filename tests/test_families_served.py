@@ -287,6 +287,20 @@ def test_guarded_prompt_reaches_the_engine_as_the_one_pass_reference(
 
 
 @pytest.mark.slow
+def test_each_engine_has_its_own_vllm_metrics(families_gateway: Gateway) -> None:
+    """Several engines in one process: vLLM's series of each, labelled by its model."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{families_gateway.url}/metrics", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    served = {m["id"] for m in httpx.get(f"{families_gateway.url}/v1/models").json()["data"]}
+    served = {m for m in served if "@" not in m}
+    running = {s.labels["model_name"] for s in families["vllm:num_requests_running"].samples}
+    assert running == served, (running, served)
+    info = {s.labels["model_name"] for s in families["vllm:cache_config_info"].samples}
+    assert info == served
+
+
 def test_a_dead_engine_fails_fast_while_the_others_serve(families_gateway: Gateway) -> None:
     """Last in this module: it kills one engine. The engine core busy with a long stream on
     `tiny-kto` is the one killed (the others are idle)."""

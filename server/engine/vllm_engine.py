@@ -8,6 +8,7 @@ Does not know: templates, tokenizers, HTTP.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import math
@@ -42,6 +43,7 @@ class EngineOptions:
     max_model_len: int | None = None
     dtype: str = "auto"
     seed: int = 0
+    served_name: str | None = None  # vLLM's served_model_name (its metrics' model_name)
     # Any further vllm.AsyncEngineArgs field: the platform's defaults, the resource plan's
     # memory share and tensor parallelism, the models file's `engine_args` (decided by the
     # caller; nothing here depends on the platform).
@@ -81,8 +83,6 @@ def _lora_request(ref: AdapterRef) -> Any:
 
 
 def _engine_args(options: EngineOptions) -> Any:
-    import dataclasses
-
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
@@ -97,45 +97,55 @@ def _engine_args(options: EngineOptions) -> Any:
     }
     if options.max_model_len is not None:
         kwargs["max_model_len"] = options.max_model_len
+    if options.served_name is not None:
+        kwargs["served_model_name"] = options.served_name
     kwargs.update(options.extra)
     return AsyncEngineArgs(**kwargs)
 
 
-def _stat_logger_factory(stats: EngineStats) -> Any:
+def _stat_logger_factory(stats: EngineStats, registry: Any) -> Any:
+    import prometheus_client
     from vllm.v1.metrics.loggers import PrometheusStatLogger
+    from vllm.v1.metrics.perf import PerfMetricsProm
+    from vllm.v1.spec_decode.metrics import SpecDecodingProm
 
-    class _SchedulerStatsSink(PrometheusStatLogger):
-        """Keeps the scheduler's latest running/waiting counts for /metrics.
+    counter = functools.partial(prometheus_client.Counter, registry=registry)
 
-        It takes the place of vLLM's own Prometheus logger (vLLM adds that one unless a
-        custom logger is one): vLLM's logger unregisters and re-registers every ``vllm:``
-        series in the process-global registry, so engines started at once in one process
-        (a models file of several) race and fail with ``DuplicateTimeseries``, and each
-        new engine would wipe the series of the others anyway. The gateway exports its own
-        per-model series.
+    class _PerfMetrics(PerfMetricsProm):
+        _counter_cls = counter
+
+    class _SpecDecoding(SpecDecodingProm):
+        _counter_cls = counter
+
+    class _EngineStatLogger(PrometheusStatLogger):
+        """vLLM's own Prometheus logger, its ``vllm:*`` series kept in this engine's own
+        registry (``registry``), and the scheduler's latest running/waiting counts kept for
+        the gateway's ``aligngate_engine_*`` gauges.
+
+        vLLM's logger registers its series in the process-global registry and unregisters
+        every ``vllm:`` series there first, so engines started in one process (a models
+        file of several) would race (``DuplicateTimeseries``) and wipe each other's. Here
+        each engine's series live in its own registry; the gateway's ``/metrics`` merges
+        them (``metrics.VllmMetricsCollector``), labelled by model (vLLM's ``model_name``,
+        the served name).
         """
 
+        _perf_metrics_cls = _PerfMetrics
+        _spec_decoding_cls = _SpecDecoding
+
         def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None):
-            self.engine_indexes = engine_indexes or [0]
+            self._gauge_cls = functools.partial(prometheus_client.Gauge, registry=registry)
+            self._counter_cls = counter
+            self._histogram_cls = functools.partial(prometheus_client.Histogram, registry=registry)
+            super().__init__(vllm_config, engine_indexes)
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):  # type: ignore[no-untyped-def]
+            super().record(scheduler_stats, iteration_stats, mm_cache_stats, engine_idx)
             if scheduler_stats is not None:
                 stats.running = scheduler_stats.num_running_reqs
                 stats.waiting = scheduler_stats.num_waiting_reqs
 
-        def record_sleep_state(self, sleep: int = 0, level: int = 0) -> None:
-            pass
-
-        def record_admission_rejection(self, reason: str) -> None:
-            pass
-
-        def log(self) -> None:
-            pass
-
-        def log_engine_initialized(self) -> None:
-            pass
-
-    return _SchedulerStatsSink
+    return _EngineStatLogger
 
 
 def _structured_outputs(spec: SamplingSpec) -> Any:
@@ -268,21 +278,27 @@ class VllmEngine:
 
     replicated = False  # one engine, in this process (see ``cluster.ray_engine``)
 
-    def __init__(self, name: str, llm: Any, stats: EngineStats):
+    def __init__(self, name: str, llm: Any, stats: EngineStats, metrics_registry: Any = None):
         self.name = name
         self._llm = llm
         self.stats = stats
+        # vLLM's own ``vllm:*`` series of this engine (a prometheus_client registry).
+        self.metrics_registry = metrics_registry
 
     @classmethod
     def start(cls, name: str, options: EngineOptions) -> VllmEngine:
-        args = _engine_args(options)
+        from prometheus_client import CollectorRegistry
+
+        # The served name labels vLLM's series (``model_name``) as clients name the model.
+        args = _engine_args(dataclasses.replace(options, served_name=name))
         stats = EngineStats()
+        registry = CollectorRegistry(auto_describe=True)
         core_process.install()  # the core forks from the preloaded process where it can
         with _environment(options.environment):
             llm = _async_llm_class().from_engine_args(
-                args, stat_loggers=[_stat_logger_factory(stats)]
+                args, stat_loggers=[_stat_logger_factory(stats, registry)]
             )
-        return cls(name, llm, stats)
+        return cls(name, llm, stats, registry)
 
     @property
     def max_model_len(self) -> int:
