@@ -120,6 +120,9 @@ def test_prompt_logprobs_on_completions_and_chat(gateway: Gateway) -> None:
     assert chat["prompt_logprobs"][0] is None
     assert all(len(p) == 1 for p in chat["prompt_logprobs"][1:])  # k = 0: the token itself
     assert "prompt_logprobs" not in hi(gateway)  # only when asked
+    # Kept over a longer answer (vLLM's later deltas carry an empty list).
+    longer = hi(gateway, prompt_logprobs=0, max_tokens=6)
+    assert longer["prompt_logprobs"] == chat["prompt_logprobs"]
 
 
 def test_echo_streams_the_prompt_and_its_logprobs_first(gateway: Gateway) -> None:
@@ -157,3 +160,50 @@ def test_what_cannot_be_answered_exactly_is_refused(gateway: Gateway) -> None:
     too_many = complete(gateway, prompt=PROMPT, max_tokens=1, prompt_logprobs=21)
     assert too_many.status_code == 400
     assert too_many.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_prompts_scored_beside_other_traffic_on_a_lora_engine(gateway: Gateway) -> None:
+    """vLLM 0.32 with LoRA on scores a prompt through the LoRA logits layer with the batch's
+    per-request indices: two requests in the batch and the engine core died (the fuzzer
+    found it: 3 prompts with ``prompt_logprobs`` beside a decoding request). The gateway
+    scores such a prompt alone (``engine.scoring_gate``); everything is answered."""
+    import asyncio
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as http:
+            url = f"{gateway.url}/v1/completions"
+            long = asyncio.create_task(
+                http.post(url, json={"model": gateway.model, "prompt": "Once", "max_tokens": 48})
+            )
+            await asyncio.sleep(0.3)  # decoding when the scored prompts arrive
+            scored = [
+                http.post(
+                    url,
+                    json={
+                        "model": gateway.model,
+                        "prompt": ["The sea is", "Paris is a city", "One two three four"],
+                        "prompt_logprobs": 0,
+                        "max_tokens": 4,
+                    },
+                )
+                for _ in range(2)
+            ]
+            echoed = http.post(
+                url,
+                json={
+                    "model": gateway.model,
+                    "prompt": PROMPT,
+                    "echo": True,
+                    "logprobs": 1,
+                    "max_tokens": 0,
+                },
+            )
+            return list(await asyncio.gather(long, *scored, echoed))
+
+    answers = asyncio.run(run())
+    assert [a.status_code for a in answers] == [200] * len(answers), [a.text for a in answers]
+    for answer in answers[1:3]:
+        for choice in answer.json()["choices"]:
+            scored = choice["prompt_logprobs"]
+            assert scored and scored[0] is None and len(scored) > 1, answer.json()
+    assert httpx.get(f"{gateway.url}/health", timeout=10).json()["status"] == "ok"

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from server.engine import core_process
+from server.engine.scoring_gate import ScoringGate
 from server.engine.types import (
     AdapterRef,
     ChoiceDelta,
@@ -284,6 +285,8 @@ class VllmEngine:
         self.stats = stats
         # vLLM's own ``vllm:*`` series of this engine (a prometheus_client registry).
         self.metrics_registry = metrics_registry
+        # With LoRA on, a request's prompt is scored alone in the batch (``scoring_gate``).
+        self._scoring_gate = ScoringGate()
 
     @classmethod
     def start(cls, name: str, options: EngineOptions) -> VllmEngine:
@@ -336,6 +339,8 @@ class VllmEngine:
             raise SamplingRejected(str(exc)) from exc
         k = spec.logprobs or 0
         finished = False
+        alone = spec.prompt_logprobs is not None and self.lora_enabled
+        await self._scoring_gate.enter(alone)
         stream = self._llm.generate(
             {"prompt_token_ids": prompt_token_ids},
             params,
@@ -349,9 +354,15 @@ class VllmEngine:
                 raise SamplingRejected(str(exc)) from exc
             except StopAsyncIteration:
                 return
+            finally:
+                if alone:  # scored (or refused): others may join the batch
+                    alone = False
+                    await self._scoring_gate.scored()
             async for out in _chain_first(first, stream):
+                # vLLM sends the prompt's scores with the first output, and an empty list
+                # with each later delta (which must not replace them).
                 scored = getattr(out, "prompt_logprobs", None)
-                prompt = _prompt_logprobs(scored) if scored is not None else None
+                prompt = _prompt_logprobs(scored) if scored else None
                 if prompt is not None and not out.outputs:  # scored before any token
                     yield [ChoiceDelta(index=0, text="", token_ids=[], prompt_logprobs=prompt)]
                     continue
@@ -372,6 +383,7 @@ class VllmEngine:
             await stream.aclose()
             if not finished:
                 await self.abort(request_id)
+            await self._scoring_gate.leave(alone_still=alone)
 
     @property
     def lora_enabled(self) -> bool:
