@@ -765,6 +765,141 @@ class RenderResponse(BaseModel):
     stop: list[str]
 
 
+# ---- OpenAI's Responses API (``/v1/responses``): text in, text out, no hosted tools ------
+
+
+class ResponseInputText(_Strict):
+    type: Literal["input_text", "output_text", "text"]
+    text: str
+    annotations: list[Any] | None = None  # an earlier answer's output_text, sent back
+
+
+class ResponseInputMessage(_StorableText):
+    """A message item: OpenAI's ``{type: message, role, content}`` (``type`` optional)."""
+
+    model_config = ConfigDict(extra="ignore")  # an earlier output's id and status
+
+    type: Literal["message"] = "message"
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ResponseInputText]
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ResponsesRequest(_SamplingFields):
+    """``POST /v1/responses``. The sampling fields are chat's (``n`` stays 1); the
+    Responses names map onto them: ``max_output_tokens`` is ``max_tokens``,
+    ``instructions`` a system message before ``input``."""
+
+    input: str | list[ResponseInputMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(default=None, ge=1)
+    previous_response_id: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
+    text: dict[str, Any] | None = None
+    truncation: Literal["disabled", "auto"] | None = None
+    reasoning: dict[str, Any] | None = None
+    include: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _text_in_text_out(self) -> ResponsesRequest:
+        if self.n != 1:
+            raise InvalidRequest("The Responses API gives one answer (`n` 1).", param="n")
+        if self.tools:
+            raise InvalidRequest(
+                "Tools (hosted or function) are not served by this gateway's Responses API.",
+                param="tools",
+            )
+        if self.tool_choice not in (None, "none", "auto"):
+            raise InvalidRequest("Tools are not served by this gateway.", param="tool_choice")
+        if self.previous_response_id is not None:
+            raise InvalidRequest(
+                "`previous_response_id` is not supported: send the conversation as `input`.",
+                param="previous_response_id",
+            )
+        fmt = (self.text or {}).get("format") or {"type": "text"}
+        if fmt.get("type") != "text":
+            raise InvalidRequest(
+                "Only text output is served on /v1/responses (use response_format on chat).",
+                param="text",
+            )
+        if self.truncation == "auto":
+            raise InvalidRequest(
+                "prompts are never truncated: a long one is a 400", param="truncation"
+            )
+        if self.reasoning and self.reasoning.get("effort") is not None:
+            raise InvalidRequest("Reasoning options are not supported.", param="reasoning")
+        texts = [self.instructions or ""] + (
+            [self.input] if isinstance(self.input, str) else [m.text() for m in self.input]
+        )
+        if any(len(t) > MAX_MESSAGE_CHARS for t in texts):
+            raise InvalidRequest(
+                f"a message is longer than {MAX_MESSAGE_CHARS} characters", param="input"
+            )
+        return self
+
+    def messages(self) -> list[ChatMessage]:
+        """``instructions`` and ``input`` as chat messages (checked as chat checks them)."""
+        system = []
+        if self.instructions:
+            system = [ChatMessage(role="system", content=self.instructions)]
+        if isinstance(self.input, str):
+            return [*system, ChatMessage(role="user", content=self.input)]
+        return [*system, *(ChatMessage(role=m.role, content=m.text()) for m in self.input)]
+
+
+class ResponseOutputText(BaseModel):
+    type: Literal["output_text"] = "output_text"
+    text: str
+    annotations: list[Any] = Field(default_factory=list)
+
+
+class ResponseOutputMessage(BaseModel):
+    type: Literal["message"] = "message"
+    id: str
+    status: Literal["in_progress", "completed", "incomplete"]
+    role: Literal["assistant"] = "assistant"
+    content: list[ResponseOutputText]
+
+
+class ResponseUsage(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    total_tokens: int
+    input_tokens_details: dict[str, int] = Field(default_factory=lambda: {"cached_tokens": 0})
+    output_tokens_details: dict[str, int] = Field(default_factory=lambda: {"reasoning_tokens": 0})
+
+
+class ResponseObject(BaseModel):
+    id: str
+    object: Literal["response"] = "response"
+    created_at: float
+    status: Literal["in_progress", "completed", "incomplete"]
+    model: str
+    output: list[ResponseOutputMessage]
+    usage: ResponseUsage | None = None
+    incomplete_details: dict[str, str] | None = None
+    error: dict[str, Any] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    parallel_tool_calls: bool = False
+    tool_choice: str = "none"
+    tools: list[Any] = Field(default_factory=list)
+    text: dict[str, Any] = Field(default_factory=lambda: {"format": {"type": "text"}})
+    truncation: str = "disabled"
+    previous_response_id: str | None = None
+    store: bool = False
+    metadata: dict[str, str] = Field(default_factory=dict)
+    user: str | None = None
+
+
 class TokenizeRequest(_Strict):
     """vLLM's ``POST /tokenize``: a completions ``prompt`` or chat ``messages``, not both.
     Fields vLLM takes that change the rendering are accepted and checked by the route

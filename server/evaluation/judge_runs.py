@@ -49,7 +49,7 @@ def conversation_of(record: CompletionRecord, choice_index: int) -> list[dict[st
     """The conversation a choice answered, as ``{role, content}`` messages: a chat request's
     messages as sent (``developer`` read as ``system``); a text completion's prompt as one
     user turn (a request with several prompts: this choice's own)."""
-    if record.endpoint == "chat" and isinstance(record.request, list):
+    if record.conversation and isinstance(record.request, list):
         return [
             {
                 "role": "system" if m.get("role") == "developer" else str(m.get("role")),

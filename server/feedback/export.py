@@ -45,7 +45,7 @@ Records = dict[str, CompletionRecord]
 
 def instruction_of(record: CompletionRecord, choice_index: int = 0) -> str:
     """The user's instruction: the last user message of a chat, or the completions prompt."""
-    if record.endpoint == "chat":
+    if record.conversation:
         for message in reversed(record.request):
             if message.get("role") == "user":
                 content = message.get("content")
@@ -60,7 +60,7 @@ def instruction_of(record: CompletionRecord, choice_index: int = 0) -> str:
 
 def messages_of(record: CompletionRecord, choice_index: int = 0) -> list[dict[str, str]]:
     """The conversation as served: system message and earlier turns included."""
-    if record.endpoint == "chat":
+    if record.conversation:
         out = []
         for m in record.request:
             content = m.get("content")

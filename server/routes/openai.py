@@ -1,8 +1,10 @@
-"""The OpenAI-compatible routes: chat completions, completions, models."""
+"""The OpenAI-compatible routes: chat completions, completions, responses, models."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Path, Request
 from fastapi.responses import Response
 
 from server.models.registry import Registry, ServedModel
@@ -14,11 +16,15 @@ from server.protocol import (
     CompletionRequest,
     ModelCard,
     ModelList,
+    ResponseObject,
+    ResponsesRequest,
+    Text,
 )
-from server.routes.deps import RegistryDep
+from server.routes.deps import RegistryDep, StoreDep, TenantDep
 from server.serving.chat import create_chat_completion
 from server.serving.completions import create_completion
 from server.serving.lenient import ignored_fields, note_ignored
+from server.serving.responses import create_response, retrieve_response
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 
@@ -35,6 +41,20 @@ async def chat_completions(
 async def completions(body: CompletionRequest, request: Request, registry: RegistryDep) -> Response:
     note_ignored(request.scope, ignored_fields(body.model_extra, "/v1/completions"))
     return await create_completion(body, request, registry)
+
+
+@router.post("/responses", response_model=ResponseObject)
+async def responses(body: ResponsesRequest, request: Request, registry: RegistryDep) -> Response:
+    note_ignored(request.scope, ignored_fields(body.model_extra, "/v1/responses"))
+    return await create_response(body, request, registry)
+
+
+@router.get("/responses/{response_id}")
+async def retrieve_stored_response(
+    response_id: Annotated[Text, Path(max_length=128)], store: StoreDep, tenant: TenantDep
+) -> ResponseObject:
+    """A stored response (``store``, or the model's `store: true`)."""
+    return await retrieve_response(store, response_id, tenant)
 
 
 def model_card(m: ServedModel) -> ModelCard:

@@ -25,7 +25,7 @@ class ChoiceRecord:
 class CompletionRecord:
     id: str
     created_at: float
-    endpoint: str  # "chat" | "completions"
+    endpoint: str  # "chat" | "completions" | "responses"
     model: str
     family: str
     template_fingerprint: str
@@ -44,6 +44,11 @@ class CompletionRecord:
     prompt_bos: str | None = None  # BOS text, when the engine put BOS before prompt_text
     # The request's ``metadata`` (OpenAI's Stored Completions); rows of its own table.
     metadata: dict[str, str] | None = None
+
+    @property
+    def conversation(self) -> bool:
+        """Whether ``request`` holds messages (chat, and responses as chat messages)."""
+        return self.endpoint in ("chat", "responses")
 
     def prompt_of(self, choice_index: int) -> str:
         choice = self.choices[choice_index]

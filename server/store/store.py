@@ -408,14 +408,17 @@ class Store:
     async def held_out_completions(
         self, *, models: list[str], share: float, limit: int, scan: int = 100_000
     ) -> list[CompletionRecord]:
-        """The newest chat completions of ``models`` in the held-out ``share`` of traffic
-        (``holdout``), at most ``limit``, among the newest ``scan``."""
+        """The newest conversations (chat, responses) of ``models`` in the held-out
+        ``share`` of traffic (``holdout``), at most ``limit``, among the newest ``scan``."""
 
         def read() -> list[CompletionRecord]:
             with self.engine.connect() as conn:
                 ids = conn.execute(
                     select(completions.c.id)
-                    .where(completions.c.model.in_(models), completions.c.endpoint == "chat")
+                    .where(
+                        completions.c.model.in_(models),
+                        completions.c.endpoint.in_(("chat", "responses")),
+                    )
                     .order_by(completions.c.created_at.desc(), completions.c.id.desc())
                     .limit(scan)
                 ).scalars()
