@@ -77,6 +77,25 @@ class AdapterEntry(BaseModel):
     path: str  # relative to the adapters root
 
 
+# vLLM engine arguments a models-file entry sets with a field of its own (``engine_args``
+# refuses them), and that field.
+ENGINE_ARGS_AS_ENTRY_FIELDS = {
+    "model": "path",
+    "max_model_len": "max_model_len",
+    "dtype": "dtype",
+    "seed": "seed",
+    "trust_remote_code": "trust_remote_code",
+    "enable_lora": "lora",
+    "max_lora_rank": "lora.max_rank",
+    "max_loras": "lora.max_loras",
+    "max_cpu_loras": "lora.max_cpu_loras",
+    "gpu_memory_utilization": "gpu_memory_utilization / gpu_memory_gib",
+    "tensor_parallel_size": "devices (one per GPU)",
+    "generation_config": "generation_config",
+    "override_generation_config": "sampling",
+}
+
+
 class SamplingDefaults(BaseModel):
     """A model's defaults for the sampling fields a request leaves out (they win over the
     checkpoint's generation config and the family's defaults: ``models.decoding``)."""
@@ -150,26 +169,11 @@ class ModelEntry(BaseModel):
     @field_validator("engine_args")
     @classmethod
     def _no_shadowing(cls, value: dict[str, Any]) -> dict[str, Any]:
-        shadowed = {
-            "model",
-            "max_model_len",
-            "dtype",
-            "seed",
-            "trust_remote_code",
-            "enable_lora",
-            "max_lora_rank",
-            "max_loras",
-            "max_cpu_loras",
-            "gpu_memory_utilization",
-            "tensor_parallel_size",
-            "generation_config",
-        } & set(value)
+        shadowed = set(ENGINE_ARGS_AS_ENTRY_FIELDS) & set(value)
         if shadowed:
-            raise ValueError(f"set {', '.join(sorted(shadowed))} as entry fields, not engine_args")
-        if "override_generation_config" in value:
-            raise ValueError(
-                "set sampling defaults as the entry's `sampling`, not override_generation_config"
-            )
+            named = ENGINE_ARGS_AS_ENTRY_FIELDS
+            fields = ", ".join(f"{a} as `{named[a]}`" for a in sorted(shadowed))
+            raise ValueError(f"set {fields} (entry fields), not engine_args")
         return value
 
     @model_validator(mode="after")

@@ -69,6 +69,12 @@ _CANNOT_HONOUR: dict[str, tuple[Callable[[Any], bool], str]] = {
 _logged: set[str] = set()
 
 
+def cannot_honour(name: str) -> str | None:
+    """Why a field the gateway does not take is refused when given, or None (ignored)."""
+    refused = _CANNOT_HONOUR.get(name)
+    return refused[1] if refused is not None else None
+
+
 def ignored_fields(extra: Mapping[str, Any] | None, endpoint: str) -> list[str]:
     """The names of ``extra`` (a request's fields the gateway does not take) it ignores;
     a 400 for the first whose value would change the answer."""
