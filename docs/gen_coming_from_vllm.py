@@ -1,5 +1,6 @@
 """Writes docs/coming-from-vllm.md: every field of vLLM's chat and text completion
-requests, and every vLLM engine argument, with what the gateway does with it — read from
+requests, and every `vllm serve` server flag and engine argument, with what the gateway
+does with it — read from
 the installed vLLM and from the gateway's own code (the request models, the lenient rule,
 the models file), so the page cannot drift from either. tests/test_docs_vllm.py checks the
 committed page is what this writes.
@@ -31,16 +32,25 @@ ENDPOINTS = [
     ("POST /v1/audio/transcriptions, /v1/audio/translations", "not served (text only)"),
 ]
 
-FRONTEND_FLAGS = [
-    ("--host, --port", "`aligngate serve --host --port` (loopback by default)"),
-    ("--api-key", "a keys file (`ALIGNGATE_API_KEYS_FILE`): several keys, limits, tenants"),
-    ("--served-model-name", "the models file's `name`"),
-    ("--chat-template", "the models file's `template` (clients cannot send one)"),
-    ("--generation-config", "the models file's `generation_config`"),
-    ("--override-generation-config", "the models file's `sampling`"),
-    ("--enable-auto-tool-choice, --tool-call-parser", "not served: tools are refused"),
-    ("--disable-log-stats", "vLLM's stat logger always feeds `/metrics`"),
-]
+# `vllm serve`'s own server flags (vLLM's FrontendArgs) the gateway has an answer for;
+# every other one is listed as not taken.
+FRONTEND_FLAGS = {
+    "host": "`aligngate serve --host` (127.0.0.1 by default)",
+    "port": "`aligngate serve --port`",
+    "api_key": "a keys file (`ALIGNGATE_API_KEYS_FILE`): several keys, limits, tenants",
+    "chat_template": "the models file's `template`, per model",
+    "trust_request_chat_template": "never: templates come from the models file only",
+    "lora_modules": "the models file's `adapters`, or `POST /admin/adapters`",
+    "response_role": "always `assistant`",
+    "return_tokens_as_token_ids": "not taken (the request field is refused by name)",
+    "enable_auto_tool_choice": "not taken: tools are refused by name",
+    "tool_call_parser": "not taken: tools are refused by name",
+    "tool_parser_plugin": "not taken: tools are refused by name",
+    "tool_server": "not taken: hosted tools are refused by name",
+    "enable_force_include_usage": "not taken: `stream_options.include_usage` per request",
+    "allowed_origins": "no CORS; other sites' state-changing requests are refused (SECURITY.md)",
+    "uds": "not taken: TCP on the address given",
+}
 
 
 def _field_rows(vllm_request: type, ours: type, endpoint: str) -> list[str]:
@@ -63,6 +73,7 @@ def _field_rows(vllm_request: type, ours: type, endpoint: str) -> list[str]:
 
 def render() -> str:
     from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VChat
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VCompletion
 
@@ -94,7 +105,11 @@ def render() -> str:
         "",
         "| `vllm serve` | the gateway |",
         "|---|---|",
-        *(f"| `{flag}` | {what} |" for flag, what in FRONTEND_FLAGS),
+        *(
+            f"| `--{f.name.replace('_', '-')}` | "
+            f"{FRONTEND_FLAGS.get(f.name, 'not taken by `aligngate serve`')} |"
+            for f in sorted(dataclasses.fields(FrontendArgs), key=lambda f: f.name)
+        ),
         "",
         "## Engine arguments",
         "",

@@ -81,6 +81,7 @@ class AdapterEntry(BaseModel):
 # refuses them), and that field.
 ENGINE_ARGS_AS_ENTRY_FIELDS = {
     "model": "path",
+    "served_model_name": "name",
     "max_model_len": "max_model_len",
     "dtype": "dtype",
     "seed": "seed",
