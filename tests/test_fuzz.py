@@ -55,13 +55,15 @@ def aim_at_the_model(case: Any, use_model: bool) -> Any:
     body = case.body
     if use_model and isinstance(body, dict) and "model" in body:
         body["model"] = DEFAULT_MODEL_NAME
-        for field in ("max_tokens", "max_completion_tokens"):
+        for field in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             if isinstance(body.get(field), int) and body[field] > MAX_GENERATED_TOKENS:
                 body[field] = MAX_GENERATED_TOKENS
         if isinstance(body.get("min_tokens"), int):
             body["min_tokens"] = min(body["min_tokens"], MAX_GENERATED_TOKENS)
         if "max_tokens" not in body and "messages" in body:
             body["max_tokens"] = MAX_GENERATED_TOKENS
+        if "max_output_tokens" not in body and "input" in body:  # /v1/responses
+            body["max_output_tokens"] = MAX_GENERATED_TOKENS
     return case
 
 
