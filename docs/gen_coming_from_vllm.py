@@ -27,7 +27,7 @@ ENDPOINTS = [
     ("GET /metrics", "served: vLLM's `vllm:*` series beside `aligngate_*`"),
     ("POST /v1/load_lora_adapter", "`POST /admin/adapters` (admin key)"),
     ("POST /v1/unload_lora_adapter", "`DELETE /admin/adapters/{name}` (admin key)"),
-    ("GET /version", "not served: `aligngate --version` prints the same"),
+    ("GET /version", "not served; `aligngate --version` prints the gateway's and vLLM's"),
     ("POST /v1/embeddings, /pooling, /classify, /score, /rerank", "not served (generation only)"),
     ("POST /v1/audio/transcriptions, /v1/audio/translations", "not served (text only)"),
 ]
