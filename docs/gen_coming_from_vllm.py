@@ -32,26 +32,6 @@ ENDPOINTS = [
     ("POST /v1/audio/transcriptions, /v1/audio/translations", "not served (text only)"),
 ]
 
-# `vllm serve`'s own server flags (vLLM's FrontendArgs) the gateway has an answer for;
-# every other one is listed as not taken.
-FRONTEND_FLAGS = {
-    "host": "`aligngate serve --host` (127.0.0.1 by default)",
-    "port": "`aligngate serve --port`",
-    "api_key": "a keys file (`ALIGNGATE_API_KEYS_FILE`): several keys, limits, tenants",
-    "chat_template": "the models file's `template`, per model",
-    "trust_request_chat_template": "never: templates come from the models file only",
-    "lora_modules": "the models file's `adapters`, or `POST /admin/adapters`",
-    "response_role": "always `assistant`",
-    "return_tokens_as_token_ids": "not taken (the request field is refused by name)",
-    "enable_auto_tool_choice": "not taken: tools are refused by name",
-    "tool_call_parser": "not taken: tools are refused by name",
-    "tool_parser_plugin": "not taken: tools are refused by name",
-    "tool_server": "not taken: hosted tools are refused by name",
-    "enable_force_include_usage": "not taken: `stream_options.include_usage` per request",
-    "allowed_origins": "no CORS; other sites' state-changing requests are refused (SECURITY.md)",
-    "uds": "not taken: TCP on the address given",
-}
-
 
 def _field_rows(vllm_request: type, ours: type, endpoint: str) -> list[str]:
     from server.protocol import CLIENT_TEMPLATE_FIELDS
@@ -77,6 +57,7 @@ def render() -> str:
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest as VChat
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest as VCompletion
 
+    from server.cli.serve_command import FRONTEND_FLAGS
     from server.models.models_file import ENGINE_ARGS_AS_ENTRY_FIELDS
     from server.protocol import ChatCompletionRequest, CompletionRequest
 

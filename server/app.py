@@ -155,7 +155,7 @@ def build_app(
     app.state.metrics = metrics
     app.state.align_jobs = AlignJobs()
     app.state.admission = Admission()
-    user_keys = parse_keys(settings.api_keys, settings.api_keys_file)
+    user_keys = parse_keys(settings.inline_api_keys(), settings.api_keys_file)
     check_judge_key_ids({j.name: j.stored_key_id for j in judges or []}, user_keys)
     app.state.feedback_limiter = RateLimiter(settings.feedback_per_minute, "feedback requests")
     # The operator's admin key is not limited.

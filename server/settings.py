@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     # `ID KEY` lines. None configured: loopback clients only.
     api_keys: str | None = Field(default=None, repr=False)
     api_keys_file: Path | None = None
+    # One inference key, as vLLM's VLLM_API_KEY (`aligngate serve --api-key` wins over it).
+    api_key: str | None = Field(default=None, repr=False)
     # Backpressure: requests in flight per engine (running + waiting) before 429; a
     # models-file entry's `max_pending_requests` overrides it.
     max_pending_requests: int = Field(default=128, ge=1, le=1_000_000)
@@ -87,6 +89,11 @@ class Settings(BaseSettings):
 
     def trusted_annotator_list(self) -> list[str]:
         return [a.strip() for a in self.trusted_annotators.split(",") if a.strip()]
+
+    def inline_api_keys(self) -> str | None:
+        """ALIGNGATE_API_KEYS and ALIGNGATE_API_KEY (or `--api-key`) together."""
+        keys = [k for k in (self.api_keys, self.api_key) if k]
+        return ",".join(keys) or None
 
     def store_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'aligngate.db'}"

@@ -34,6 +34,7 @@ def _cmd_default_model(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from server.app import build_app
+    from server.cli.serve_command import serve_deployment
     from server.guards.auth import KeyConfigError
     from server.models.models_file import ModelsFileError
 
@@ -41,6 +42,13 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     port = args.port if args.port is not None else settings.port
     if args.forwarded_allow_ips:
         settings = settings.model_copy(update={"forwarded_allow_ips": args.forwarded_allow_ips})
+    if args.api_key:
+        log.warning(
+            "--api-key puts the key in the process list; ALIGNGATE_API_KEY or a keys file "
+            "(ALIGNGATE_API_KEYS_FILE) keeps it out"
+        )
+        # As vLLM's: the flag wins over the environment's key.
+        settings = settings.model_copy(update={"api_key": ",".join(args.api_key)})
     try:
         # Bound before anything starts (as ``vllm serve`` does): no process started in the
         # tens of seconds of engine start-up (vLLM's engine core picks free ports) can take
@@ -51,7 +59,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     port = listening.getsockname()[1]  # port 0: the one the system chose
     try:
-        deployment = _load_deployment(args.config, settings)
+        deployment = serve_deployment(args, settings)
         loopback = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         app = build_app(
             settings,
@@ -427,16 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="serve models over the OpenAI-compatible HTTP API")
-    serve.add_argument("--config", type=Path, help="models file (YAML); default: embedded model")
-    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="listen port (default 8000)")
-    serve.add_argument(
-        "--forwarded-allow-ips",
-        help="proxies whose X-Forwarded-* headers are believed (comma-separated addresses or "
-        "networks, '*': any); default: none, the client address is the socket's",
+    # Listed here; its own parser (vLLM's engine flags beside the gateway's: serve_command)
+    # reads `aligngate serve ...`.
+    sub.add_parser(
+        "serve",
+        help="serve models over the OpenAI-compatible HTTP API: a models file, or "
+        "`serve MODEL [vllm serve engine flags]`",
+        add_help=False,
     )
-    serve.set_defaults(func=_cmd_serve)
 
     render = sub.add_parser(
         "render", help="print the exact prompt (or token ids) a model would receive"
@@ -541,7 +547,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        from server.cli.serve_command import parse_serve_args
+
+        args = parse_serve_args(argv[1:])
+        args.func = _cmd_serve
+    else:
+        args = build_parser().parse_args(argv)
     settings = Settings()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -126,7 +126,7 @@ def trusted_for(
 def trusted_keys(settings: Settings) -> list[str]:
     """The keys file's ``trusted`` keys (the file is the trust, so it is read again here:
     ``align --config`` runs without a server)."""
-    return trusted_key_ids(parse_keys(settings.api_keys, settings.api_keys_file))
+    return trusted_key_ids(parse_keys(settings.inline_api_keys(), settings.api_keys_file))
 
 
 def plan_for(

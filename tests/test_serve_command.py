@@ -1,0 +1,149 @@
+"""``aligngate serve [MODEL] [vLLM engine flags]`` (issue 31, item 1): one model from a
+folder, no models file; engine flags parsed by vLLM's own parser, so each means what it
+means to `vllm serve`; `--served-model-name`, `--api-key` / ALIGNGATE_API_KEY; a models
+file beside MODEL or engine flags is an error; `vllm serve`'s server flags the gateway does
+not take say what it does instead."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from server.cli.serve_command import parse_serve_args, serve_deployment
+from server.models.models_file import DEFAULT_MODEL_NAME, ModelsFileError
+from server.settings import Settings
+from tests.conftest import Gateway, run_cli, start_gateway, stop_gateway
+
+KEY = "serve-command-test-key-0123"
+HEADER = "x-aligngate-ignored-fields"
+
+
+def _entry(argv: list[str], settings: Settings | None = None):  # type: ignore[no-untyped-def]
+    deployment = serve_deployment(parse_serve_args(argv), settings or Settings(config=None))
+    assert len(deployment.models) == 1
+    return deployment.models[0]
+
+
+def test_engine_flags_keep_vllms_meaning(default_model_path: Path) -> None:
+    from vllm.engine.arg_utils import EngineArgs
+
+    folder = str(default_model_path)
+    entry = _entry([folder, "--max-model-len", "2k", "--served-model-name", "tiny"])
+    # vLLM's human-readable sizes: 2k is 2000 (2K would be 2048).
+    assert (entry.name, entry.path, entry.max_model_len) == ("tiny", folder, 2000)
+    assert entry.lora is None and entry.engine_args == {}  # vllm serve's defaults: no LoRA
+
+    entry = _entry(
+        [
+            folder,
+            "--enable-lora",
+            "--max-lora-rank",
+            "8",
+            "--dtype",
+            "float32",
+            "--enforce-eager",
+            "--max-num-seqs",
+            "4",
+            "--override-generation-config",
+            '{"temperature": 0.3, "max_new_tokens": 40}',
+            "--compilation-config.mode",
+            "0",
+        ]
+    )
+    assert entry.name == default_model_path.name  # a path is not a name: the folder's
+    assert entry.dtype == "float32"
+    # --enable-lora's sizes left out are vLLM's own defaults, not the gateway's.
+    assert entry.lora is not None and entry.lora.max_rank == 8
+    assert entry.lora.max_loras == EngineArgs.max_loras
+    assert entry.sampling.temperature == 0.3 and entry.sampling.max_tokens == 40
+    assert entry.engine_args["enforce_eager"] is True and entry.engine_args["max_num_seqs"] == 4
+    assert entry.engine_args["compilation_config"].mode == 0  # vLLM's CompilationConfig
+    assert {"model", "served_model_name", "dtype", "enable_lora"}.isdisjoint(entry.engine_args)
+
+
+def test_no_model_serves_the_embedded_one_with_the_flags() -> None:
+    entry = _entry(["--max-model-len", "4096"])
+    assert (entry.name, entry.max_model_len) == (DEFAULT_MODEL_NAME, 4096)
+    assert entry.lora is not None  # the embedded model keeps LoRA on, for `aligngate align`
+    assert _entry([]).max_model_len == 8192
+
+
+def test_a_models_file_beside_a_model_or_engine_flags_is_an_error(
+    default_model_path: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models.yaml"
+    models.write_text("models: []\n")
+    with pytest.raises(ModelsFileError, match=r"MODEL: a models file \(--config"):
+        _entry([str(default_model_path), "--config", str(models)])
+    with pytest.raises(ModelsFileError, match=r"--max-model-len: a models file \(ALIGNGATE_CONF"):
+        _entry(["--max-model-len", "2048"], Settings(config=models))
+    with pytest.raises(ModelsFileError, match=r"not a folder.*nothing is downloaded"):
+        _entry(["Qwen/Qwen3-0.6B"])
+
+
+def test_bad_flags_are_refused_before_anything_starts(test_env: dict[str, str]) -> None:
+    done = run_cli(["serve", "--chat-template", "x.jinja"], test_env, timeout=120)
+    assert done.returncode == 2
+    assert "--chat-template is a `vllm serve` server flag; in aligngate: the models file's " in (
+        done.stderr
+    )
+    done = run_cli(["serve", "--max-model-len", "lots"], test_env, timeout=120)
+    assert done.returncode == 2 and "--max-model-len" in done.stderr, done.stderr
+    done = run_cli(["serve", "--served-model-name", "a", "b"], test_env, timeout=120)
+    assert done.returncode == 2 and "give one name" in done.stderr, done.stderr
+
+
+def test_the_api_key_setting_joins_the_keys() -> None:
+    settings = Settings(api_keys=None, api_key=KEY)
+    assert settings.inline_api_keys() == KEY
+    both = Settings(api_keys="a" * 16, api_key=KEY)
+    assert both.inline_api_keys() == f"{'a' * 16},{KEY}"
+
+
+@pytest.fixture(scope="module")
+def tiny(
+    default_model_path: Path, test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Gateway]:
+    folder = tmp_path_factory.mktemp("serve-model")
+    env = {**test_env, "ALIGNGATE_DATABASE_URL": f"sqlite:///{folder / 'store.db'}"}
+    env.pop("ALIGNGATE_CONFIG", None)
+    args = [str(default_model_path), "--max-model-len", "2048", "--served-model-name", "tiny"]
+    gateway = start_gateway([*args, "--api-key", KEY], folder / "serve.log", env)
+    gateway.model = "tiny"
+    yield gateway
+    assert stop_gateway(gateway) == 0, gateway.log_tail()
+
+
+def test_serve_model_answers_the_openai_sdk_and_langchain(tiny: Gateway) -> None:
+    from langchain_openai import ChatOpenAI
+
+    assert httpx.get(f"{tiny.url}/v1/models", timeout=30).status_code == 401  # --api-key
+    client = openai.OpenAI(base_url=f"{tiny.url}/v1", api_key=KEY, max_retries=0)
+    models = {m.id: m for m in client.models.list().data}  # with its `tiny@latest` alias
+    assert models["tiny"].max_model_len == 2048  # type: ignore[attr-defined]
+    raw = client.chat.completions.with_raw_response.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=12,
+        temperature=0,
+        extra_body={"vendor_option": 1},
+    )
+    assert raw.headers[HEADER] == "vendor_option"  # unknown fields: 200, named
+    assert "Paris" in (raw.parse().choices[0].message.content or "")
+    chat = ChatOpenAI(
+        model="tiny",
+        base_url=f"{tiny.url}/v1",
+        api_key=KEY,  # type: ignore[arg-type]
+        temperature=0,
+        max_tokens=12,  # type: ignore[call-arg]
+        max_retries=0,
+    )
+    assert "Paris" in str(chat.invoke("What is the capital of France?").content)
+    # The engine's context is the flag's: a 2,100-token prompt does not fit.
+    long = client.completions.with_raw_response.create
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 2048"):
+        long(model="tiny", prompt="hello " * 2100, max_tokens=1)
