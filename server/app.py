@@ -50,6 +50,8 @@ from server.routes.deps import storable_params
 from server.serving.lenient import IgnoredFieldsHeader
 from server.settings import Settings
 from server.store import Store
+from server.telemetry.request_ids import RequestIdMiddleware
+from server.telemetry.tracing import TracingMiddleware, init_tracing, shutdown_tracing
 from server.training.online import AlignJobs
 
 log = logging.getLogger(__name__)
@@ -142,6 +144,7 @@ def build_app(
             # Engines own processes; stop them here rather than at interpreter exit.
             registry.shutdown()
             store.close()  # commits every queued record first
+            shutdown_tracing()  # sends the spans still buffered
 
     app = FastAPI(
         title="aligngate",
@@ -191,6 +194,10 @@ def build_app(
     app.add_middleware(IgnoredFieldsHeader)
     app.state.drain = Drain()
     app.add_middleware(DrainMiddleware, drain=app.state.drain)
-    # Outermost: refused requests are counted too.
+    # Refused requests are counted too.
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    if init_tracing(settings.otlp_traces_endpoint):
+        app.add_middleware(TracingMiddleware)
+    # Outermost: every response carries its x-request-id, every log line and record its id.
+    app.add_middleware(RequestIdMiddleware)
     return app

@@ -557,6 +557,7 @@ class StoredCompletion(BaseModel):
     user: str | None
     key_id: str | None
     metadata: dict[str, str]
+    request_id: str | None = None  # the x-request-id it was served under
     feedback: list[FeedbackPublic]
 
 

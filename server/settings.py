@@ -7,6 +7,7 @@ Does not know: which models are served (that is the models file, see ``registry`
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,6 +34,11 @@ class Settings(BaseSettings):
     # the client address is the socket's, so no header can make a remote client loopback.
     forwarded_allow_ips: str | None = None
     log_level: str = "info"
+    # text | json (one JSON object per line, with the request id; vLLM's loggers too).
+    log_format: Literal["text", "json"] = "text"
+    # OpenTelemetry traces (as vLLM's --otlp-traces-endpoint): the gateway's spans and each
+    # engine's; OTEL_EXPORTER_OTLP_TRACES_PROTOCOL picks grpc (default) or http/protobuf.
+    otlp_traces_endpoint: str | None = None
     # One log line per request on the event loop; request counts and latencies are in /metrics.
     access_log: bool = False
     # LoRA adapters: the admin API and `aligngate align` read and write folders only here

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from server.models.default_model import DEFAULT_MODEL_NAME, ensure_default_model
+from tests.otlp_collector import Collector, start_collector
 
 REPO = Path(__file__).resolve().parents[1]
 # Inside the repo (git-ignored): a rerun reuses the converted model; CI starts clean.
@@ -165,6 +166,54 @@ def gateway(
     log = gw.log_path.read_text(errors="replace")
     assert code == 0, f"gateway exited with {code} on SIGTERM:\n{gw.log_tail()}"
     assert "Traceback" not in log, f"gateway logged a traceback:\n{gw.log_tail(120)}"
+
+
+# `aligngate serve MODEL [vLLM flags]` as a vLLM user starts it: one folder, engine flags, a key,
+# JSON logs, traces to a collector (tests/test_serve_command.py, tests/test_telemetry.py).
+SERVED_FOLDER_KEY = "serve-command-test-key-0123"
+
+
+@pytest.fixture(scope="session")
+def otlp_collector() -> Iterator[Collector]:
+    collector, server = start_collector()
+    yield collector
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def served_folder(
+    default_model_path: Path,
+    test_env: dict[str, str],
+    otlp_collector: Collector,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Gateway]:
+    folder = tmp_path_factory.mktemp("serve-model")
+    env = {
+        **test_env,
+        "ALIGNGATE_DATABASE_URL": f"sqlite:///{folder / 'store.db'}",
+        "ALIGNGATE_ACCESS_LOG": "true",
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_BSP_SCHEDULE_DELAY": "200",  # spans reach the collector within a second
+    }
+    env.pop("ALIGNGATE_CONFIG", None)
+    args = [
+        str(default_model_path),
+        "--max-model-len",
+        "2048",
+        "--served-model-name",
+        "tiny",
+        "--api-key",
+        SERVED_FOLDER_KEY,
+        "--log-format",
+        "json",
+        "--otlp-traces-endpoint",
+        otlp_collector.url,
+    ]
+    gateway = start_gateway(args, folder / "serve.log", env)
+    gateway.model = "tiny"
+    yield gateway
+    assert stop_gateway(gateway) == 0, gateway.log_tail()
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"serving", "feedback", "training", "evaluation"},
     {"models", "store", "protocol"},
     {"cluster"},  # the Ray backend: replicas of the engine, below the registry
-    {"engine", "guards", "metrics", "resources"},
+    {"engine", "guards", "metrics", "resources", "telemetry"},
     {"errors", "settings"},
 ]
 PEER_IMPORTS = {

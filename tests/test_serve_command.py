@@ -6,7 +6,6 @@ not take say what it does instead."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -16,9 +15,9 @@ import pytest
 from server.cli.serve_command import parse_serve_args, serve_deployment
 from server.models.models_file import DEFAULT_MODEL_NAME, ModelsFileError
 from server.settings import Settings
-from tests.conftest import Gateway, run_cli, start_gateway, stop_gateway
+from tests.conftest import SERVED_FOLDER_KEY as KEY
+from tests.conftest import Gateway, run_cli
 
-KEY = "serve-command-test-key-0123"
 HEADER = "x-aligngate-ignored-fields"
 
 
@@ -104,25 +103,11 @@ def test_the_api_key_setting_joins_the_keys() -> None:
     assert both.inline_api_keys() == f"{'a' * 16},{KEY}"
 
 
-@pytest.fixture(scope="module")
-def tiny(
-    default_model_path: Path, test_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Gateway]:
-    folder = tmp_path_factory.mktemp("serve-model")
-    env = {**test_env, "ALIGNGATE_DATABASE_URL": f"sqlite:///{folder / 'store.db'}"}
-    env.pop("ALIGNGATE_CONFIG", None)
-    args = [str(default_model_path), "--max-model-len", "2048", "--served-model-name", "tiny"]
-    gateway = start_gateway([*args, "--api-key", KEY], folder / "serve.log", env)
-    gateway.model = "tiny"
-    yield gateway
-    assert stop_gateway(gateway) == 0, gateway.log_tail()
-
-
-def test_serve_model_answers_the_openai_sdk_and_langchain(tiny: Gateway) -> None:
+def test_serve_model_answers_the_openai_sdk_and_langchain(served_folder: Gateway) -> None:
     from langchain_openai import ChatOpenAI
 
-    assert httpx.get(f"{tiny.url}/v1/models", timeout=30).status_code == 401  # --api-key
-    client = openai.OpenAI(base_url=f"{tiny.url}/v1", api_key=KEY, max_retries=0)
+    assert httpx.get(f"{served_folder.url}/v1/models", timeout=30).status_code == 401  # --api-key
+    client = openai.OpenAI(base_url=f"{served_folder.url}/v1", api_key=KEY, max_retries=0)
     models = {m.id: m for m in client.models.list().data}  # with its `tiny@latest` alias
     assert models["tiny"].max_model_len == 2048  # type: ignore[attr-defined]
     raw = client.chat.completions.with_raw_response.create(
@@ -136,7 +121,7 @@ def test_serve_model_answers_the_openai_sdk_and_langchain(tiny: Gateway) -> None
     assert "Paris" in (raw.parse().choices[0].message.content or "")
     chat = ChatOpenAI(
         model="tiny",
-        base_url=f"{tiny.url}/v1",
+        base_url=f"{served_folder.url}/v1",
         api_key=KEY,  # type: ignore[arg-type]
         temperature=0,
         max_tokens=12,  # type: ignore[call-arg]

@@ -16,11 +16,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
+from typing import Literal
 
 import uvicorn
 
 from server.guards.draining import Drain
 from server.settings import Settings
+from server.telemetry.logs import configure_logging
 
 log = logging.getLogger("aligngate")
 
@@ -42,6 +44,8 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     port = args.port if args.port is not None else settings.port
     if args.forwarded_allow_ips:
         settings = settings.model_copy(update={"forwarded_allow_ips": args.forwarded_allow_ips})
+    if args.otlp_traces_endpoint:
+        settings = settings.model_copy(update={"otlp_traces_endpoint": args.otlp_traces_endpoint})
     if args.api_key:
         log.warning(
             "--api-key puts the key in the process list; ALIGNGATE_API_KEY or a keys file "
@@ -89,6 +93,9 @@ def server_config(app: object, host: str, port: int, settings: Settings) -> uvic
         host=host,
         port=port,
         log_level=settings.log_level,
+        # uvicorn's loggers go through the root handler: the same format (text or JSON
+        # lines), with the request id (telemetry.logs).
+        log_config=None,
         access_log=settings.access_log,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
         proxy_headers=bool(proxies),
@@ -548,6 +555,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    settings = Settings()
+    log_format = _log_format_flag(argv) or settings.log_format
+    settings = settings.model_copy(update={"log_format": log_format})
+    # Before parsing: the serve command's parser is vLLM's, and importing vLLM logs.
+    configure_logging(settings.log_level, settings.log_format)
     if argv[:1] == ["serve"]:
         from server.cli.serve_command import parse_serve_args
 
@@ -555,11 +567,18 @@ def main(argv: list[str] | None = None) -> int:
         args.func = _cmd_serve
     else:
         args = build_parser().parse_args(argv)
-    settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
     return int(args.func(args, settings))
+
+
+def _log_format_flag(argv: list[str]) -> Literal["text", "json"] | None:
+    """``--log-format text|json`` (the serve command's flag), read ahead of the parser."""
+    for i, arg in enumerate(argv):
+        value = arg.partition("=")[2] if arg.startswith("--log-format=") else None
+        if arg == "--log-format" and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value == "text" or value == "json":
+            return value
+    return None
 
 
 if __name__ == "__main__":

@@ -88,6 +88,12 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         "out of the process list); at least 16 characters each",
     )
     group.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        help="log lines as text or one JSON object per line, each with its request id "
+        "(default: ALIGNGATE_LOG_FORMAT, else text)",
+    )
+    group.add_argument(
         "--forwarded-allow-ips",
         help="proxies whose X-Forwarded-* headers are believed (comma-separated addresses or "
         "networks, '*': any); default: none, the client address is the socket's",
@@ -131,6 +137,8 @@ def parse_serve_args(argv: list[str]) -> argparse.Namespace:
     _refuse_server_flags(parser, argv)
     args = parser.parse_args(argv)
     args.engine = engine_flags(parser, args)
+    # vLLM's flag, and the gateway's too: its own spans and every engine's (``registry``).
+    args.engine.given.pop("otlp_traces_endpoint", None)
     return args
 
 

@@ -351,11 +351,13 @@ class RayEngine:
         spec: SamplingSpec,
         adapter: AdapterRef | None = None,
         on_replica: Callable[[Replica], None] | None = None,
+        trace_headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[list[ChoiceDelta]]:
         """The deltas of ``request_id`` from one replica; ``on_replica`` learns which,
         before the first delta. A replica that dies before any output: the request goes
         again (Ray Serve's router has dropped the dead one). Closing the iterator early
-        aborts the request on its replica."""
+        aborts the request on its replica. ``trace_headers`` are not carried to the
+        replica: its engine's spans are not linked to the front end's."""
         self._in_flight += 1
         try:
             for attempt in range(1, ATTEMPTS + 1):

@@ -326,10 +326,13 @@ class VllmEngine:
         spec: SamplingSpec,
         adapter: AdapterRef | None = None,
         on_replica: Callable[[Replica], None] | None = None,
+        trace_headers: Mapping[str, str] | None = None,
     ) -> AsyncIterator[list[ChoiceDelta]]:
         """Yield, per engine step, the deltas of the choices that moved; with ``adapter``,
         the request runs with that (loaded) LoRA. ``on_replica`` is for engines of several
         replicas (``cluster.ray_engine``); this one is no replica and never calls it.
+        ``trace_headers`` (W3C): the span vLLM's own request span is a child of, when the
+        engine traces (``otlp_traces_endpoint``).
 
         Closing the iterator early (client gone) aborts the request in the engine.
         """
@@ -346,6 +349,7 @@ class VllmEngine:
             params,
             request_id,
             lora_request=_lora_request(adapter) if adapter is not None else None,
+            trace_headers=trace_headers,
         )
         try:
             try:

@@ -47,6 +47,7 @@ from server.evaluation.ratings import Outcome, combine_both_orders
 from server.guards.ratelimit import RateLimiter
 from server.metrics import JudgeMetrics
 from server.models.models_file import SELF_URL, JudgeEntry, ModelsFileError
+from server.telemetry.tracing import current_trace_headers, span
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +343,8 @@ async def _call(judge: Judge, *args: Any) -> tuple[Any, float]:
     started = time.perf_counter()
     judge.requests += 1
     try:
-        result = await asyncio.to_thread(judge.function, *args)
+        with span("judge", aligngate__judge=judge.name, aligngate__judge_kind=judge.kind):
+            result = await asyncio.to_thread(judge.function, *args)
     except Exception as exc:  # the code's own failure: an unreadable verdict, counted
         _count_error(judge, "function_error")
         raise JudgeReplyError(f"{judge.entry.target} raised {exc!r}", "function_error", ()) from exc
@@ -442,12 +444,20 @@ async def ask(judge: Judge, message: str) -> Reply:
             started = time.perf_counter()
             wait: float | None = None
             try:
-                answer = await client.post(
-                    f"{judge.url}/chat/completions",
-                    json=body,
-                    headers=headers,
-                    timeout=entry.timeout_s,
-                )
+                with span(
+                    "judge",
+                    aligngate__judge=judge.name,
+                    aligngate__judge_kind=judge.kind,
+                    aligngate__attempt=attempt,
+                ):
+                    # The judge's own request span (this gateway's, or a traced server's)
+                    # is this one's child.
+                    answer = await client.post(
+                        f"{judge.url}/chat/completions",
+                        json=body,
+                        headers={**headers, **current_trace_headers()},
+                        timeout=entry.timeout_s,
+                    )
             except httpx.TimeoutException as exc:
                 reason, detail = "timeout", str(exc) or "timed out"
             except httpx.TransportError as exc:

@@ -63,6 +63,7 @@ async def create_feedback(body: FeedbackRequest, request: Request, store: Store)
             annotator=body.annotator or getattr(request.state, "annotator", None),
             idempotency_key=body.idempotency_key,
             key_id=key_id,
+            request_id=getattr(request.state, "request_id", None),
         ),
         owner=tenant_of(key_id),
     )
@@ -149,5 +150,6 @@ async def stored_completion(
         user=record.user,
         key_id=record.key_id,
         metadata=record.metadata or {},
+        request_id=record.request_id,
         feedback=[public(r) for r in rows],
     )

@@ -428,6 +428,9 @@ class Registry:
             raise ModelsFileError("resource plan refused:\n  " + "\n  ".join(plan.problems))
         self.plan = plan
         defaults = engine_defaults(platform)
+        if settings.otlp_traces_endpoint:
+            # vLLM's own per-request span, a child of the gateway's `engine` span.
+            defaults = {**defaults, "otlp_traces_endpoint": settings.otlp_traces_endpoint}
         lap("plan")
 
         def start_engine(entry: ModelEntry, path: str, placed: EnginePlan) -> VllmEngine:

@@ -39,6 +39,7 @@ from server.models.registry import ServedModel
 from server.models.render import RenderedPrompt
 from server.protocol import Usage
 from server.store import ANONYMOUS_KEY, ChoiceRecord, CompletionRecord, Store
+from server.telemetry.tracing import end_span, start_span, trace_headers
 
 log = logging.getLogger(__name__)
 
@@ -305,8 +306,11 @@ def record_completion(
             key_id=getattr(request.state, "key_id", None),
             user=user,
             metadata=metadata,
+            request_id=getattr(request.state, "request_id", None),
         )
+        store_span = start_span("store", aligngate__completion_id=completion_id)
         future = store.record_completion(record)
+        future.add_done_callback(lambda done: end_span(store_span, done.exception()))
         # Whoever listens (the AI judges' sampler) hears of the record once it is committed;
         # the listener only hands it over, so the response is not delayed.
         listener = getattr(request.app.state, "completion_listener", None)
@@ -346,6 +350,17 @@ async def engine_steps(
     engine_name = model.parent or model.name
     replica: Replica | None = None
     outcome = "cancelled"
+    # Not current while suspended at `yield` (the consumer's own spans are not its children):
+    # vLLM's span is its child through the trace headers.
+    engine_span = start_span(
+        "engine",
+        gen_ai__request__model=model.name,
+        aligngate__engine=engine_name,
+        aligngate__adapter=model.adapter.name if model.adapter is not None else None,
+        aligngate__engine_request_id=request_id,
+        gen_ai__usage__input_tokens=len(prompt_ids),
+    )
+    failure: BaseException | None = None
 
     def placed(where: Replica) -> None:
         nonlocal replica
@@ -360,24 +375,29 @@ async def engine_steps(
 
     try:
         async for deltas in model.engine.generate(
-            request_id, prompt_ids, spec, adapter=model.adapter, on_replica=placed
+            request_id,
+            prompt_ids,
+            spec,
+            adapter=model.adapter,
+            on_replica=placed,
+            trace_headers=trace_headers(engine_span),
         ):
             yield deltas
         outcome = "ok"
-    except GatewayError:
-        outcome = "error"
+    except GatewayError as exc:
+        outcome, failure = "error", exc
         raise
     except (asyncio.CancelledError, GeneratorExit):
         raise
     except ValueError as exc:
-        outcome = "error"
+        outcome, failure = "error", exc
         # vLLM validates a request's input and parameters with ValueError: the request's
         # fault, so a 400 — unless the engine itself is gone.
         if not model.engine.healthy:
             raise EngineUnavailable(f"The engine of model `{model.name}` stopped.") from exc
         raise InvalidRequest(f"The engine refused the request: {exc}") from exc
     except Exception as exc:
-        outcome = "error"
+        outcome, failure = "error", exc
         if not model.engine.healthy:
             raise EngineUnavailable(f"The engine of model `{model.name}` stopped.") from exc
         log.exception("Generation %s failed", request_id)
@@ -385,6 +405,10 @@ async def engine_steps(
     finally:
         if replica is not None and tracker is not None:
             tracker.metrics.replica_finished(engine_name, replica.id, outcome)
+        engine_span.set_attribute("aligngate.outcome", outcome)
+        if replica is not None:
+            engine_span.set_attribute("aligngate.replica", replica.id)
+        end_span(engine_span, failure)
 
 
 async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
+from server.telemetry.tracing import span
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -30,10 +32,11 @@ _THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aligngate-tokeni
 async def off_loop(chars: int, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
     """``fn(*args, **kwargs)``: on the tokenizing thread when the input is ``chars`` long or
     longer, else here; its exception is raised here either way."""
-    if chars < OFF_LOOP_CHARS:
-        return fn(*args, **kwargs)
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(_THREAD, functools.partial(fn, *args, **kwargs))
+    with span("render", code__function=getattr(fn, "__qualname__", None), input__chars=chars):
+        if chars < OFF_LOOP_CHARS:
+            return fn(*args, **kwargs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(_THREAD, functools.partial(fn, *args, **kwargs))
 
 
 def text_size(value: object) -> int:

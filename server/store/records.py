@@ -44,6 +44,7 @@ class CompletionRecord:
     prompt_bos: str | None = None  # BOS text, when the engine put BOS before prompt_text
     # The request's ``metadata`` (OpenAI's Stored Completions); rows of its own table.
     metadata: dict[str, str] | None = None
+    request_id: str | None = None  # the request's x-request-id (m007; older rows: None)
 
     @property
     def conversation(self) -> bool:
@@ -88,12 +89,14 @@ class FeedbackCreate:
     idempotency_key: str | None = None
     key_id: str = ANONYMOUS_KEY
     reward: float | None = None  # explicit scalar reward (stored as the row's explicit_reward)
+    request_id: str | None = None  # the request's x-request-id (a replay may carry another)
 
     def payload(self) -> dict[str, Any]:
         """What an idempotent replay must repeat exactly."""
         values = asdict(self)
         values.pop("idempotency_key")
         values.pop("key_id")
+        values.pop("request_id")
         for field in ("preferred_over_choice", "reward"):
             if values[field] is None:
                 # Absent, as before the field existed: a replay's hash stays the same.
@@ -122,6 +125,7 @@ class FeedbackRow:
     seq: int | None = None  # commit order (see schema.counters)
     # The ``reward`` column (m006); named apart from the ``reward()`` method.
     explicit_reward: float | None = None
+    request_id: str | None = None  # m007
 
     @classmethod
     def from_row(cls, row: Any) -> FeedbackRow:

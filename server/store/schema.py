@@ -56,6 +56,7 @@ completions = Table(
     Column("prompt_token_ids", JSON),
     # m002: the BOS token's text when the engine put BOS before ``prompt_text`` (TRL exports).
     Column("prompt_bos", String(64)),
+    Column("request_id", String(128)),  # m007: the request's x-request-id
     Index("ix_completions_model_created", "model", "created_at"),
 )
 
@@ -83,6 +84,7 @@ feedback = Table(
     # m006: an explicit scalar reward (a user's own, or a score judge's score on [0, 1]);
     # None: the reward is the rating's or the label's (see ``FeedbackRow.reward``).
     Column("reward", Float),
+    Column("request_id", String(128)),  # m007: the request's x-request-id
     UniqueConstraint("key_id", "idempotency_key", name="uq_feedback_idempotency"),
     Index("ix_feedback_created", "created_at", "id"),
     Index("ix_feedback_completion", "completion_id"),
@@ -231,6 +233,12 @@ def _m006_feedback_reward(conn: Connection) -> None:
         conn.execute(text("ALTER TABLE feedback ADD COLUMN reward DOUBLE PRECISION"))
 
 
+def _m007_request_ids(conn: Connection) -> None:
+    for table in ("completions", "feedback"):
+        if "request_id" not in {c["name"] for c in inspect(conn).get_columns(table)}:
+            conn.execute(text(f"ALTER TABLE {table} ADD COLUMN request_id VARCHAR(128)"))
+
+
 # Append only. Each entry: (name, function applied inside one transaction).
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("m001_completions_and_feedback", _m001_initial),
@@ -239,4 +247,5 @@ MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("m004_battles", _m004_battles),
     ("m005_judge_calls", _m005_judge_calls),
     ("m006_feedback_reward", _m006_feedback_reward),
+    ("m007_request_ids", _m007_request_ids),
 ]

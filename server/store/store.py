@@ -641,6 +641,7 @@ def insert_feedback(
         payload_hash=digest,
         seq=_next_seq(conn, FEEDBACK_SEQUENCE),
         explicit_reward=fb.reward,
+        request_id=fb.request_id,
     )
     conn.execute(feedback.insert().values(**_feedback_values(row)))
     return row, True
@@ -666,6 +667,7 @@ def _feedback_values(row: FeedbackRow) -> dict[str, Any]:
         "preferred_over_choice": row.preferred_over_choice,
         "seq": row.seq,
         "reward": row.explicit_reward,
+        "request_id": row.request_id,
     }
 
 
