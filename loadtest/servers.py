@@ -50,6 +50,7 @@ def engine_env(kv_cache_gib: int, extra: Mapping[str, str]) -> dict[str, str]:
     """The vLLM CPU environment both servers get, so they run the same engine configuration."""
     env = {
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        "ALIGNGATE_CPU_KV_CACHE_GIB": str(kv_cache_gib),  # the gateway's one setting for it
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
     }
     env.update(extra)

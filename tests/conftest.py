@@ -136,6 +136,8 @@ def test_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     db = tmp_path_factory.mktemp("store") / "aligngate.db"
     env["ALIGNGATE_DATABASE_URL"] = f"sqlite:///{db}"
     env.setdefault("ALIGNGATE_CPU_KV_CACHE_GIB", "1")
+    # The gateway's one KV-cache setting is the one above; vLLM's own beside it must agree.
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)
     # Tests post feedback faster than a person; the limit has its own test.
     env["ALIGNGATE_FEEDBACK_PER_MINUTE"] = "0"
     # No held-out share: the tests count what trains and exports exactly, and a random

@@ -83,12 +83,32 @@ def test_raw_vllm_gets_the_gateways_platform_settings() -> None:
 
 def test_an_explicit_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    # Set, then removed: the undo removes what apply_engine_environment sets below (a
+    # leftover VLLM_CPU_KVCACHE_SPACE would reach the gateways later tests start).
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "unset below")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE")
     applied = apply_engine_environment(CPU, 3)
     assert applied == {"VLLM_CPU_KVCACHE_SPACE": "3"}
     import os
 
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+
+
+def test_one_setting_sizes_the_cpu_kv_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    """ALIGNGATE_CPU_KV_CACHE_GIB; vLLM's VLLM_CPU_KVCACHE_SPACE beside it must agree (it
+    used to win silently, so the plan and vLLM could size different caches)."""
+    from server.resources import platform
+
+    monkeypatch.setattr(platform, "_OPERATORS_KV_CACHE", None)
+    assert platform.effective_cpu_kv_cache_gib(3) == 3
+    monkeypatch.setattr(platform, "_OPERATORS_KV_CACHE", "3")
+    assert platform.effective_cpu_kv_cache_gib(3) == 3
+    monkeypatch.setattr(platform, "_OPERATORS_KV_CACHE", "4")
+    with pytest.raises(
+        platform.PlatformError,
+        match=r"VLLM_CPU_KVCACHE_SPACE=4 and ALIGNGATE_CPU_KV_CACHE_GIB=2 disagree",
+    ):
+        platform.effective_cpu_kv_cache_gib(2)
 
 
 def test_training_device_selection() -> None:

@@ -94,6 +94,10 @@ def test_bad_flags_are_refused_before_anything_starts(test_env: dict[str, str]) 
     assert done.returncode == 2 and "--max-model-len" in done.stderr, done.stderr
     done = run_cli(["serve", "--served-model-name", "a", "b"], test_env, timeout=120)
     assert done.returncode == 2 and "give one name" in done.stderr, done.stderr
+    # One setting sizes a CPU engine's KV cache; vLLM's variable beside it must agree.
+    env = {**test_env, "VLLM_CPU_KVCACHE_SPACE": "4", "ALIGNGATE_CPU_KV_CACHE_GIB": "1"}
+    done = run_cli(["serve"], env, timeout=120)
+    assert done.returncode == 2 and "ALIGNGATE_CPU_KV_CACHE_GIB=1 disagree" in done.stderr
 
 
 def test_the_api_key_setting_joins_the_keys() -> None:

@@ -39,7 +39,13 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from server.cli.serve_command import serve_deployment
     from server.guards.auth import KeyConfigError
     from server.models.models_file import ModelsFileError
+    from server.resources.platform import PlatformError, effective_cpu_kv_cache_gib
 
+    try:
+        effective_cpu_kv_cache_gib(settings.cpu_kv_cache_gib)  # one setting sizes it
+    except PlatformError as exc:
+        log.error("%s", exc)
+        return 2
     host = args.host or settings.host
     port = args.port if args.port is not None else settings.port
     if args.forwarded_allow_ips:

@@ -148,13 +148,29 @@ def engine_environment(platform: Platform, cpu_kv_cache_gib: float) -> dict[str,
     }
 
 
+# vLLM's own variable, as this process found it (the gateway sets it itself, from the setting).
+_OPERATORS_KV_CACHE = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+
+
 def effective_cpu_kv_cache_gib(setting: float) -> float:
-    """The KV cache each CPU engine gets: ``VLLM_CPU_KVCACHE_SPACE`` where the environment
-    sets it (it wins over the setting), else the setting."""
-    try:
-        return float(os.environ["VLLM_CPU_KVCACHE_SPACE"])
-    except (KeyError, ValueError):
+    """The KV cache each CPU engine gets: ``ALIGNGATE_CPU_KV_CACHE_GIB`` (``setting``). One
+    setting sizes it: vLLM's ``VLLM_CPU_KVCACHE_SPACE``, when the environment sets it too,
+    must say the same, or it is a ``PlatformError`` naming both (it used to win silently,
+    and the resource plan and vLLM could then disagree)."""
+    if _OPERATORS_KV_CACHE is None:
         return setting
+    try:
+        same = float(_OPERATORS_KV_CACHE) == float(setting)
+    except ValueError:
+        same = False
+    if not same:
+        raise PlatformError(
+            f"VLLM_CPU_KVCACHE_SPACE={_OPERATORS_KV_CACHE} and ALIGNGATE_CPU_KV_CACHE_GIB="
+            f"{setting:g} disagree: the gateway sizes each CPU engine's KV cache from "
+            "ALIGNGATE_CPU_KV_CACHE_GIB (and sets VLLM_CPU_KVCACHE_SPACE from it); set that "
+            "one and unset VLLM_CPU_KVCACHE_SPACE"
+        )
+    return setting
 
 
 def apply_engine_environment(platform: Platform, cpu_kv_cache_gib: float) -> dict[str, str]:
