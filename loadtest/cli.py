@@ -74,8 +74,10 @@ def _workload_args(p: argparse.ArgumentParser) -> None:
     w.add_argument(
         "--tokenizer", help="tokenizer folder for reference lengths (default: ~4 chars/token)"
     )
-    w.add_argument("--endpoint", choices=("chat", "completions"), default="chat")
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument(
+        "--endpoint", choices=("chat", "completions"), default="chat", help="which API to load"
+    )
+    w.add_argument("--seed", type=int, default=0, help="the workload's random seed")
     w.add_argument("--slo-ttft-ms", type=float, help="goodput: TTFT objective")
     w.add_argument("--slo-tpot-ms", type=float, help="goodput: TPOT objective")
     w.add_argument("--slo-e2e-ms", type=float, help="goodput: end-to-end objective")
@@ -120,7 +122,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     require_loopback(args.url)
     items = _items(args, args.tokenizer)
     target = Target(
-        args.url.rstrip("/").removesuffix("/v1"), args.model, args.endpoint, args.api_key
+        args.url.rstrip("/").removesuffix("/v1"),
+        args.model,
+        args.endpoint,
+        _secret(args.api_key_file, "ALIGNGATE_API_KEY"),
     )
     if args.rate is not None:
         loads = [
@@ -227,6 +232,13 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _secret(path: Path | None, variable: str) -> str | None:
+    """A key from its file (first line), else from the environment."""
+    if path is not None:
+        return path.read_text().splitlines()[0].strip()
+    return os.environ.get(variable) or None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m loadtest",
@@ -238,27 +250,42 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="load one server (loopback only)")
     run.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")
     run.add_argument("--model", required=True, help="served model name")
-    run.add_argument("--api-key")
+    run.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="a file holding the server's API key (default: ALIGNGATE_API_KEY; a key is never "
+        "a flag value, which the process list shows)",
+    )
     run.add_argument("--concurrency", type=_ints, help="sweep, e.g. 1,4,16,64")
     run.add_argument("--rate", type=float, help="Poisson arrivals per second instead")
     run.add_argument("--num-requests", type=int, default=64, help="per load level")
     run.add_argument("--duration", type=float, help="seconds per load level (upper bound)")
     run.add_argument("--timeout", type=float, default=600.0, help="per request, seconds")
-    run.add_argument("--warmup", type=int, default=1)
+    run.add_argument("--warmup", type=int, default=1, help="requests sent before measuring")
     run.add_argument("--out", type=Path, help="folder for JSON, Markdown and plots")
     _workload_args(run)
     run.set_defaults(func=_cmd_run)
 
     compare = sub.add_parser("compare", help="raw vLLM vs aligngate, side by side")
     compare.add_argument("--model-path", type=Path, help="default: the embedded default model")
-    compare.add_argument("--served-name", default="smollm2-135m-instruct")
-    compare.add_argument("--concurrency", type=_ints, default=[1, 16])
+    compare.add_argument(
+        "--served-name", default="smollm2-135m-instruct", help="the model name both servers serve"
+    )
+    compare.add_argument(
+        "--concurrency", type=_ints, default=[1, 16], help="load levels, e.g. 1,16"
+    )
     compare.add_argument(
         "--num-requests", type=int, help="per level (default: max(16, 4 x concurrency))"
     )
-    compare.add_argument("--overhead-requests", type=int, default=100)
-    compare.add_argument("--max-model-len", type=int, default=2048)
-    compare.add_argument("--kv-cache-gib", type=int, default=2)
+    compare.add_argument(
+        "--overhead-requests", type=int, default=100, help="1-token requests timing the overhead"
+    )
+    compare.add_argument(
+        "--max-model-len", type=int, default=2048, help="both engines' context length"
+    )
+    compare.add_argument(
+        "--kv-cache-gib", type=int, default=2, help="each engine's CPU KV cache, GiB"
+    )
     compare.add_argument(
         "--env", type=_key_value, action="append", default=[], help="KEY=VALUE for both servers"
     )
@@ -281,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
         "`aligngate serve` as users run it (LoRA on, storing on) vs raw vLLM with the same "
         "LoRA and length settings",
     )
-    compare.add_argument("--out", type=Path)
+    compare.add_argument("--out", type=Path, help="folder for JSON, Markdown and plots")
     _workload_args(compare)
     compare.set_defaults(func=_cmd_compare)
 
@@ -289,20 +316,32 @@ def build_parser() -> argparse.ArgumentParser:
         "startup", help="start to ready: aligngate serve (preloaded / spawned core), raw vLLM"
     )
     startup.add_argument("--model-path", type=Path, help="default: the embedded default model")
-    startup.add_argument("--served-name", default="smollm2-135m-instruct")
+    startup.add_argument(
+        "--served-name", default="smollm2-135m-instruct", help="the model name both servers serve"
+    )
     startup.add_argument("--rounds", type=int, default=3, help="starts per server")
-    startup.add_argument("--kv-cache-gib", type=int, default=2)
-    startup.add_argument("--out", type=Path)
+    startup.add_argument(
+        "--kv-cache-gib", type=int, default=2, help="each engine's CPU KV cache, GiB"
+    )
+    startup.add_argument("--out", type=Path, help="folder for the results")
     startup.set_defaults(func=_cmd_startup)
 
     estimate = sub.add_parser(
         "estimate", help="throughput vs replicas, from one replica's compare results"
     )
     estimate.add_argument("results", type=Path, help="a compare run's results.json")
-    estimate.add_argument("--server", default="aligngate-ray")
-    estimate.add_argument("--replicas", type=_ints, default=[1, 2, 4, 8])
-    estimate.add_argument("--concurrency", type=_ints, default=[16, 64])
-    estimate.add_argument("--front-ends", type=int, default=1)
+    estimate.add_argument(
+        "--server", default="aligngate-ray", help="which measured server to scale from"
+    )
+    estimate.add_argument(
+        "--replicas", type=_ints, default=[1, 2, 4, 8], help="replica counts to estimate"
+    )
+    estimate.add_argument(
+        "--concurrency", type=_ints, default=[16, 64], help="load levels to estimate"
+    )
+    estimate.add_argument(
+        "--front-ends", type=int, default=1, help="front-end processes in front of the replicas"
+    )
     estimate.set_defaults(func=_cmd_estimate)
 
     loop = sub.add_parser(
@@ -310,16 +349,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="the online loop's benchmark: each method's iterations against a checkable "
         "objective on held-out prompts, and a random-judge null control",
     )
-    loop.add_argument("--eval-set", type=Path, default=DEFAULT_EVAL_SET)
-    loop.add_argument("--out", type=Path, default=REPO / "loadtest" / "results" / "loop")
-    loop.add_argument("--methods", default="cut,kto,dpo,quark")
-    loop.add_argument("--iterations", type=int, default=3)
-    loop.add_argument("--null-runs", type=int, default=5)
+    loop.add_argument(
+        "--eval-set", type=Path, default=DEFAULT_EVAL_SET, help="AlpacaEval instructions (JSON)"
+    )
+    loop.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "loadtest" / "results" / "loop",
+        help="folder for summary.json and the plot",
+    )
+    loop.add_argument(
+        "--methods", default="cut,kto,dpo,quark", help="comma-separated training methods"
+    )
+    loop.add_argument("--iterations", type=int, default=3, help="iterations per method")
+    loop.add_argument("--null-runs", type=int, default=5, help="random-judge control runs")
     loop.add_argument("--train-prompts", type=int, default=48, help="requests per iteration")
     loop.add_argument(
         "--heldout", type=int, default=116, help="held-out prompts (the gate's default size)"
     )
-    loop.add_argument("--max-tokens", type=int, default=96)
+    loop.add_argument("--max-tokens", type=int, default=96, help="cap on each answer's length")
     loop.add_argument(
         "--quick",
         action="store_true",
@@ -333,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         "when either misses its target)",
     )
     gate_power.add_argument("--runs", type=int, default=10_000, help="runs per point")
-    gate_power.add_argument("--seed", type=int, default=0)
+    gate_power.add_argument("--seed", type=int, default=0, help="the simulation's random seed")
     gate_power.add_argument("--size", type=int, help="items per gate (default: the gate's)")
     gate_power.add_argument("--json", action="store_true", help="print JSON, not a table")
     gate_power.set_defaults(func=_cmd_gate_power)

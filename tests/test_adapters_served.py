@@ -306,6 +306,7 @@ def test_vllm_serves_the_merged_checkpoint_like_base_plus_adapter(
     args = ["merge", "--base", str(default_model_path), "--adapter"]
     done = run_cli([*args, str(adapters_root / evidence_adapter), "--out", str(merged)], test_env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "merge: 3/3 step (100%)" in done.stderr and ", saved" in done.stderr  # progress
     models = tmp_path / "models.yaml"
     models.write_text(f"models:\n  - {{name: merged, path: {merged}, max_model_len: 2048}}\n")
     served = start_gateway(["--config", str(models)], tmp_path / "serve.log", test_env)

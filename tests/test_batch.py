@@ -91,6 +91,8 @@ def test_resume_after_kill_keeps_finished_items(
     second = alpaca_eval_cli(args, test_env)
     assert second.returncode == 0, second.stderr
     assert f"{40 - len(kept)} generated, {len(kept)} resumed" in second.stderr
+    # Not a terminal: plain progress lines, no bar (the last one at the end).
+    assert "alpaca-eval: 40/40 req (100%)" in second.stderr and "\r" not in second.stderr
     outputs = check_model_outputs(out, 40, "smollm2-135m-instruct", eval_set)
     for index, text in kept.items():
         assert outputs[index]["output"] == text.strip()

@@ -23,7 +23,7 @@ def test_bench_store_reports_baseline_and_group_commit(tmp_path: Path) -> None:
             "200",
             "--concurrency",
             "16",
-            "--json",
+            "--out",
             str(out),
         ],
         capture_output=True,

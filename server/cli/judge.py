@@ -76,6 +76,7 @@ def _cmd_judge(args: argparse.Namespace, settings: Settings) -> int:
                 limit=args.limit,
                 concurrency=args.concurrency,
                 seed=args.seed,
+                show_progress=True,
             )
         )
     finally:

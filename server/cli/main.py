@@ -286,8 +286,8 @@ def _cmd_bench_store(args: argparse.Namespace, settings: Settings) -> int:
             f"{r['writes_per_s']} | {r['p50_ms']} | {r['p99_ms']} |"
         )
     print(f"group commit / commit-per-write: {rows[1]['speedup_vs_commit_per_write']}x")
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=2))
     return 0
 
 
@@ -387,8 +387,8 @@ def _cmd_bench_align(args: argparse.Namespace, settings: Settings) -> int:
         hyperparameters=Hyperparameters(dtype=args.dtype),
     )
     print(json.dumps(result, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
     return 0
 
 
@@ -397,7 +397,7 @@ def _cmd_bench_alpaca(args: argparse.Namespace, settings: Settings) -> int:
     from server.evaluation.batch import BatchInputError, load_instructions
 
     try:
-        items = load_instructions(args.instructions, args.n)
+        items = load_instructions(args.instructions, args.limit)
     except BatchInputError as exc:
         log.error("%s", exc)
         return 2
@@ -405,7 +405,7 @@ def _cmd_bench_alpaca(args: argparse.Namespace, settings: Settings) -> int:
     if entry is None:
         return 2
     result = bench_alpaca_eval(
-        entry, settings, items, max_tokens=args.max_tokens, hf_items=args.hf_n
+        entry, settings, items, max_tokens=args.max_tokens, hf_items=args.hf_limit
     )
     print("| run | items | output tokens | s | output tok/s |")
     print("|---|---|---|---|---|")
@@ -418,8 +418,8 @@ def _cmd_bench_alpaca(args: argparse.Namespace, settings: Settings) -> int:
         f"a/b (gateway / raw vLLM) = {result['a_over_b']}; "
         f"a/c (gateway / transformers loop) = {result['a_over_c']}"
     )
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
     return 0
 
 
@@ -474,7 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write stored feedback as training data")
     export.add_argument(
-        "--format", required=True, choices=["cut", "kto", "trl-kto", "dpo", "quark"]
+        "--format",
+        required=True,
+        choices=["cut", "kto", "trl-kto", "dpo", "quark"],
+        help="the training data's format (a method's, or TRL's KTO dataset)",
     )
     export.add_argument("--model", help="only this served model's feedback")
     export.add_argument("--since", help="only feedback from this time on (ISO-8601 or epoch)")
@@ -513,20 +516,24 @@ def build_parser() -> argparse.ArgumentParser:
     store_bench.add_argument(
         "--database-url", help="a scratch database (default: a temporary SQLite file)"
     )
-    store_bench.add_argument("--writes", type=int, default=2000)
-    store_bench.add_argument("--concurrency", type=int, default=64)
-    store_bench.add_argument("--json", type=Path, help="also write the results here")
+    store_bench.add_argument("--writes", type=int, default=2000, help="writes per run")
+    store_bench.add_argument("--concurrency", type=int, default=64, help="writers at once")
+    store_bench.add_argument("--out", type=Path, help="also write the results here (JSON)")
     store_bench.set_defaults(func=_cmd_bench_store)
     ae_bench = bench_sub.add_parser(
         "alpaca-eval", help="batch generation vs raw vLLM vs a transformers generate loop"
     )
-    ae_bench.add_argument("--instructions", type=Path, required=True)
+    ae_bench.add_argument(
+        "--instructions", type=Path, required=True, help="JSON list / JSONL of {instruction}"
+    )
     ae_bench.add_argument("--config", type=Path, help="models file; default: embedded model")
     ae_bench.add_argument("--model", help="served model name (default: the first)")
-    ae_bench.add_argument("--n", type=int, help="first N instructions (default: all)")
-    ae_bench.add_argument("--max-tokens", type=int, default=256)
-    ae_bench.add_argument("--hf-n", type=int, default=8, help="instructions for the HF loop")
-    ae_bench.add_argument("--json", type=Path, help="also write the results here")
+    ae_bench.add_argument("--limit", type=int, help="only the first N instructions (default: all)")
+    ae_bench.add_argument("--max-tokens", type=int, default=256, help="cap on each answer")
+    ae_bench.add_argument(
+        "--hf-limit", type=int, default=8, help="instructions for the transformers loop"
+    )
+    ae_bench.add_argument("--out", type=Path, help="also write the results here (JSON)")
     ae_bench.set_defaults(func=_cmd_bench_alpaca)
     align_bench = bench_sub.add_parser(
         "align", help="one online-alignment iteration on N judged responses vs training alone"
@@ -536,10 +543,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     align_bench.add_argument("--config", type=Path, help="models file; default: embedded model")
     align_bench.add_argument("--model", help="model name (default: the first)")
-    align_bench.add_argument("--judged", type=int, default=64)
+    align_bench.add_argument("--judged", type=int, default=64, help="judged responses to train on")
     align_bench.add_argument("--fine", type=int, default=16, help="responses judged fine")
-    align_bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    align_bench.add_argument("--json", type=Path, help="also write the results here")
+    align_bench.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="the training dtype",
+    )
+    align_bench.add_argument("--out", type=Path, help="also write the results here (JSON)")
     align_bench.set_defaults(func=_cmd_bench_align)
 
     default = sub.add_parser(

@@ -106,9 +106,10 @@ def _progress_writer(path: Path | None, bar: object):  # type: ignore[no-untyped
     """After each optimizer step: advance the bar; append a JSON line to ``path``."""
 
     def progress(step: int, total: int, loss: float) -> None:
-        bar.total = total  # type: ignore[attr-defined]
-        bar.set_postfix(loss=f"{loss:.4f}")  # type: ignore[attr-defined]
-        bar.update(1)  # type: ignore[attr-defined]
+        if bar.total != total:  # type: ignore[attr-defined]
+            bar.set_total(total)  # type: ignore[attr-defined]
+        bar.note(f"loss {loss:.4f}")  # type: ignore[attr-defined]
+        bar.update(step - bar.done)  # type: ignore[attr-defined]
         if path is not None:
             with path.open("a") as f:
                 f.write(json.dumps({"step": step, "total": total, "loss": loss}) + "\n")
@@ -156,8 +157,7 @@ def _train(args: argparse.Namespace, config: object, progress: object) -> dict[s
 
 
 def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
-    from tqdm import tqdm
-
+    from server.telemetry.progress import Progress
     from server.training.cut_data import CutDataError
     from server.training.loop import TrainingMemoryError
     from server.training.preference import PreferenceDataError
@@ -173,7 +173,7 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     except (OSError, ValueError, TypeError) as exc:  # PlatformError is a ValueError
         log.error("%s", exc)
         return 2
-    with tqdm(desc=args.method.upper(), unit="step", dynamic_ncols=True) as bar:
+    with Progress(args.method.upper(), unit="step") as bar:
         try:
             summary = _train(args, config, _progress_writer(args.progress_file, bar))
         except (
@@ -192,18 +192,21 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 def _cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
     from server.resources.platform import PlatformError, detect, training_device
+    from server.telemetry.progress import Progress
     from server.training.merge import MergeError, merge_adapter
 
     try:
         device = training_device(args.device, detect())
-        result = merge_adapter(
-            args.base,
-            args.adapter,
-            args.out,
-            dtype=args.dtype,
-            device=device.torch_device,
-            trust_remote_code=args.trust_remote_code,
-        )
+        with Progress("merge", 3, unit="step") as progress:
+            result = merge_adapter(
+                args.base,
+                args.adapter,
+                args.out,
+                dtype=args.dtype,
+                device=device.torch_device,
+                trust_remote_code=args.trust_remote_code,
+                progress=progress,
+            )
     except (MergeError, PlatformError) as exc:
         log.error("%s", exc)
         return 2
@@ -264,7 +267,11 @@ def _cmd_align(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _admin_headers(args: argparse.Namespace, settings: Settings) -> dict[str, str]:
-    key = args.admin_key or settings.admin_key
+    key = (
+        args.admin_key_file.read_text().splitlines()[0].strip()
+        if args.admin_key_file is not None
+        else settings.admin_key
+    )
     return {"authorization": f"Bearer {key}"} if key else {}
 
 
@@ -429,14 +436,21 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
         parser.set_defaults(func=_cmd_train)
 
     merge = sub.add_parser("merge", help="merge a LoRA adapter into its base (a plain checkpoint)")
-    merge.add_argument("--base", type=Path, required=True)
-    merge.add_argument("--adapter", type=Path, required=True)
-    merge.add_argument("--out", type=Path, required=True)
-    merge.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    merge.add_argument("--base", type=Path, required=True, help="base checkpoint folder")
+    merge.add_argument("--adapter", type=Path, required=True, help="LoRA adapter folder")
+    merge.add_argument("--out", type=Path, required=True, help="merged checkpoint folder to write")
+    merge.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16"],
+        help="the merged weights' dtype (auto: the base checkpoint's)",
+    )
     merge.add_argument(
         "--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N"
     )
-    merge.add_argument("--trust-remote-code", action="store_true")
+    merge.add_argument(
+        "--trust-remote-code", action="store_true", help="run the checkpoint's own model code"
+    )
     merge.set_defaults(func=_cmd_merge)
 
     align = sub.add_parser(
@@ -490,6 +504,11 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
         action="store_true",
         help="train on every judgment, reviewed or not (poisoning risk: see README)",
     )
-    align.add_argument("--admin-key", help="default: ALIGNGATE_ADMIN_KEY")
+    align.add_argument(
+        "--admin-key-file",
+        type=Path,
+        help="a file holding the gateway's admin key (default: ALIGNGATE_ADMIN_KEY; a key is "
+        "never a flag value, which the process list shows)",
+    )
     _add_config_flags(align, _all_configs(), server_defaults=True)
     align.set_defaults(func=_cmd_align)

@@ -29,6 +29,7 @@ from server.models.registry import ServedModel
 from server.models.render import Message
 from server.serving.generation import new_id
 from server.serving.tokenizing import off_loop
+from server.telemetry.progress import Progress as Bar
 
 log = logging.getLogger(__name__)
 
@@ -192,14 +193,12 @@ async def run_batch(
 ) -> Summary:
     """Generate every item not already done, append each as it finishes, then write the
     alpaca_eval file in input order."""
-    from tqdm import tqdm
-
     out.parent.mkdir(parents=True, exist_ok=True)
     progress = Progress(out)
     done = progress.load(items, generator)
     todo = [item for item in items if item.index not in done]
     summary = Summary(items=len(items), resumed=len(done))
-    bar = tqdm(total=len(items), initial=len(done), unit="req", dynamic_ncols=True)
+    bar = Bar("alpaca-eval", len(items), unit="req", initial=len(done))
     semaphore = asyncio.Semaphore(concurrency) if concurrency else None
     started = time.perf_counter()
 
@@ -219,7 +218,7 @@ async def run_batch(
         summary.finish_reasons[reason or "unknown"] += 1
         bar.update(1)
         elapsed = time.perf_counter() - started
-        bar.set_postfix_str(f"{summary.output_tokens / elapsed:.0f} out tok/s")
+        bar.note(f"{summary.output_tokens / elapsed:.0f} out tok/s")
 
     try:
         await asyncio.gather(*(one(item) for item in todo))

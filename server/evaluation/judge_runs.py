@@ -37,6 +37,7 @@ from server.evaluation.judges import (
     judge_one,
 )
 from server.store import CompletionRecord, FeedbackCreate, JudgeCallRow, Store
+from server.telemetry.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -253,10 +254,12 @@ async def judge_stored(
     limit: int | None = None,
     concurrency: int = 4,
     seed: int | None = None,
+    show_progress: bool = False,
 ) -> JudgeRunSummary:
     """``aligngate judge``: the stored completions of ``model`` (since ``since``) that this
     judge has not judged yet, each kept with probability ``sample``, at most ``limit`` of
-    them, ``concurrency`` at a time (the judge's rate limit still applies)."""
+    them, ``concurrency`` at a time (the judge's rate limit still applies); with
+    ``show_progress``, a bar on a terminal, else a progress line every 10 s."""
     started = time.perf_counter()
     before = (judge.requests, judge.prompt_tokens, judge.completion_tokens)
     fetch = limit if sample >= 1 else None
@@ -269,12 +272,24 @@ async def judge_stored(
         chosen = chosen[:limit]
     gate = asyncio.Semaphore(max(1, concurrency))
 
+    progress = (
+        Progress(f"judge {judge.name}", len(chosen), unit="completion") if show_progress else None
+    )
+
     async def one(record: CompletionRecord) -> JudgeRunSummary:
         async with gate:
-            return await judge_record(store, judge, record, "cli")
+            part = await judge_record(store, judge, record, "cli")
+        if progress is not None:
+            progress.update()
+        return part
 
     summary = JudgeRunSummary(judge=judge.name)
-    for part in await asyncio.gather(*(one(r) for r in chosen)):
+    try:
+        parts = await asyncio.gather(*(one(r) for r in chosen))
+    finally:
+        if progress is not None:
+            progress.close()
+    for part in parts:
         summary.add(part)
     summary.requests = judge.requests - before[0]
     summary.prompt_tokens = judge.prompt_tokens - before[1]

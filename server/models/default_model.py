@@ -19,6 +19,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from server.telemetry.progress import Progress
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -133,10 +135,13 @@ def _convert(source: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    progress = Progress(f"default model ({source.name})", 2, unit="step")
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
     model = AutoModelForCausalLM.from_pretrained(
         source.parent, gguf_file=source.name, dtype=torch.bfloat16
     )
+    progress.note("dequantized to bf16")
+    progress.update()
     # save_pretrained refuses a model that still says it is GGUF-quantized; the weights are
     # already dequantized to bf16, so the marker is stale.
     model.hf_quantizer = None
@@ -146,3 +151,6 @@ def _convert(source: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
+    progress.note("saved as safetensors")
+    progress.update()
+    progress.close()

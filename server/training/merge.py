@@ -26,6 +26,7 @@ from server.models.adapter_meta import (
     read_meta,
     write_json_atomic,
 )
+from server.telemetry.progress import Progress
 
 
 class MergeError(ValueError):
@@ -89,10 +90,18 @@ def merge_adapter(
     dtype: str = "auto",
     device: str = "cpu",
     trust_remote_code: bool = False,
+    progress: Progress | None = None,
 ) -> MergeResult:
     """``base`` + ``adapter`` → a plain checkpoint in ``out`` (idempotent). ``device`` is a
     torch device (``server.resources.platform.training_device`` decides it); the sum is
-    float32 wherever it runs, so a GPU needs 4 bytes per parameter free."""
+    float32 wherever it runs, so a GPU needs 4 bytes per parameter free. ``progress`` hears
+    of its three steps: load, merge, save."""
+
+    def step(name: str) -> None:
+        if progress is not None:
+            progress.note(name)
+            progress.update()
+
     import torch
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -120,6 +129,7 @@ def merge_adapter(
     model = AutoModelForCausalLM.from_pretrained(
         str(base), dtype=torch.float32, trust_remote_code=trust_remote_code
     ).to(device)
+    step("base loaded")
     try:
         merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     except (RuntimeError, ValueError, KeyError) as exc:
@@ -127,6 +137,7 @@ def merge_adapter(
         raise MergeError(f"{adapter} does not fit {base}: {exc}") from exc
     merged = merged.to(getattr(torch, str(saved_dtype).removeprefix("torch."), torch.float32))
     merged = merged.to("cpu")  # saved from host memory
+    step("merged")
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(str(tmp), safe_serialization=True)
@@ -141,4 +152,5 @@ def merge_adapter(
     if out.exists():
         out.rmdir()  # empty, checked above
     tmp.rename(out)
+    step("saved")
     return MergeResult(out=out, merged=True)
