@@ -136,3 +136,32 @@ def test_serve_model_answers_the_openai_sdk_and_langchain(served_folder: Gateway
     long = client.completions.with_raw_response.create
     with pytest.raises(openai.BadRequestError, match="maximum context length is 2048"):
         long(model="tiny", prompt="hello " * 2100, max_tokens=1)
+
+
+def test_litellm_openai_compatible_provider(served_folder: Gateway) -> None:
+    """LiteLLM's `openai/` provider, as its users point it at a vLLM server."""
+    import os
+
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download at import
+    import litellm
+
+    reply = litellm.completion(
+        model="openai/tiny",
+        api_base=f"{served_folder.url}/v1",
+        api_key=KEY,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=12,
+        temperature=0,
+    )
+    assert "Paris" in (reply.choices[0].message.content or "")  # type: ignore[union-attr]
+    streamed = litellm.completion(
+        model="openai/tiny",
+        api_base=f"{served_folder.url}/v1",
+        api_key=KEY,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=12,
+        temperature=0,
+        stream=True,
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed)  # type: ignore[union-attr]
+    assert text == reply.choices[0].message.content  # type: ignore[union-attr]
