@@ -192,7 +192,9 @@ def cli_page() -> str:
     from server.cli.main import build_parser
     from server.cli.serve_command import serve_parser
 
-    os.environ["COLUMNS"] = "100"  # argparse wraps help to the terminal: a fixed width
+    # argparse wraps help to the terminal's width: a fixed one, the page's code width.
+    columns = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "82"
     lines = [
         "# Command line",
         "",
@@ -215,7 +217,13 @@ def cli_page() -> str:
                 for sub_name, sub in action.choices.items():
                     walk(sub, [*words, sub_name])
 
-    walk(build_parser(), ["aligngate"])
+    try:
+        walk(build_parser(), ["aligngate"])
+    finally:
+        if columns is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = columns
     return "\n".join(lines)
 
 
