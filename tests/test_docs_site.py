@@ -42,7 +42,7 @@ FENCE = re.compile(r"^(\s*)(`{3,}|~{3,})\s*([^\s`]*)")
 ADDRESS = re.compile(r"(http://)?(?:127\.0\.0\.1|localhost):8000\b")
 OWN_GATEWAY = re.compile(r"aligngate serve\b[^\n#]*&")
 TIMEOUT_S = 120
-OWN_GATEWAY_TIMEOUT_S = 300
+OWN_GATEWAY_TIMEOUT_S = 480  # its own start, a training run; 85 s here alone, 229 s under load
 # `curl` in a block fails on an HTTP error status and still prints the error body, unless
 # the block asks for `--fail` itself (curl refuses the two together).
 BASH_PRELUDE = """curl() {
