@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install serve test lint fmt bench bench-loop
+.PHONY: install serve test lint fmt docs bench bench-loop
 
 install:
 	bash scripts/install.sh
@@ -11,14 +11,18 @@ serve:
 	$(BIN)/aligngate serve
 
 test:
-	$(BIN)/ruff check server tests loadtest
+	$(BIN)/ruff check server tests loadtest docs
 	$(BIN)/python -m pytest -v --durations=15
 
 lint:
-	$(BIN)/ruff check server tests loadtest
+	$(BIN)/ruff check server tests loadtest docs
 
 fmt:
-	$(BIN)/ruff format server tests loadtest
+	$(BIN)/ruff format server tests loadtest docs
+
+# The documentation site (mkdocs.yml) into site/; browse: $(BIN)/mkdocs serve -a 127.0.0.1:8001
+docs:
+	$(BIN)/mkdocs build --strict
 
 # The headline benchmark: raw vLLM and the gateway side by side on the default model, the
 # identical workload against each, alternating rounds (results, tables, plots under

@@ -16,7 +16,7 @@ import pytest
 from server.errors import Conflict
 from server.evaluation.arena import draw_pair
 from tests.conftest import Gateway, run_cli
-from tests.test_ui import page  # noqa: F401  (the browser page fixture)
+from tests.test_ui import page, screenshot  # noqa: F401  (the browser page fixture)
 
 pytestmark = pytest.mark.slow
 TUNED = "arena:tuned"
@@ -183,6 +183,7 @@ def test_battle_mode_in_the_browser_then_the_leaderboard(
     vote = page.get_by_role("group", name="Your vote")
     vote.wait_for()
     assert page.locator(".answer .model").all_inner_texts() == ["hidden", "hidden"]
+    screenshot(page, "ui-arena.png")
     vote.get_by_role("button", name="B is better").click()
     page.locator("#vote-status", has_text="stored as a preference").wait_for()
     revealed = [page.locator(f"#answer-{side}").get_attribute("data-model") for side in ("a", "b")]
@@ -198,6 +199,7 @@ def test_battle_mode_in_the_browser_then_the_leaderboard(
     page.get_by_role("button", name="Apply").click()
     page.wait_for_load_state("networkidle")
     assert "battles" in page.locator("#summary").inner_text()
+    screenshot(page, "ui-leaderboard.png")
 
 
 def test_item_1_battle_answers_stay_blind_until_the_vote(

@@ -336,8 +336,8 @@ def test_item_7_keys_file_parsing_is_strict(tmp_path: Path) -> None:
     limiter = RateLimiter(5, "requests", per_key=quotas([bob], "requests_per_minute"))
     for _ in range(50):
         limiter.check("bob")
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    assert "`rpm=0`" in readme
+    limits = Path(__file__).resolve().parents[1] / "docs" / "operations" / "security.md"
+    assert "`rpm=0`" in limits.read_text()
 
 
 def test_item_9_forwarded_headers_are_off_unless_configured(gateway: Gateway) -> None:

@@ -14,7 +14,8 @@ import pytest
 
 from tests.conftest import REPO, Gateway, run_cli
 
-# Screenshots for the README: `ALIGNGATE_UI_SCREENSHOTS=docs make test` refreshes them.
+# Screenshots for the docs' Web UI page (docs/feedback/web-ui.md), test_arena.py's too:
+# `ALIGNGATE_UI_SCREENSHOTS=docs make test` refreshes them.
 SCREENSHOTS = os.environ.get("ALIGNGATE_UI_SCREENSHOTS")
 TIMEOUT_MS = 120_000  # a streamed answer on 2 CPU cores, while other work shares them
 

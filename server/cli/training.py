@@ -218,7 +218,8 @@ def _cmd_merge(args: argparse.Namespace, settings: Settings) -> int:
 # train METHOD: (help, --data help)
 TRAIN_METHODS = {
     "cut": (
-        "CUT: contrastive unlikelihood on judgments (CUT's own loss; README 'Training methods')",
+        "CUT: contrastive unlikelihood on judgments (CUT's own loss; docs: Training methods, "
+        "docs/alignment/training-methods.md)",
         "CUT-format JSON (the CUT repo's, or `aligngate export --format cut`)",
     ),
     "kto": (
@@ -502,7 +503,8 @@ def add_training_commands(sub: argparse._SubParsersAction) -> None:  # type: ign
     align.add_argument(
         "--include-unreviewed",
         action="store_true",
-        help="train on every judgment, reviewed or not (poisoning risk: see README)",
+        help="train on every judgment, reviewed or not (poisoning risk: see "
+        "docs/operations/security.md)",
     )
     align.add_argument(
         "--admin-key-file",

@@ -5,7 +5,8 @@ prompt (instruction + judgment), and B, the plain prompt the model is served wit
 the judgment explains (p_A / p_B > threshold) is an error: its probability under B is pushed
 down (unlikelihood, −w·log(1 − p_B)); every other token keeps plain likelihood (−log p_B).
 The result is averaged with the likelihood of y under A. A response judged fine is plain
-likelihood under B. See DESIGN.md §7.
+likelihood under B. See docs/alignment/training-methods.md and the CUT paper ("Reasons to
+Reject? Aligning Language Models with Judgments", arXiv:2312.14591).
 
 Owns: the arithmetic on per-token log-probabilities. Does not know: models, tokenizers, data.
 """

@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CutConfig(TrainingArgs):
-    """CUT's hyper-parameters; defaults are the paper's online iterations (DESIGN.md §7)."""
+    """CUT's hyper-parameters; defaults are the paper's online iterations (docs/alignment/
+    training-methods.md; Xu et al. 2023, arXiv:2312.14591)."""
 
     threshold: float = _help("p_A / p_B above this flags a token as an error", default=1.1)
     weight_unlike: float = _help("weight of the unlikelihood term", default=1.0)
