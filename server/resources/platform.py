@@ -137,8 +137,8 @@ def engine_environment(platform: Platform, cpu_kv_cache_gib: float) -> dict[str,
 
     CPU: the KV cache per engine (``VLLM_CPU_KVCACHE_SPACE``) and the engine core inside the
     gateway process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``: ~5 s start instead of ~25 s and
-    faster decoding on a few cores, DESIGN.md §5). CUDA: nothing; vLLM's multiprocess engine
-    core keeps its scheduler off the HTTP process's GIL.
+    faster decoding on a few cores; docs/operations/settings.md). CUDA: nothing; vLLM's
+    multiprocess engine core keeps its scheduler off the HTTP process's GIL.
     """
     if platform.on_cuda:
         return {}

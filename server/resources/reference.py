@@ -1,5 +1,5 @@
 """The four families' reference checkpoints, by the numbers of their published
-``config.json``, and the sizing table the README shows (``aligngate check --sizing``).
+``config.json``, and the sizing table the GPU deployments page shows (``aligngate check --sizing``).
 
 Sources: Llama-2-13b-chat-hf and Mistral-7B-Instruct-v0.2 (copies of their gated configs),
 m-a-p/CT-LLM-SFT-DPO, EleutherAI/gpt-j-6b (n_inner null → 4 × n_embd).

@@ -30,8 +30,8 @@ def _help(text: str, **kwargs: Any) -> Any:
 @dataclass(frozen=True)
 class TrainingArgs:
     """Shared by every method. Defaults fit the online loop's small windows (tens of
-    examples) as well as the CUT paper's 1,000-record iterations; see README "Training
-    methods" for the measured reasons."""
+    examples) as well as the CUT paper's 1,000-record iterations; the docs' Training methods
+    page (docs/alignment/training-methods.md) gives the measured reasons."""
 
     lora_r: int = _help("LoRA rank", default=16)
     lora_alpha: int = _help("LoRA alpha (with --lora-r alone: the rank)", default=16)
