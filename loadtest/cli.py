@@ -235,7 +235,12 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 def _secret(path: Path | None, variable: str) -> str | None:
     """A key from its file (first line), else from the environment."""
     if path is not None:
-        return path.read_text().splitlines()[0].strip()
+        from server.cli.training import read_key_file
+
+        try:
+            return read_key_file(path)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from exc
     return os.environ.get(variable) or None
 
 

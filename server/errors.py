@@ -189,9 +189,14 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("Unhandled error", exc_info=exc)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette runs this handler outside every added middleware, the request-id one
+        # included: the id comes from the request's state, for the log line and the reply.
+        request_id = getattr(request.state, "request_id", None)
+        extra = {"request_id": request_id} if request_id else None
+        log.exception("Unhandled error", exc_info=exc, extra=extra)
         return JSONResponse(
             error_body("Internal server error.", "server_error", code="internal_error"),
             status_code=500,
+            headers={"x-request-id": request_id} if request_id else None,
         )

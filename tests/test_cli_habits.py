@@ -107,3 +107,12 @@ def test_progress_is_a_bar_on_a_terminal_and_lines_otherwise(
         bar.set_total(3)
         bar.update(3)
     assert "train: 100%" in capsys.readouterr().err  # tqdm's bar
+
+
+def test_a_bad_key_file_is_refused_before_anything_runs(tmp_path: Path) -> None:
+    from server.cli.main import main
+
+    empty = tmp_path / "empty.key"
+    empty.write_text("")
+    assert main(["align", "--model", "m", "--admin-key-file", str(empty)]) == 2
+    assert main(["align", "--model", "m", "--admin-key-file", str(tmp_path / "absent")]) == 2

@@ -104,6 +104,7 @@ def test_one_setting_sizes_the_cpu_kv_cache(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(platform, "_OPERATORS_KV_CACHE", "3")
     assert platform.effective_cpu_kv_cache_gib(3) == 3
     monkeypatch.setattr(platform, "_OPERATORS_KV_CACHE", "4")
+    assert platform.effective_cpu_kv_cache_gib(2, ONE_H100) == 2  # sizes nothing on CUDA
     with pytest.raises(
         platform.PlatformError,
         match=r"VLLM_CPU_KVCACHE_SPACE=4 and ALIGNGATE_CPU_KV_CACHE_GIB=2 disagree",

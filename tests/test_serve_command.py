@@ -15,8 +15,8 @@ import pytest
 from server.cli.serve_command import parse_serve_args, serve_deployment
 from server.models.models_file import DEFAULT_MODEL_NAME, ModelsFileError
 from server.settings import Settings
+from tests.conftest import REPO, Gateway, run_cli
 from tests.conftest import SERVED_FOLDER_KEY as KEY
-from tests.conftest import Gateway, run_cli
 
 HEADER = "x-aligngate-ignored-fields"
 
@@ -61,6 +61,11 @@ def test_engine_flags_keep_vllms_meaning(default_model_path: Path) -> None:
     assert entry.sampling.temperature == 0.3 and entry.sampling.max_tokens == 40
     assert entry.engine_args["enforce_eager"] is True and entry.engine_args["max_num_seqs"] == 4
     assert entry.engine_args["compilation_config"].mode == 0  # vLLM's CompilationConfig
+    # A flag given with vLLM's default value still counts: the gateway's defaults differ
+    # (eager mode on a CPU, the resource plan's memory share).
+    entry = _entry([folder, "--no-enforce-eager", "--gpu-memory-utilization", "0.9"])
+    assert entry.engine_args == {"enforce_eager": False}
+    assert entry.gpu_memory_utilization == 0.9
     assert {"model", "served_model_name", "dtype", "enable_lora"}.isdisjoint(entry.engine_args)
 
 
@@ -94,6 +99,9 @@ def test_bad_flags_are_refused_before_anything_starts(test_env: dict[str, str]) 
     assert done.returncode == 2 and "--max-model-len" in done.stderr, done.stderr
     done = run_cli(["serve", "--served-model-name", "a", "b"], test_env, timeout=120)
     assert done.returncode == 2 and "give one name" in done.stderr, done.stderr
+    # --api-key takes one or more keys (vLLM's): a folder after it was meant as MODEL.
+    done = run_cli(["serve", "--api-key", "k" * 16, str(REPO / "templates")], test_env, 120)
+    assert done.returncode == 2 and "give MODEL first" in done.stderr, done.stderr
     # One setting sizes a CPU engine's KV cache; vLLM's variable beside it must agree.
     env = {**test_env, "VLLM_CPU_KVCACHE_SPACE": "4", "ALIGNGATE_CPU_KV_CACHE_GIB": "1"}
     done = run_cli(["serve"], env, timeout=120)

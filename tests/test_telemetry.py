@@ -152,3 +152,74 @@ async def test_a_judge_call_is_a_span() -> None:
     spans = {s.name: s for s in exporter.get_finished_spans()}
     assert spans["judge"].attributes["aligngate.judge"] == "words"
     assert spans["judge"].parent.span_id == spans["outer"].context.span_id
+
+
+def test_an_unhandled_error_keeps_its_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    """Starlette answers an unhandled exception outside every added middleware: the 500
+    and its log line still carry the request's id."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from server.errors import install_error_handlers
+    from server.telemetry.request_ids import RequestIdMiddleware
+
+    app = FastAPI()
+    install_error_handlers(app)
+    app.add_middleware(RequestIdMiddleware)
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("boom")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.get("/boom", headers={"x-request-id": "crash-0001"})
+    assert answer.status_code == 500 and answer.headers["x-request-id"] == "crash-0001"
+    assert answer.json()["error"]["type"] == "server_error"
+    (logged,) = [r for r in caplog.records if r.getMessage() == "Unhandled error"]
+    assert logged.request_id == "crash-0001"  # type: ignore[attr-defined]
+
+
+JSON_STDERR_SCRIPT = r"""
+import os, subprocess, sys
+from server.telemetry.logs import configure_logging
+import logging
+configure_logging("info", "json")
+logging.getLogger("x").info("from a logger")
+os.write(2, b"raw bytes from C\n")
+os.write(2, b"[" * 5000 + b"\n")  # nests past the recursion limit if parsed
+os.write(2, b'{"already": "json"}\n')
+subprocess.run([sys.executable, "-c", "import sys; print('from a child', file=sys.stderr)"])
+logging.getLogger("x").info("after all that")
+"""
+
+
+def test_json_stderr_wraps_every_line_and_keeps_going() -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    done = subprocess.run(
+        [sys.executable, "-c", JSON_STDERR_SCRIPT],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    messages = [r.get("message") for r in records]
+    assert messages[0] == "from a logger" and messages[-1] == "after all that"
+    assert "raw bytes from C" in messages and "from a child" in messages
+    assert {"already": "json"} in records
+    assert any(m and m.startswith("[[[[") for m in messages)
+
+
+def test_an_otlp_protocol_the_gateway_cannot_speak_is_named(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from server.telemetry.tracing import TracingError, span_exporter
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json")
+    with pytest.raises(TracingError, match="'http/json': the gateway exports traces over grpc"):
+        span_exporter("http://127.0.0.1:4318/v1/traces")

@@ -39,10 +39,11 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from server.cli.serve_command import serve_deployment
     from server.guards.auth import KeyConfigError
     from server.models.models_file import ModelsFileError
-    from server.resources.platform import PlatformError, effective_cpu_kv_cache_gib
+    from server.resources.platform import PlatformError, detect, effective_cpu_kv_cache_gib
+    from server.telemetry.tracing import TracingError
 
     try:
-        effective_cpu_kv_cache_gib(settings.cpu_kv_cache_gib)  # one setting sizes it
+        effective_cpu_kv_cache_gib(settings.cpu_kv_cache_gib, detect())  # one setting
     except PlatformError as exc:
         log.error("%s", exc)
         return 2
@@ -79,7 +80,7 @@ def _cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             self_url=f"http://{loopback}:{port}/v1",
             cluster=deployment.cluster,
         )
-    except (ModelsFileError, KeyConfigError) as exc:
+    except (ModelsFileError, KeyConfigError, TracingError) as exc:
         listening.close()
         log.error("%s", exc)
         return 2
@@ -585,7 +586,13 @@ def main(argv: list[str] | None = None) -> int:
         args.func = _cmd_serve
     else:
         args = build_parser().parse_args(argv)
-    return int(args.func(args, settings))
+    from server.resources.platform import PlatformError
+
+    try:
+        return int(args.func(args, settings))
+    except PlatformError as exc:  # a platform setting that cannot work here: said, not raised
+        log.error("%s", exc)
+        return 2
 
 
 def _log_format_flag(argv: list[str]) -> Literal["text", "json"] | None:

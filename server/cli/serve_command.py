@@ -136,7 +136,11 @@ def parse_serve_args(argv: list[str]) -> argparse.Namespace:
     parser = serve_parser()
     _refuse_server_flags(parser, argv)
     args = parser.parse_args(argv)
-    args.engine = engine_flags(parser, args)
+    for key in args.api_key or []:
+        if args.model_tag is None and Path(key).expanduser().is_dir():
+            # `--api-key` takes one or more keys, as vLLM's: a folder after it was MODEL.
+            parser.error(f"--api-key took the folder {key!r}: give MODEL first")
+    args.engine = engine_flags(parser, args, argv)
     # vLLM's flag, and the gateway's too: its own spans and every engine's (``registry``).
     args.engine.given.pop("otlp_traces_endpoint", None)
     return args

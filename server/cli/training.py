@@ -252,7 +252,26 @@ def _align_hyperparameters(args: argparse.Namespace) -> dict[str, object]:
     return {k: v for k, v in given.items() if k not in _NOT_PER_REQUEST}
 
 
+def read_key_file(path: Path) -> str:
+    """The key on a key file's first line; a missing, unreadable or empty file is an error
+    saying so (the key itself is never echoed)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"cannot read the key file {path}: {exc.strerror or exc}") from exc
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ValueError(f"the key file {path} is empty; its first line is the key")
+    return key
+
+
 def _cmd_align(args: argparse.Namespace, settings: Settings) -> int:
+    if args.admin_key_file is not None:
+        try:  # read before anything runs: not after a training job, at the hot-load
+            read_key_file(args.admin_key_file)
+        except ValueError as exc:
+            log.error("%s", exc)
+            return 2
     if args.device is not None and args.config is None:
         log.error("--device needs --config; a server trains where its resource plan says")
         return 2
@@ -269,7 +288,7 @@ def _cmd_align(args: argparse.Namespace, settings: Settings) -> int:
 
 def _admin_headers(args: argparse.Namespace, settings: Settings) -> dict[str, str]:
     key = (
-        args.admin_key_file.read_text().splitlines()[0].strip()
+        read_key_file(args.admin_key_file)
         if args.admin_key_file is not None
         else settings.admin_key
     )

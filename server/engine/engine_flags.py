@@ -42,17 +42,27 @@ def engine_flag_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def engine_flags(parser: argparse.ArgumentParser, parsed: argparse.Namespace) -> EngineFlags:
-    """The engine arguments ``parsed`` sets to something other than vLLM's default (a flag
-    given with its default value changes nothing, so it is not "given")."""
+def engine_flags(
+    parser: argparse.ArgumentParser, parsed: argparse.Namespace, argv: list[str]
+) -> EngineFlags:
+    """The engine arguments ``argv`` (parsed into ``parsed``) gives, its value even when it
+    is vLLM's default: the gateway's own defaults may differ (``--no-enforce-eager`` on a
+    CPU, ``--gpu-memory-utilization 0.9`` beside the resource plan's share)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     names = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     defaults = vars(parser.parse_args([]))
+    # Parsed again with every default suppressed: only what argv names is set.
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        named = set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in saved:
+            action.default = default
     values = vars(parsed)
-    given = {
-        name: values[name] for name in names & values.keys() if values[name] != defaults.get(name)
-    }
+    given = {name: values[name] for name in names & named}
     return EngineFlags(given=given, defaults={n: defaults.get(n) for n in names})
 
 

@@ -8,6 +8,7 @@ Does not know: templates, tokenizers, HTTP.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
@@ -310,6 +311,15 @@ class VllmEngine:
     @property
     def healthy(self) -> bool:
         return not self._llm.errored and not self._llm.is_stopped
+
+    def start_output_handler(self) -> None:
+        """Start vLLM's output-handler task now, on the running loop, in an empty context.
+        The engine was built in a worker thread (no loop there), so vLLM would start it
+        inside the first request, and the task would keep that request's context for good:
+        its id on every later log line of the handler, its span as vLLM spans' parent."""
+        start = getattr(self._llm, "_run_output_handler", None)  # vLLM's, private
+        if start is not None:
+            contextvars.Context().run(start)
 
     @property
     def status(self) -> str:

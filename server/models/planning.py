@@ -96,7 +96,7 @@ def plan_entries(
         platform,
         training=training_demand(entries, resources, platform),
         usable_fraction=resources.gpu_memory_fraction,
-        cpu_kv_cache_gib=effective_cpu_kv_cache_gib(settings.cpu_kv_cache_gib),
+        cpu_kv_cache_gib=effective_cpu_kv_cache_gib(settings.cpu_kv_cache_gib, platform),
     )
 
 

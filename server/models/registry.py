@@ -452,6 +452,7 @@ class Registry:
             for name, result in zip(group, results, strict=True):
                 entry, path, renderer = prepared[name]
                 if isinstance(result, VllmEngine):
+                    result.start_output_handler()  # here, on the loop, in no request
                     self.register(
                         ServedModel(entry=entry, path=path, renderer=renderer, engine=result)
                     )

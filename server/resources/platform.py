@@ -152,12 +152,13 @@ def engine_environment(platform: Platform, cpu_kv_cache_gib: float) -> dict[str,
 _OPERATORS_KV_CACHE = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
 
 
-def effective_cpu_kv_cache_gib(setting: float) -> float:
+def effective_cpu_kv_cache_gib(setting: float, platform: Platform | None = None) -> float:
     """The KV cache each CPU engine gets: ``ALIGNGATE_CPU_KV_CACHE_GIB`` (``setting``). One
     setting sizes it: vLLM's ``VLLM_CPU_KVCACHE_SPACE``, when the environment sets it too,
     must say the same, or it is a ``PlatformError`` naming both (it used to win silently,
-    and the resource plan and vLLM could then disagree)."""
-    if _OPERATORS_KV_CACHE is None:
+    and the resource plan and vLLM could then disagree). On CUDA (``platform``) neither
+    sizes anything, and a stray variable is no error."""
+    if _OPERATORS_KV_CACHE is None or (platform is not None and platform.on_cuda):
         return setting
     try:
         same = float(_OPERATORS_KV_CACHE) == float(setting)

@@ -309,7 +309,11 @@ def record_completion(
             request_id=getattr(request.state, "request_id", None),
         )
         store_span = start_span("store", aligngate__completion_id=completion_id)
-        future = store.record_completion(record)
+        try:
+            future = store.record_completion(record)
+        except Exception as exc:
+            end_span(store_span, exc)
+            raise
         future.add_done_callback(lambda done: end_span(store_span, done.exception()))
         # Whoever listens (the AI judges' sampler) hears of the record once it is committed;
         # the listener only hands it over, so the response is not delayed.

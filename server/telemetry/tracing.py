@@ -28,8 +28,14 @@ PROTOCOL_VARIABLE = "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"
 _provider: Any = None
 
 
+class TracingError(ValueError):
+    """The trace export cannot be set up as configured (an OTLP protocol it does not speak)."""
+
+
 def init_tracing(endpoint: str | None, service_name: str = "aligngate") -> bool:
-    """Export this process's spans to ``endpoint``; False (and nothing set up) without one."""
+    """Export this process's spans to ``endpoint``; False (and nothing set up) without one.
+    One provider per process (OpenTelemetry's global cannot be replaced): a second call
+    keeps the first."""
     global _provider
     if not endpoint or _provider is not None:
         return _provider is not None
@@ -45,11 +51,9 @@ def init_tracing(endpoint: str | None, service_name: str = "aligngate") -> bool:
 
 
 def shutdown_tracing() -> None:
-    """Send what is buffered, then stop exporting."""
-    global _provider
+    """Send what is buffered (the provider itself stops at the process's exit)."""
     if _provider is not None:
-        _provider.shutdown()
-        _provider = None
+        _provider.force_flush()
 
 
 def span_exporter(endpoint: str) -> Any:
@@ -64,7 +68,10 @@ def span_exporter(endpoint: str) -> Any:
         )
 
         return OTLPHttpSpanExporter(endpoint=endpoint)
-    raise ValueError(f"{PROTOCOL_VARIABLE}={protocol!r}: grpc or http/protobuf")
+    raise TracingError(
+        f"{PROTOCOL_VARIABLE}={protocol!r}: the gateway exports traces over grpc or "
+        "http/protobuf, as vLLM does"
+    )
 
 
 def tracer() -> trace.Tracer:

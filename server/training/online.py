@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -411,7 +412,9 @@ class AlignJobs:
         )
         self._jobs[job.id] = job
         task = asyncio.create_task(
-            run_iteration(plan, store, config, job, load, min_records, gate, lock, runner)
+            run_iteration(plan, store, config, job, load, min_records, gate, lock, runner),
+            # Not the admin request's context: the job outlives it (its id, its span).
+            context=contextvars.Context(),
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
