@@ -89,20 +89,26 @@ def test_a_models_file_beside_a_model_or_engine_flags_is_an_error(
         _entry(["Qwen/Qwen3-0.6B"])
 
 
-def test_bad_flags_are_refused_before_anything_starts(test_env: dict[str, str]) -> None:
-    done = run_cli(["serve", "--chat-template", "x.jinja"], test_env, timeout=120)
-    assert done.returncode == 2
-    assert "--chat-template is a `vllm serve` server flag; in aligngate: the models file's " in (
-        done.stderr
-    )
-    done = run_cli(["serve", "--max-model-len", "lots"], test_env, timeout=120)
-    assert done.returncode == 2 and "--max-model-len" in done.stderr, done.stderr
-    done = run_cli(["serve", "--served-model-name", "a", "b"], test_env, timeout=120)
-    assert done.returncode == 2 and "give one name" in done.stderr, done.stderr
+def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The serve parser's refusal of ``argv``: exit 2 and what it says on stderr."""
+    with pytest.raises(SystemExit) as exit_:
+        parse_serve_args(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_bad_flags_are_refused_before_anything_starts(
+    test_env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    said = _refused(["--chat-template", "x.jinja"], capsys)
+    assert "--chat-template is a `vllm serve` server flag; in aligngate: the models file's " in said
+    assert "--max-model-len" in _refused(["--max-model-len", "lots"], capsys)
     # --api-key takes one or more keys (vLLM's): a folder after it was meant as MODEL.
-    done = run_cli(["serve", "--api-key", "k" * 16, str(REPO / "templates")], test_env, 120)
-    assert done.returncode == 2 and "give MODEL first" in done.stderr, done.stderr
-    # One setting sizes a CPU engine's KV cache; vLLM's variable beside it must agree.
+    assert "give MODEL first" in _refused(["--api-key", "k" * 16, str(REPO / "templates")], capsys)
+    with pytest.raises(ModelsFileError, match="give one name"):
+        _entry(["--served-model-name", "a", "b"])
+    # One setting sizes a CPU engine's KV cache; vLLM's variable beside it must agree. A
+    # process of its own: the variable is read as the process starts.
     env = {**test_env, "VLLM_CPU_KVCACHE_SPACE": "4", "ALIGNGATE_CPU_KV_CACHE_GIB": "1"}
     done = run_cli(["serve"], env, timeout=120)
     assert done.returncode == 2 and "ALIGNGATE_CPU_KV_CACHE_GIB=1 disagree" in done.stderr

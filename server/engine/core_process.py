@@ -29,6 +29,7 @@ import importlib.util
 import logging
 import multiprocessing
 import os
+import sys
 import threading
 from collections.abc import Mapping
 from multiprocessing.context import ForkServerContext, ForkServerProcess
@@ -43,6 +44,10 @@ PRELOADED_MODULES = (
     "vllm.v1.executor.uniproc_executor",
     "vllm.v1.worker.cpu_worker",
 )
+
+# The environment before this process first imported vLLM, when something imported it before
+# the fork server started (the serve command's parser is vLLM's): see ``preload``.
+_before_vllm: dict[str, str] | None = None
 
 _lock = threading.Lock()
 _probe_lock = threading.Lock()  # engines start side by side on a CPU
@@ -87,6 +92,31 @@ def _vllm_cpu_environment(tensor_parallel_size: int = 1) -> dict[str, str]:
     return environment
 
 
+def note_environment_before_vllm() -> None:
+    """Call before this process first imports vLLM (once is enough). vLLM's import changes
+    a few variables (opencv prepends its ``lib64`` to ``LD_LIBRARY_PATH``); the fork server
+    then starts with those as they were before, so that its own import sets them exactly as
+    the gateway's did, and the cores still fork (they would be spawned, ~13 s slower each,
+    if the server's import added them a second time)."""
+    global _before_vllm
+    if _before_vllm is None and "vllm" not in sys.modules:
+        _before_vllm = dict(os.environ)
+
+
+def _undone_by_vllms_import(keep: Mapping[str, str]) -> dict[str, str | None]:
+    """The variables vLLM's import in this process changed (not ``VLLM_*``, not ``keep``),
+    with their value before it (None: unset)."""
+    if _before_vllm is None:
+        return {}
+    return {
+        name: _before_vllm.get(name)
+        for name in set(_before_vllm) | set(os.environ)
+        if not name.startswith("VLLM_")
+        and name not in keep
+        and os.environ.get(name) != _before_vllm.get(name)
+    }
+
+
 def preload(modules: tuple[str, ...] = PRELOADED_MODULES) -> None:
     """Start the fork server now; it imports ``modules`` in the background (the gateway
     goes on at once). Call once the engine environment is set (``VLLM_CPU_KVCACHE_SPACE``,
@@ -98,8 +128,16 @@ def preload(modules: tuple[str, ...] = PRELOADED_MODULES) -> None:
         platform_values = _vllm_cpu_environment()
         context = multiprocessing.get_context("forkserver")
         context.set_forkserver_preload(list(modules))
-        saved = {name: os.environ.get(name) for name in platform_values}
-        os.environ.update(platform_values)
+        values: dict[str, str | None] = {
+            **_undone_by_vllms_import(platform_values),
+            **platform_values,
+        }
+        saved = {name: os.environ.get(name) for name in values}
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         try:  # the server process starts with this environment and keeps it
             from multiprocessing import forkserver
 
@@ -108,7 +146,7 @@ def preload(modules: tuple[str, ...] = PRELOADED_MODULES) -> None:
         finally:
             for name, value in saved.items():
                 if value is None:
-                    del os.environ[name]
+                    os.environ.pop(name, None)
                 else:
                     os.environ[name] = value
     log.info("Engine-core fork server started; it imports vLLM while the gateway starts")

@@ -28,6 +28,9 @@ class EngineFlags:
 def engine_flag_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """A parser holding every ``AsyncEngineArgs`` flag, grouped and documented as vLLM groups
     them (``--help=ModelConfig``, ``--help=all``, ``--help=max-model-len``)."""
+    from server.engine.core_process import note_environment_before_vllm
+
+    note_environment_before_vllm()  # the fork server of engine cores needs it (core_process)
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
