@@ -159,23 +159,16 @@ def test_litellm_openai_compatible_provider(served_folder: Gateway) -> None:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download at import
     import litellm
 
-    reply = litellm.completion(
-        model="openai/tiny",
-        api_base=f"{served_folder.url}/v1",
-        api_key=KEY,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-        max_tokens=12,
-        temperature=0,
-    )
+    request = {
+        "model": "openai/tiny",
+        "api_base": f"{served_folder.url}/v1",
+        "api_key": KEY,
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "max_tokens": 12,
+        "temperature": 0,
+    }
+    reply = litellm.completion(**request)
     assert "Paris" in (reply.choices[0].message.content or "")  # type: ignore[union-attr]
-    streamed = litellm.completion(
-        model="openai/tiny",
-        api_base=f"{served_folder.url}/v1",
-        api_key=KEY,
-        messages=[{"role": "user", "content": "What is the capital of France?"}],
-        max_tokens=12,
-        temperature=0,
-        stream=True,
-    )
+    streamed = litellm.completion(**request, stream=True)
     text = "".join(chunk.choices[0].delta.content or "" for chunk in streamed)  # type: ignore[union-attr]
     assert text == reply.choices[0].message.content  # type: ignore[union-attr]

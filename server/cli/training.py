@@ -350,6 +350,7 @@ def _align_offline(args: argparse.Namespace, settings: Settings) -> tuple[int, d
     from server.models.models_file import ModelsFileError, load_deployment
     from server.protocol import Hyperparameters
     from server.store import Store
+    from server.telemetry.progress import Progress
     from server.training.arguments import placed
     from server.training.merge import MergeError, merge_adapter
     from server.training.online import AlignJob, run_iteration
@@ -383,13 +384,15 @@ def _align_offline(args: argparse.Namespace, settings: Settings) -> tuple[int, d
     result = job.public()
     if job.status == "succeeded" and args.merge_out is not None:
         try:
-            merged = merge_adapter(
-                plan.base_path,
-                plan.out,
-                args.merge_out,
-                device=config.device,
-                trust_remote_code=plan.trust_remote_code,
-            )
+            with Progress("merge", 3, unit="step") as progress:
+                merged = merge_adapter(
+                    plan.base_path,
+                    plan.out,
+                    args.merge_out,
+                    device=config.device,
+                    trust_remote_code=plan.trust_remote_code,
+                    progress=progress,
+                )
         except MergeError as exc:
             log.error("%s", exc)
             return 2, result
