@@ -36,6 +36,7 @@ MAX_STOP_CHARS = 256
 MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
 MAX_MESSAGES = 512
 MAX_MESSAGE_CHARS = 200_000
+MAX_STRUCTURE_CHARS = 20_000
 # Templates come from the models file only: a client-supplied one could render any prompt
 # (and, with some engines, run template code).
 CLIENT_TEMPLATE_FIELDS = ("chat_template", "template")
@@ -131,28 +132,85 @@ class TextPart(_Strict):
     text: str
 
 
+MAX_TOOLS = 128
+TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"  # OpenAI's function names, plus vLLM's . and :
+
+
+class FunctionCallIn(_Strict):
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    arguments: str = Field(max_length=MAX_MESSAGE_CHARS)  # JSON text, as the model wrote it
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"a tool call's arguments are JSON text: {exc}") from exc
+        if not isinstance(parsed, dict):
+            raise ValueError("a tool call's arguments are a JSON object")
+        return value
+
+
+class ToolCallIn(_Strict):
+    """An assistant message's call, as the client got it and sends it back."""
+
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = Field(default=None, max_length=256)
+    # An assistant's tool calls, and a tool message's answer to one of them (OpenAI's).
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=256)
 
     @model_validator(mode="after")
-    def _check_length(self) -> ChatMessage:
+    def _check_shape(self) -> ChatMessage:
         if len(self.text()) > MAX_MESSAGE_CHARS:
             raise ValueError(f"a message is longer than {MAX_MESSAGE_CHARS} characters")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("a tool message, and only one, has the tool_call_id it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is missing (only an assistant's tool calls go without)")
         return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
 
 
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    description: str | None = Field(default=None, max_length=MAX_STRUCTURE_CHARS)
+    parameters: dict[str, Any] | None = None  # a JSON Schema
+    strict: bool | None = None
+
+
+class ToolDefinition(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
-
-
-MAX_STRUCTURE_CHARS = 20_000
 
 
 class StructuredOutputs(_Strict):
@@ -369,10 +427,26 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: TemplateKwargs = Field(default=None, max_length=32)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # Tool calls, as OpenAI's (served for models whose chat template takes tools).
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _prompt_logprobs_not_streamed(self) -> ChatCompletionRequest:
         _check_prompt_logprobs(self.prompt_logprobs, self.stream)
+        if not self.tools and self.tool_choice not in (None, "none", "auto"):
+            raise InvalidRequest(
+                "When using `tool_choice`, `tools` must be set.", param="tool_choice"
+            )
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tools:
+            name = self.tool_choice.function.name
+            if name not in {t.function.name for t in self.tools}:
+                raise InvalidRequest(
+                    f"Tool '{name}' has not been passed in `tools`.", param="tool_choice"
+                )
+        if self.tools and len({t.function.name for t in self.tools}) != len(self.tools):
+            raise InvalidRequest("Each tool's name must be unique.", param="tools")
         if self.continue_final_message and self.add_generation_prompt:
             raise InvalidRequest(
                 "Cannot set both `continue_final_message` and `add_generation_prompt` to "
@@ -380,6 +454,20 @@ class ChatCompletionRequest(_SamplingFields):
                 param="add_generation_prompt",
             )
         return self
+
+    def tool_list(self) -> list[dict[str, Any]]:
+        """The tools as OpenAI's dicts (what templates and vLLM's parsers take)."""
+        return [t.model_dump(exclude_none=True) for t in self.tools or []]
+
+    def effective_tool_choice(self) -> str | dict[str, Any]:
+        """OpenAI's default: ``auto`` with tools, ``none`` without."""
+        if not self.tools:
+            return "none"
+        if self.tool_choice is None:
+            return "auto"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.model_dump()
+        return self.tool_choice
 
     def requested_max_tokens(self) -> int | None:
         # OpenAI deprecated max_tokens for max_completion_tokens; the newer field wins.
@@ -591,9 +679,21 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallOut] | None = Field(default=None, exclude_if=lambda v: not v)
 
 
 def _unless_requested(value: object) -> bool:
@@ -653,6 +753,8 @@ class StoredMessage(BaseModel):
     content: str
     name: str | None = None
     content_parts: list[TextPart] | None = None  # when the message was sent as parts
+    tool_calls: list[ToolCallOut] | None = Field(default=None, exclude_if=lambda v: not v)
+    tool_call_id: str | None = Field(default=None, exclude_if=_unless_requested)
 
 
 class StoredMessageList(BaseModel):
@@ -672,9 +774,22 @@ class ChatCompletionDeleted(BaseModel):
     deleted_with_it: dict[str, int] = Field(default_factory=dict)
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(default=None, exclude_if=_unless_requested)
+    arguments: str | None = Field(default=None, exclude_if=_unless_requested)
+
+
+class ToolCallDeltaOut(BaseModel):
+    index: int
+    id: str | None = Field(default=None, exclude_if=_unless_requested)
+    type: Literal["function"] | None = Field(default=None, exclude_if=_unless_requested)
+    function: FunctionCallDelta
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDeltaOut] | None = Field(default=None, exclude_if=lambda v: not v)
 
 
 class ChatChunkChoice(BaseModel):
@@ -753,6 +868,8 @@ class RenderRequest(_Strict):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     prompt: str | None = None
     quantile: int | None = Field(default=None, ge=0, le=255)
+    # With `messages`: tools, as a chat request sends them, for a template that takes them.
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=MAX_TOOLS)
 
 
 class RenderResponse(BaseModel):

@@ -18,14 +18,14 @@ FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 def test_unknown_fields_are_ignored_and_named(gateway: Gateway) -> None:
-    extra = {"service_tier": "auto", "parallel_tool_calls": False, "trust_remote_code": True}
+    extra = {"service_tier": "auto", "prompt_cache_key": "k1", "trust_remote_code": True}
     r = httpx.post(
         f"{gateway.url}/v1/chat/completions",
         json={"model": gateway.model, "messages": FRANCE, "max_tokens": 4, **extra},
         timeout=120,
     )
     assert r.status_code == 200, r.text
-    assert r.headers[HEADER] == "parallel_tool_calls,service_tier,trust_remote_code"
+    assert r.headers[HEADER] == "prompt_cache_key,service_tier,trust_remote_code"
     with httpx.stream(
         "POST",
         f"{gateway.url}/v1/completions",
@@ -62,8 +62,8 @@ def test_unknown_fields_are_ignored_and_named(gateway: Gateway) -> None:
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ("tool_choice", "required"),
+        ("functions", [{"name": "f", "parameters": {}}]),  # OpenAI's deprecated ones
+        ("function_call", {"name": "f"}),
         ("suffix", "and so on"),
         ("best_of", 2),
         ("bad_words", ["sea"]),
@@ -82,7 +82,7 @@ def test_fields_that_would_change_the_answer_are_refused(
     error = r.json()["error"]
     assert error["param"] == field and "cannot be honoured" in error["message"], error
     # Their "off" values change nothing and pass.
-    off = {"tools": [], "tool_choice": "none", "suffix": "", "best_of": 1}
+    off = {"functions": [], "function_call": "none", "suffix": "", "best_of": 1}
     if field in off:
         r = httpx.post(
             f"{gateway.url}/v1/chat/completions",

@@ -87,6 +87,19 @@ def test_a_models_file_beside_a_model_or_engine_flags_is_an_error(
         _entry(["--max-model-len", "2048"], Settings(config=models))
     with pytest.raises(ModelsFileError, match=r"not a folder.*nothing is downloaded"):
         _entry(["Qwen/Qwen3-0.6B"])
+    with pytest.raises(ModelsFileError, match=r"--tool-call-parser: a models file"):
+        _entry(["--tool-call-parser", "hermes"], Settings(config=models))
+
+
+def test_tool_flags_are_vllms(default_model_path: Path) -> None:
+    folder = str(default_model_path)
+    entry = _entry([folder, "--tool-call-parser", "hermes", "--enable-auto-tool-choice"])
+    assert (entry.tool_call_parser, entry.enable_auto_tool_choice) == ("hermes", True)
+    assert entry.path == folder and entry.name == default_model_path.name
+    with pytest.raises(ModelsFileError, match="unknown tool_call_parser 'hermes3'.*hermes"):
+        _entry([folder, "--tool-call-parser", "hermes3"])
+    with pytest.raises(ModelsFileError, match="needs tool_call_parser"):
+        _entry([folder, "--enable-auto-tool-choice"])
 
 
 def _refused(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:

@@ -16,6 +16,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from server.engine.engine_flags import (
     EngineFlags,
     engine_flag_parser,
@@ -25,6 +27,7 @@ from server.engine.engine_flags import (
 from server.models.command_line_entry import entry_from_engine_args, flag
 from server.models.models_file import (
     Deployment,
+    ModelEntry,
     ModelsFileError,
     default_deployment,
     load_deployment,
@@ -47,15 +50,17 @@ FRONTEND_FLAGS = {
     "lora_modules": "the models file's `adapters`, or `POST /admin/adapters`",
     "response_role": "always `assistant`",
     "return_tokens_as_token_ids": "not taken (the request field is refused by name)",
-    "enable_auto_tool_choice": "not taken: tools are refused by name",
-    "tool_call_parser": "not taken: tools are refused by name",
-    "tool_parser_plugin": "not taken: tools are refused by name",
+    "enable_auto_tool_choice": "`aligngate serve MODEL --enable-auto-tool-choice`, or a "
+    "model's `enable_auto_tool_choice` in the models file",
+    "tool_call_parser": "`aligngate serve MODEL --tool-call-parser NAME`, or a model's "
+    "`tool_call_parser` in the models file",
+    "tool_parser_plugin": "not taken: vLLM's own parsers, by name (`--tool-call-parser`)",
     "tool_server": "not taken: hosted tools are refused by name",
     "enable_force_include_usage": "not taken: `stream_options.include_usage` per request",
     "allowed_origins": "no CORS; other sites' state-changing requests are refused (SECURITY.md)",
     "uds": "not taken: TCP on the address given",
 }
-GATEWAY_TAKES = {"host", "port", "api_key"}
+GATEWAY_TAKES = {"host", "port", "api_key", "enable_auto_tool_choice", "tool_call_parser"}
 
 
 def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
@@ -77,6 +82,18 @@ def add_gateway_flags(parser: argparse.ArgumentParser) -> None:
         "--family",
         choices=FAMILIES,
         help="MODEL's prompt format (default: detected from the checkpoint)",
+    )
+    group.add_argument(
+        "--tool-call-parser",
+        metavar="NAME",
+        help="the vLLM tool parser that reads MODEL's tool calls (hermes, llama3_json, "
+        "mistral, ...), as `vllm serve`'s; the chat template must take `tools`",
+    )
+    group.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="serve `tool_choice: auto` (the default with tools) through --tool-call-parser, "
+        "as `vllm serve`'s; `required` and named functions need neither flag",
     )
     group.add_argument("--host", help="listen address (default 127.0.0.1)")
     group.add_argument("--port", type=int, help="listen port (default 8000)")
@@ -154,6 +171,8 @@ def serve_deployment(args: argparse.Namespace, settings: Settings) -> Deployment
     one_model = [
         *(["MODEL"] if args.model_tag else []),
         *(["--family"] if args.family else []),
+        *(["--tool-call-parser"] if args.tool_call_parser else []),
+        *(["--enable-auto-tool-choice"] if args.enable_auto_tool_choice else []),
         *sorted(flag(name) for name in flags.given),
     ]
     if config is not None:
@@ -170,5 +189,18 @@ def serve_deployment(args: argparse.Namespace, settings: Settings) -> Deployment
     entry = entry_from_engine_args(
         flags.given, flags.defaults, model=args.model_tag, family=args.family
     )
+    if args.tool_call_parser or args.enable_auto_tool_choice:
+        try:
+            entry = ModelEntry.model_validate(
+                {
+                    **entry.model_dump(exclude_unset=True),
+                    "tool_call_parser": args.tool_call_parser,
+                    "enable_auto_tool_choice": args.enable_auto_tool_choice,
+                }
+            )
+        except ValidationError as exc:
+            problems = "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
+            flags_named = "--tool-call-parser/--enable-auto-tool-choice"
+            raise ModelsFileError(f"{flags_named}: {problems}") from None
     log.info("serving %s as %r (family: %s)", entry.path, entry.name, entry.family or "detected")
     return Deployment(models=[entry])

@@ -67,7 +67,8 @@ def messages_of(record: CompletionRecord, choice_index: int = 0) -> list[dict[st
             if isinstance(content, list):
                 content = "".join(p.get("text", "") for p in content)
             role = "system" if m.get("role") == "developer" else m.get("role")
-            out.append({"role": role, "content": str(content)})
+            # An assistant's tool calls without text: its content is none, not "None".
+            out.append({"role": role, "content": "" if content is None else str(content)})
         return out
     return [{"role": "user", "content": instruction_of(record, choice_index)}]
 

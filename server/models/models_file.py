@@ -145,6 +145,12 @@ class ModelEntry(BaseModel):
     lora: LoraSettings | None = None
     adapters: list[AdapterEntry] = Field(default_factory=list)
     online: OnlineSettings = Field(default_factory=OnlineSettings)
+    # Tool calls, as vLLM's --tool-call-parser / --enable-auto-tool-choice: the vLLM parser
+    # that reads this model's calls out of its text, and whether `tool_choice: auto` (the
+    # default with tools) is served. `required` and a named function need neither: their
+    # answers are constrained to JSON. The chat template must take `tools`.
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = False
     # GPUs (CUDA indices; more than one: tensor parallel) and this engine's memory on each,
     # as a fraction of the card (vLLM's gpu_memory_utilization) or in GiB. Unset: the
     # resource plan places the engine and gives it a share (`aligngate check` shows it).
@@ -187,6 +193,12 @@ class ModelEntry(BaseModel):
             raise ValueError("devices: CUDA indices are 0 or more")
         if self.replicas is not None and self.autoscaling is not None:
             raise ValueError("give replicas or autoscaling, not both")
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser (as vLLM's flags)")
+        if self.tool_call_parser is not None:
+            from server.engine.tool_parsing import check_parser_name
+
+            check_parser_name(self.tool_call_parser)
         return self
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.models.families import FamilySpec, family, resolve_template_file
@@ -44,8 +45,31 @@ class FamilyDetectionError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    role: str  # "system" | "user" | "assistant"
+    role: str  # "system" | "user" | "assistant" | "tool"
     content: str
+    # An assistant's calls, OpenAI's shape (``function.arguments``: JSON text); the call a
+    # tool message answers. Only chat templates that take tools render them.
+    tool_calls: tuple[dict[str, Any], ...] | None = None
+    tool_call_id: str | None = None
+
+    def as_template_message(self) -> dict[str, Any]:
+        """The message as HF chat templates read it (vLLM's way: a call's arguments as an
+        object, not JSON text)."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            out["tool_calls"] = [
+                {
+                    **call,
+                    "function": {
+                        **call["function"],
+                        "arguments": json.loads(call["function"]["arguments"] or "{}"),
+                    },
+                }
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +240,10 @@ class Renderer:
             "|".join(re.escape(s) for s in sorted(written, key=len, reverse=True)) or r"(?!)"
         )
         self.fingerprint = self._fingerprint(extra_sources or {})
+        # Whether tools can be rendered: a checkpoint-style chat template that reads `tools`.
+        self.supports_tools = spec.uses_checkpoint_template and "tools" in (
+            jinja2.meta.find_undeclared_variables(self._env.parse(template_source))
+        )
 
     # ---- construction -------------------------------------------------------------------
 
@@ -312,8 +340,15 @@ class Renderer:
                 )
         if any(m.role == "system" for m in turns):
             raise RenderError("A system message may only come first.", param="messages")
-        if not turns or turns[-1].role != "user":
-            raise RenderError("The last message must be from the user.", param="messages")
+        if not self.supports_tools and any(m.role == "tool" or m.tool_calls for m in turns):
+            raise RenderError(
+                f"This model's {self.family} template has no tool calls or tool messages.",
+                param="messages",
+            )
+        if not turns or turns[-1].role not in ("user", "tool"):
+            raise RenderError(
+                "The last message must be from the user (or a tool).", param="messages"
+            )
         if not self.spec.multi_turn and len(turns) != 1:
             raise RenderError(
                 f"The {self.family} format takes exactly one user message "
@@ -332,7 +367,7 @@ class Renderer:
         if system is None:
             system = self.spec.system
         if self.spec.strip_content:
-            turns = [Message(m.role, m.content.strip()) for m in turns]
+            turns = [dataclasses.replace(m, content=m.content.strip()) for m in turns]
             system = system.strip() if system is not None else None
         return system, turns
 
@@ -360,16 +395,18 @@ class Renderer:
         turns: list[Message],
         variables: dict[str, Any],
         form: PromptForm,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         tok = self.tokenizer
         if template is None:  # the checkpoint's own chat template (vLLM's way: HF's)
             conversation = [{"role": "system", "content": system}] if system is not None else []
-            conversation += [{"role": m.role, "content": m.content} for m in turns]
+            conversation += [m.as_template_message() for m in turns]
             if form.prefill is not None:
                 conversation.append({"role": "assistant", "content": form.prefill})
             try:
                 return tok.apply_chat_template(
                     conversation,
+                    tools=tools or None,
                     tokenize=False,
                     add_generation_prompt=form.generation_prompt and form.prefill is None,
                     continue_final_message=form.prefill is not None,
@@ -395,11 +432,13 @@ class Renderer:
         messages: list[Message],
         variables: dict[str, Any],
         form: PromptForm | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> RenderedPrompt:
         form = form or PromptForm()
         system, turns = self._conversation(messages)
+        self._check_tool_text(tools, turns)
         try:
-            text = self._render_source(template, system, turns, variables, form)
+            text = self._render_source(template, system, turns, variables, form, tools)
             contents = ([system] if system is not None else []) + [m.content for m in turns]
             contents += [form.prefill] if form.prefill else []
             contents += [
@@ -408,7 +447,7 @@ class Renderer:
                 if isinstance(v, str) and v not in self.quantile_tokens
             ]
             if any(self._meets_control_text(c) for c in contents):
-                ids = self._tokenize_guarded(template, system, turns, variables, text, form)
+                ids = self._tokenize_guarded(template, system, turns, variables, text, form, tools)
             else:
                 # Common case: the whole text in one pass, exactly as a trainer would. No
                 # control text lies in or across the user's text, so each control token the
@@ -428,14 +467,22 @@ class Renderer:
         template_kwargs: dict[str, Any] | None = None,
         generation_prompt: bool = True,
         continue_final: bool = False,
+        tools: list[dict[str, Any]] | None = None,
     ) -> RenderedPrompt:
         """The prompt for ``messages``. vLLM's chat options: ``template_kwargs`` are the
         checkpoint chat template's variables (chat-template families only);
         ``continue_final`` renders the last message, the assistant's, open for the model
         to continue (a prefill); ``generation_prompt`` False leaves the answer's opening
-        out (checkpoint templates only: a fixed template always opens the answer)."""
+        out (checkpoint templates only: a fixed template always opens the answer);
+        ``tools`` (OpenAI's function definitions) go to a chat template that takes them."""
         token = self._quantile_token(quantile)
         fixed = self._template is not None
+        if tools and not self.supports_tools:
+            raise RenderError(
+                f"This model's {self.family} template does not take tools "
+                f"({'a fixed format' if fixed else 'its chat template never reads `tools`'}).",
+                param="tools",
+            )
         if template_kwargs and fixed:
             raise RenderError(
                 f"`chat_template_kwargs` applies to models rendered by their checkpoint's "
@@ -462,7 +509,20 @@ class Renderer:
         if template_kwargs:
             variables = dict(template_kwargs)
         form = PromptForm(generation_prompt=generation_prompt, prefill=prefill)
-        return self._render(self._template, messages, variables, form)
+        return self._render(self._template, messages, variables, form, tools)
+
+    def _check_tool_text(self, tools: list[dict[str, Any]] | None, turns: list[Message]) -> None:
+        """Tool definitions and calls reach the prompt as JSON the template writes (no
+        stand-in can mark them as the user's): none may hold control-token text."""
+        calls = [c for m in turns for c in m.tool_calls or ()]
+        ids = [m.tool_call_id for m in turns if m.tool_call_id is not None]
+        if (tools or calls or ids) and self.has_control_text(
+            json.dumps([tools, calls, ids], ensure_ascii=False)
+        ):
+            raise RenderError(
+                "Tool definitions and calls must not contain this model's control-token text.",
+                param="tools" if tools else "messages",
+            )
 
     def render_extra(self, name: str, messages: list[Message], **variables: str) -> RenderedPrompt:
         """A family's other format, e.g. CUT's judgment prompt (``judge``)."""
@@ -563,6 +623,7 @@ class Renderer:
         variables: dict[str, Any],
         text: str,
         form: PromptForm | None = None,
+        tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
         """``text`` in one pass, with control tokens only where the template wrote them.
 
@@ -572,12 +633,14 @@ class Renderer:
         marks: dict[str, str] = {}
 
         def mark(value: str) -> str:
+            if not value:  # nothing to place; a template may test for emptiness
+                return value
             key = f"\x00{nonce}:{len(marks)}\x00"
             marks[key] = value
             return key
 
         marked_system = mark(system) if system is not None else None
-        marked_turns = [Message(m.role, mark(m.content)) for m in turns]
+        marked_turns = [dataclasses.replace(m, content=mark(m.content)) for m in turns]
         marked_vars = {
             k: (mark(v) if isinstance(v, str) and v not in self.quantile_tokens else v)
             for k, v in variables.items()
@@ -587,7 +650,7 @@ class Renderer:
             form, prefill=mark(form.prefill) if form.prefill else form.prefill
         )
         skeleton = self._render_source(
-            template, marked_system, marked_turns, marked_vars, marked_form
+            template, marked_system, marked_turns, marked_vars, marked_form, tools
         )
         parts = re.split(f"(\x00{nonce}:\\d+\x00)", skeleton)
         pieces: list[tuple[str, bool]] = []  # (text, written by the template)

@@ -26,13 +26,18 @@ async def render(body: RenderRequest, request: Request, registry: RegistryDep) -
     request.state.model = model.name
     if (body.messages is None) == (body.prompt is None):
         raise InvalidRequest("Send either `messages` or `prompt`.", param="messages")
+    if body.tools and body.messages is None:
+        raise InvalidRequest("`tools` go with `messages`.", param="tools")
     check_request_rate(request, model)  # a render counts as a request (rpm)
     renderer = model.renderer
     try:
         if body.messages is not None:
             messages = to_messages(body.messages)
-            size = text_size(body.model_dump(include={"messages"}))
-            prompt = await off_loop(size, renderer.render_chat, messages, quantile=body.quantile)
+            size = text_size(body.model_dump(include={"messages", "tools"}))
+            tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
+            prompt = await off_loop(
+                size, renderer.render_chat, messages, quantile=body.quantile, tools=tools
+            )
         else:
             text = body.prompt or ""
             prompt = await off_loop(len(text), renderer.render_text, text, quantile=body.quantile)

@@ -14,7 +14,8 @@ from collections.abc import AsyncGenerator
 from fastapi import Request
 from fastapi.responses import Response
 
-from server.engine.types import TokenLogprob
+from server.engine.tool_parsing import ParsedDelta, ToolCallReader
+from server.engine.types import ChoiceDelta, TokenLogprob
 from server.errors import InvalidRequest
 from server.models.registry import Registry
 from server.models.render import Message, RenderError
@@ -53,8 +54,47 @@ from server.serving.generation import (
 from server.serving.prompt_scores import prompt_logprobs_out
 from server.serving.stream_frames import StreamFrames, chat_text_choice
 from server.serving.tokenizing import off_loop, text_size
+from server.serving.tool_calls import (
+    StreamedMessage,
+    ToolPlan,
+    assistant_message,
+    delta_of,
+    stored_message,
+    tool_plan,
+)
 
 ENDPOINT = "/v1/chat/completions"
+
+
+def _tool_chunk_choice(
+    tools: ToolPlan,
+    reader: ToolCallReader,
+    streamed: StreamedMessage,
+    d: ChoiceDelta,
+    with_ids: bool,
+) -> ChatChunkChoice | None:
+    """A streamed step of a request with tools: the reader's content and call pieces (at
+    the end, what it held back), and the finish reason tool calls give."""
+    parsed = reader.step(d.text, d.token_ids) or ParsedDelta(None)
+    if d.finish_reason is not None:
+        tail = reader.finish()
+        if tail is not None:
+            parsed = ParsedDelta(
+                (parsed.content or "") + (tail.content or "") or None,
+                parsed.tool_calls + tail.tool_calls,
+            )
+    streamed.add(parsed)
+    if not (parsed.content or parsed.tool_calls or d.finish_reason or d.logprobs or with_ids):
+        return None  # the parser holds this text back (a call may be starting)
+    return ChatChunkChoice(
+        index=d.index,
+        delta=delta_of(parsed),
+        logprobs=chat_logprobs(d.logprobs),
+        finish_reason=tools.finish_reason(d.finish_reason, reader.streamed_calls())
+        if d.finish_reason is not None
+        else None,
+        token_ids=list(d.token_ids) if with_ids else None,
+    )
 
 
 def chat_logprobs(items: list[TokenLogprob] | None) -> ChatLogprobs | None:
@@ -79,7 +119,12 @@ def chat_logprobs(items: list[TokenLogprob] | None) -> ChatLogprobs | None:
 def to_messages(messages: list[ChatMessage]) -> list[Message]:
     # OpenAI's "developer" role is the newer name of "system".
     return [
-        Message(role="system" if m.role == "developer" else m.role, content=m.text())
+        Message(
+            role="system" if m.role == "developer" else m.role,
+            content=m.text(),
+            tool_calls=tuple(c.model_dump() for c in m.tool_calls) if m.tool_calls else None,
+            tool_call_id=m.tool_call_id,
+        )
         for m in messages
     ]
 
@@ -89,15 +134,17 @@ async def create_chat_completion(
 ) -> Response:
     model = registry.get(body.model)
     ensure_healthy(model)
+    tools = tool_plan(body, model)
     try:
         prompt = await off_loop(
-            text_size(body.model_dump(include={"messages"})),
+            text_size(body.model_dump(include={"messages", "tools"})),
             model.renderer.render_chat,
             to_messages(body.messages),
             quantile=body.quantile,
             template_kwargs=body.chat_template_kwargs,
             generation_prompt=body.add_generation_prompt,
             continue_final=body.continue_final_message,
+            tools=tools.tools if tools else None,
         )
     except RenderError as exc:
         raise InvalidRequest(str(exc), param=exc.param) from exc
@@ -118,6 +165,12 @@ async def create_chat_completion(
         ),
         prompt_logprobs=body.prompt_logprobs,
     )
+    if tools is not None:
+        spec = dataclasses.replace(
+            spec,
+            structured=tools.structured(spec.structured),
+            skip_special_tokens=spec.skip_special_tokens and not tools.keeps_special_tokens(),
+        )
     request_id = new_id("chatcmpl")
     tracker = tracker_for(request, model, ENDPOINT, prompt_tokens=len(prompt.token_ids))
     steps = merged([engine_steps(model, request_id, prompt.token_ids, spec, tracker)])
@@ -161,6 +214,8 @@ async def create_chat_completion(
 
             frames = StreamFrames(chunk([]))
             results = [ChoiceResult(index=i) for i in range(body.n)]
+            readers = [tools.reader() for _ in range(body.n)] if tools else []
+            streamed = [StreamedMessage() for _ in readers]
             announced = False
             async with contextlib.aclosing(steps):
                 async for _, deltas in steps:
@@ -187,6 +242,17 @@ async def create_chat_completion(
                     ]
                     if not moved:
                         continue
+                    if tools is not None:
+                        tool_choices = [
+                            _tool_chunk_choice(
+                                tools, readers[d.index], streamed[d.index], d, with_ids
+                            )
+                            for d in moved
+                        ]
+                        sent = [c for c in tool_choices if c is not None]
+                        if sent:
+                            yield chunk(sent)
+                        continue
                     if with_ids or any(d.logprobs for d in moved):
                         yield chunk(
                             [
@@ -204,6 +270,8 @@ async def create_chat_completion(
                         yield frames.frame(
                             [chat_text_choice(d.index, d.text, d.finish_reason) for d in moved]
                         )
+            for r, message in zip(results, streamed, strict=False):
+                r.message = message.stored()
             record(results)
             if include_usage:
                 yield chunk([], usage(tracker.prompt_tokens, tracker.completion_tokens))
@@ -216,6 +284,16 @@ async def create_chat_completion(
         return Response(status_code=499)
     finally:
         tracker.close()
+    messages = [
+        assistant_message(tools.reader().whole(r.text))
+        if tools is not None
+        else AssistantMessage(content=r.text)
+        for r in results
+    ]
+    if tools is not None:
+        for r, message in zip(results, messages, strict=True):
+            r.message = stored_message(message)
+            r.finish_reason = tools.finish_reason(r.finish_reason, bool(message.tool_calls))
     record(results)
     completion_tokens = sum(len(r.token_ids) for r in results)
     return Response(
@@ -226,12 +304,12 @@ async def create_chat_completion(
             choices=[
                 ChatChoice(
                     index=r.index,
-                    message=AssistantMessage(content=r.text),
+                    message=message,
                     logprobs=chat_logprobs(r.logprobs),
                     finish_reason=r.finish_reason,
                     token_ids=r.token_ids if with_ids else None,
                 )
-                for r in results
+                for r, message in zip(results, messages, strict=True)
             ],
             usage=usage(len(prompt.token_ids), completion_tokens),
             prompt_logprobs=(

@@ -146,6 +146,8 @@ class ChoiceResult:
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None
     prompt_logprobs: PromptLogprobs | None = None
+    # The answer as the client got it, when tools made it other than the text.
+    message: dict[str, Any] | None = None
 
     def add(self, delta: ChoiceDelta) -> None:
         self.text += delta.text
@@ -297,6 +299,7 @@ def record_completion(
                     prompt_token_ids=list(choice_prompts[r.index].token_ids)
                     if choice_prompts
                     else None,
+                    message=r.message,
                 )
                 for r in results
             ],

@@ -4,7 +4,7 @@ that would change the answer and that the gateway cannot honour, which are a 400
 the field (answering without them would be answering a different request).
 
 Clients send such fields by default (LangChain, LiteLLM, newer OpenAI SDKs:
-``parallel_tool_calls``, ``service_tier``, ``stream_options`` on a non-streamed request …).
+``service_tier``, ``stream_options`` on a non-streamed request …).
 
 Owns: which fields are refused and why, the once-per-name log, the header. Does not know:
 what the request asks otherwise (``protocol``), engines.
@@ -41,10 +41,10 @@ def _not_none(choice: Any) -> bool:
 
 # Field -> (when its value changes the answer, why the gateway cannot honour it).
 _CANNOT_HONOUR: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (_given, "tool calls are not served by this gateway"),
-    "tool_choice": (_not_none, "tool calls are not served by this gateway"),
-    "functions": (_given, "function calls are not served by this gateway"),
-    "function_call": (_not_none, "function calls are not served by this gateway"),
+    "tools": (_given, "tool calls are served on /v1/chat/completions only"),
+    "tool_choice": (_not_none, "tool calls are served on /v1/chat/completions only"),
+    "functions": (_given, "OpenAI's deprecated functions: send `tools` instead"),
+    "function_call": (_not_none, "OpenAI's deprecated function_call: send `tool_choice`"),
     "logprob_token_ids": (_given, "logprob_token_ids is not supported"),
     "suffix": (_given, "insertion (suffix) is not supported"),
     "best_of": (lambda v: v not in (None, 1), "best_of is not supported (vLLM V1 removed it)"),

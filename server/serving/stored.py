@@ -35,7 +35,9 @@ def chat_completion(record: CompletionRecord) -> StoredChatCompletion:
         choices=[
             ChatChoice(
                 index=c.index,
-                message=AssistantMessage(content=c.text),
+                message=AssistantMessage.model_validate(c.message)
+                if c.message is not None
+                else AssistantMessage(content=c.text),
                 finish_reason=c.finish_reason,
             )
             for c in record.choices
@@ -81,7 +83,7 @@ async def list_completions(
 
 
 def stored_message(completion_id: str, index: int, sent: dict[str, Any]) -> StoredMessage:
-    content = sent.get("content", "")
+    content = sent.get("content") or ""
     parts = None
     if isinstance(content, list):
         parts = [TextPart.model_validate(p) for p in content]
@@ -92,6 +94,8 @@ def stored_message(completion_id: str, index: int, sent: dict[str, Any]) -> Stor
         content=content,
         name=sent.get("name"),
         content_parts=parts,
+        tool_calls=sent.get("tool_calls"),
+        tool_call_id=sent.get("tool_call_id"),
     )
 
 

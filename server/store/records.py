@@ -19,6 +19,9 @@ class ChoiceRecord:
     token_ids: list[int] | None = None
     # Only with several prompts: this choice's own prompt ids.
     prompt_token_ids: list[int] | None = None
+    # The assistant message the client got, when tool calls made it other than ``text``
+    # (``{content, tool_calls}``); ``text`` stays what the model wrote.
+    message: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
