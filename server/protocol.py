@@ -143,8 +143,10 @@ class FunctionCallIn(_Strict):
     @field_validator("arguments")
     @classmethod
     def _json_object(cls, value: str) -> str:
+        if not value.strip():
+            return "{}"  # no arguments
         try:
-            parsed = json.loads(value) if value.strip() else {}
+            parsed = json.loads(value)
         except json.JSONDecodeError as exc:
             raise ValueError(f"a tool call's arguments are JSON text: {exc}") from exc
         if not isinstance(parsed, dict):
@@ -750,7 +752,7 @@ class StoredChatCompletionList(BaseModel):
 class StoredMessage(BaseModel):
     id: str  # "<completion id>-<index in the request>"
     role: str
-    content: str
+    content: str | None  # None: an assistant's tool calls without text
     name: str | None = None
     content_parts: list[TextPart] | None = None  # when the message was sent as parts
     tool_calls: list[ToolCallOut] | None = Field(default=None, exclude_if=lambda v: not v)
@@ -1033,7 +1035,8 @@ class TokenizeRequest(_Strict):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: TemplateKwargs = Field(default=None, max_length=32)
-    tools: list[dict[str, Any]] | None = None
+    # With `messages`: tools, as chat takes them, for a template that takes them.
+    tools: list[ToolDefinition] | None = Field(default=None, max_length=MAX_TOOLS)
     quantile: int | None = Field(default=None, ge=0, le=255)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from server.feedback.export import (
@@ -276,3 +277,24 @@ def test_the_held_out_share_can_be_each_models_own() -> None:
     rows = [fb(inside, rating=1)]
     assert build_export("kto", rows, records, lambda model: 0.5)[1].held_out == 1
     assert build_export("kto", rows, records, lambda model: 0.0)[1].held_out == 0
+
+
+def test_conversations_with_tools_are_not_exported() -> None:
+    """The formats hold text turns: feedback on a conversation with a tool message or an
+    answer's calls is left out, and counted."""
+    asked = record("t1", ["Canberra."])
+    asked.request = [
+        *asked.request,
+        {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "Canberra"},
+    ]
+    called = record("t2", ['<tool_call>{"name": "f"}</tool_call>'])
+    message = {"content": None, "tool_calls": [{"id": "c"}]}
+    called.choices = [dataclasses.replace(called.choices[0], message=message)]
+    records = {**RECORDS, "t1": asked, "t2": called}
+    assert asked.uses_tools and called.uses_tools and not RECORDS["a"].uses_tools
+    rows = [fb("t1", label="good"), fb("t2", label="bad"), fb("a", 1, label="good")]
+    items, report = build_export("kto", rows, records)
+    assert (len(items), report.with_tools, report.held_out) == (1, 2, 0)
+    pair = [fb("a", 1, preferred_over="t2", preferred_over_choice=0)]
+    assert build_export("dpo", pair, records)[1].with_tools == 1

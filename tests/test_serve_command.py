@@ -96,7 +96,7 @@ def test_tool_flags_are_vllms(default_model_path: Path) -> None:
     entry = _entry([folder, "--tool-call-parser", "hermes", "--enable-auto-tool-choice"])
     assert (entry.tool_call_parser, entry.enable_auto_tool_choice) == ("hermes", True)
     assert entry.path == folder and entry.name == default_model_path.name
-    with pytest.raises(ModelsFileError, match="unknown tool_call_parser 'hermes3'.*hermes"):
+    with pytest.raises(ModelsFileError, match=r"unknown tool_call_parser 'hermes3'.*hermes"):
         _entry([folder, "--tool-call-parser", "hermes3"])
     with pytest.raises(ModelsFileError, match="needs tool_call_parser"):
         _entry([folder, "--enable-auto-tool-choice"])

@@ -142,6 +142,8 @@ class ToolCallReader:
     _ids: list[int] = field(init=False, default_factory=list)
     _sent_calls: int = field(init=False, default=0)
     _scan: int = field(init=False, default=0)
+    # auto: the calls whose id and name went out (only their arguments may follow).
+    _announced: set[int] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
         self.mode = mode_of(self.tool_choice)
@@ -236,6 +238,8 @@ class ToolCallReader:
             for c in delta.tool_calls or []
             if c.index == 0 or self.parallel_tool_calls is not False
         )
+        self._announced.update(c.index for c in calls if c.name)
+        calls = tuple(c for c in calls if c.index in self._announced)
         if not delta.content and not calls:
             return None
         return ParsedDelta(delta.content or None, calls)
@@ -279,14 +283,16 @@ class ToolCallReader:
             return ParsedDelta(self._text)
         if self.mode != "auto" or not self._parser.prev_tool_call_arr:
             return None
+        index = len(self._parser.prev_tool_call_arr) - 1
+        if index not in self._announced:  # cut short before its name: no call was made
+            return None
         remaining = self._parser.get_remaining_unstreamed_args()
         if not remaining:
             return None
-        index = len(self._parser.prev_tool_call_arr) - 1
         return ParsedDelta(None, (ToolCallDelta(index, arguments=remaining),))
 
     def streamed_calls(self) -> bool:
         """Whether any call went out while streaming."""
         if self.mode == "auto":
-            return bool(self._parser.prev_tool_call_arr)
+            return bool(self._announced)
         return self._sent_calls > 0

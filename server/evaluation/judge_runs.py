@@ -85,6 +85,8 @@ def pairs_of(record: CompletionRecord) -> list[tuple[int, int]]:
 def judgeable(judge: Judge, record: CompletionRecord) -> bool:
     if record.status != "finished" or (record.user or "").startswith(JUDGE_USER_PREFIX):
         return False
+    if record.uses_tools:  # judges read text turns (`CompletionRecord.uses_tools`)
+        return False
     if judge.entry.models is not None and record.model not in judge.entry.models:
         return False
     return judge.kind != "pairwise" or bool(pairs_of(record))

@@ -250,6 +250,9 @@ class ExportReport:
     records: int = 0  # written
     superseded: int = 0  # verdicts or preferences replaced by a later one on the same choice
     conflicts: int = 0  # choices (or pairs) whose verdicts disagreed; the latest won
+    # Rows on conversations with tools (``CompletionRecord.uses_tools``): not exported, as
+    # the formats hold text turns only.
+    with_tools: int = 0
 
     def public(self) -> dict[str, int]:
         return asdict(self)
@@ -317,15 +320,25 @@ def build_export(
         share = holdout(record.model if record else "") if callable(holdout) else holdout
         return held_out(completion_id, share)
 
-    kept = [
+    def with_tools(completion_id: str | None) -> bool:
+        record = records.get(completion_id) if completion_id is not None else None
+        return record is not None and record.uses_tools
+
+    visible = [
         fb
         for fb in rows
         if not hidden(fb.completion_id)
         and not (fb.preferred_over is not None and hidden(fb.preferred_over))
     ]
+    kept = [
+        fb
+        for fb in visible
+        if not with_tools(fb.completion_id) and not with_tools(fb.preferred_over)
+    ]
     resolved = resolve_conflicts(kept)
     resolved.report.feedback_rows = len(rows)
-    resolved.report.held_out = len(rows) - len(kept)
+    resolved.report.held_out = len(rows) - len(visible)
+    resolved.report.with_tools = len(visible) - len(kept)
     if fmt == "dpo":
         items = preference_pairs(resolved.preferences, records)
         items += rated_pairs(resolved.verdicts, records)

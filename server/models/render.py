@@ -62,7 +62,7 @@ class Message:
                     **call,
                     "function": {
                         **call["function"],
-                        "arguments": json.loads(call["function"]["arguments"] or "{}"),
+                        "arguments": json.loads(call["function"]["arguments"].strip() or "{}"),
                     },
                 }
                 for call in self.tool_calls
@@ -514,7 +514,9 @@ class Renderer:
     def _check_tool_text(self, tools: list[dict[str, Any]] | None, turns: list[Message]) -> None:
         """Tool definitions and calls reach the prompt as JSON the template writes (no
         stand-in can mark them as the user's): none may hold control-token text."""
-        calls = [c for m in turns for c in m.tool_calls or ()]
+        # As the template gets them: a call's arguments decoded (a JSON escape such as
+        # \u003c must not hide control text).
+        calls = [m.as_template_message()["tool_calls"] for m in turns if m.tool_calls]
         ids = [m.tool_call_id for m in turns if m.tool_call_id is not None]
         if (tools or calls or ids) and self.has_control_text(
             json.dumps([tools, calls, ids], ensure_ascii=False)

@@ -152,5 +152,7 @@ async def export_feedback(
             "x-aligngate-export-conflicts": str(report.conflicts),
             # Feedback on the held-out share of traffic (kept for evaluation, never exported).
             "x-aligngate-export-held-out": str(report.held_out),
+            # Feedback on conversations with tools (the formats hold text turns only).
+            "x-aligngate-export-with-tools": str(report.with_tools),
         },
     )

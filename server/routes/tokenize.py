@@ -79,7 +79,6 @@ def _refuse_unsupported(body: TokenizeRequest) -> None:
             body.chat_template is not None,
             "a model's template is fixed by its family (the models file's `template`)",
         ),
-        "tools": (bool(body.tools), "tools are not rendered by this gateway"),
     }
     for field, (sent, why) in refusals.items():
         if sent:
@@ -97,8 +96,9 @@ async def tokenize(
     renderer = model.renderer
     try:
         if body.messages is not None:
-            size = text_size(body.model_dump(include={"messages"}))
+            size = text_size(body.model_dump(include={"messages", "tools"}))
             messages = to_messages(body.messages)
+            tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
             chat = await off_loop(
                 size,
                 renderer.render_chat,
@@ -107,6 +107,7 @@ async def tokenize(
                 template_kwargs=body.chat_template_kwargs,
                 generation_prompt=body.add_generation_prompt,
                 continue_final=body.continue_final_message,
+                tools=tools,
             )
             ids = chat.token_ids
         elif body.add_special_tokens is False:

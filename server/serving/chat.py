@@ -250,6 +250,9 @@ async def create_chat_completion(
                             for d in moved
                         ]
                         sent = [c for c in tool_choices if c is not None]
+                        for c in sent:
+                            if c.finish_reason is not None:  # stored as the client saw it
+                                results[c.index].finish_reason = c.finish_reason
                         if sent:
                             yield chunk(sent)
                         continue

@@ -83,7 +83,7 @@ async def list_completions(
 
 
 def stored_message(completion_id: str, index: int, sent: dict[str, Any]) -> StoredMessage:
-    content = sent.get("content") or ""
+    content = sent.get("content")
     parts = None
     if isinstance(content, list):
         parts = [TextPart.model_validate(p) for p in content]

@@ -54,6 +54,16 @@ class CompletionRecord:
         """Whether ``request`` holds messages (chat, and responses as chat messages)."""
         return self.endpoint in ("chat", "responses")
 
+    @property
+    def uses_tools(self) -> bool:
+        """Whether tools took part: a tool message or an assistant's calls in the request,
+        or calls in an answer. Such a conversation is more than text turns, so exports for
+        training and the judges leave it out."""
+        sent = self.request if self.conversation and isinstance(self.request, list) else []
+        return any(
+            isinstance(m, dict) and (m.get("role") == "tool" or m.get("tool_calls")) for m in sent
+        ) or any(c.message is not None and c.message.get("tool_calls") for c in self.choices)
+
     def prompt_of(self, choice_index: int) -> str:
         choice = self.choices[choice_index]
         return choice.prompt_text if choice.prompt_text is not None else self.prompt_text
