@@ -76,3 +76,41 @@ def test_affinity_prefers_holders_until_they_are_too_busy() -> None:
     assert preferred(live, {"r2"}, {"r3"}, {"r1": 0, "r2": 9, "r3": 4}, 8) == ["r3"]
     # Holders that are no longer live do not count.
     assert preferred(["r1", "r3"], {"r2"}, set(), idle, 8) == []
+
+
+def test_a_replica_chosen_for_a_request_serves_that_request() -> None:
+    """Ray's FIFOMixin would hand the replica chosen for one request to another one queued
+    before it for the same adapter (so a pinned abort or a prefix choice could land
+    elsewhere); the router matches the request itself."""
+    import asyncio
+
+    from ray.serve._private.common import (
+        DeploymentHandleSource,
+        DeploymentID,
+        RequestMetadata,
+    )
+    from ray.serve._private.request_router.common import PendingRequest
+
+    from server.cluster.routing import AffinityRouter
+
+    async def route() -> tuple[bool, object]:
+        router = AffinityRouter(
+            deployment_id=DeploymentID(name="engine", app_name="routing-test"),
+            handle_source=DeploymentHandleSource.UNKNOWN,
+        )
+        router.initialize_state()
+        queued = []
+        for i in (1, 2):
+            metadata = RequestMetadata(
+                request_id=f"r{i}", internal_request_id=f"i{i}", multiplexed_model_id="lora"
+            )
+            pending = PendingRequest(args=[], kwargs={}, metadata=metadata)
+            router._pending_requests_to_fulfill.append(pending)
+            router._add_pending_request_to_indices(pending)
+            queued.append(pending)
+        first, second = queued
+        router._fulfill_next_pending_request("the replica chosen for r2", second.metadata)
+        return first.future.done(), second.future.result()
+
+    first_served, second_got = asyncio.run(route())
+    assert not first_served and second_got == "the replica chosen for r2"

@@ -21,7 +21,6 @@ from collections import defaultdict, deque
 from typing import Any
 
 from ray.serve.request_router import (
-    FIFOMixin,
     LocalityMixin,
     MultiplexMixin,
     PendingRequest,
@@ -41,8 +40,12 @@ def _two_of(candidates: list[Any]) -> list[Any]:
     return random.sample(candidates, 2)
 
 
-class AffinityRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
-    """Power of two choices, with a first choice for a request's prefix or adapter."""
+class AffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
+    """Power of two choices, with a first choice for a request's prefix or adapter.
+
+    Without Ray's ``FIFOMixin``: a replica chosen for a request serves that request (the
+    base router matches the internal request id), never another one queued before it or
+    for the same adapter, so a pinned ``abort`` and a prefix choice land where chosen."""
 
     def initialize_state(self, affinity_enabled: bool = True, max_imbalance: int = 8) -> None:
         self._affinity = affinity_enabled
