@@ -38,7 +38,7 @@ def test_cluster_section_and_replica_settings(tmp_path: Path) -> None:
         write(
             tmp_path,
             """
-cluster: {backend: ray, address: "ray://head:10001", namespace: prod}
+cluster: {backend: ray, address: "head:6379", namespace: prod}
 models:
   - {name: a, path: builtin:smollm2-135m-instruct, replicas: 2, num_cpus: 4, num_gpus: 1}
   - name: b
@@ -47,7 +47,7 @@ models:
 """,
         )
     )
-    assert deployment.cluster == ClusterSettings(address="ray://head:10001", namespace="prod")
+    assert deployment.cluster == ClusterSettings(address="head:6379", namespace="prod")
     a, b = deployment.models
     options = deployment_options(
         name=a.name,
@@ -61,6 +61,7 @@ models:
     assert options["num_replicas"] == 2
     assert options["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1}
     assert options["max_ongoing_requests"] == 128
+    assert options["graceful_shutdown_timeout_s"] == 30  # requests in flight finish first
     assert "autoscaling_config" not in options
     scaled = deployment_options(
         name=b.name,
@@ -104,6 +105,12 @@ def test_training_runs_as_a_task_with_a_gpu_when_the_cluster_has_one(tmp_path: P
     assert cluster is not None and cluster.training == TrainingTask(num_cpus=2, num_gpus=0)
     with pytest.raises(ModelsFileError, match="num_gpu"):  # a misspelt field is refused
         load_deployment(write(tmp_path, "cluster: {training: {num_gpu: 1}}\n" + models))
+
+
+def test_ray_client_addresses_are_refused_with_the_reason(tmp_path: Path) -> None:
+    models = "models:\n  - {name: m, path: x}\n"
+    with pytest.raises(ModelsFileError, match=r"Ray Client \(ray://\) cannot carry the streaming"):
+        load_deployment(write(tmp_path, 'cluster: {address: "ray://head:10001"}\n' + models))
 
 
 @pytest.mark.parametrize(

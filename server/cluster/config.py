@@ -64,7 +64,8 @@ class ClusterSettings(BaseModel):
 
     backend: Literal["ray"] = "ray"
     # Where the cluster is: "auto" (the cluster this machine belongs to, as `ray start`
-    # recorded it), "HOST:PORT" of its head (GCS), or a Ray Client "ray://HOST:PORT".
+    # recorded it) or "HOST:PORT" of its head (GCS). Not Ray Client ("ray://HOST:PORT"):
+    # the gateway must run on a node of the cluster (``_no_ray_client``).
     address: str = Field(default="auto", min_length=1)
     namespace: str = Field(default="aligngate", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     # How often Ray Serve checks each replica (its engine's own health check) and how long
@@ -83,6 +84,19 @@ class ClusterSettings(BaseModel):
     shared_streams: bool = True
     routing: Routing = Field(default_factory=Routing)
     training: TrainingTask = Field(default_factory=TrainingTask)
+    # How long a replica being stopped (scale-down, redeploy, shutdown) keeps serving the
+    # requests it holds before Ray Serve stops it: they finish, new ones go elsewhere.
+    graceful_shutdown_s: float = Field(default=30.0, ge=0, le=3600)
+
+    @model_validator(mode="after")
+    def _no_ray_client(self) -> ClusterSettings:
+        if self.address.startswith("ray://"):
+            raise ValueError(
+                f"address {self.address!r}: Ray Client (ray://) cannot carry the streaming "
+                "deployment handles the gateway reads engines' tokens through; run the "
+                "gateway on a node of the cluster and give `auto` or the head's HOST:PORT"
+            )
+        return self
 
 
 def deployment_options(
@@ -112,8 +126,8 @@ def deployment_options(
         "max_ongoing_requests": max_ongoing_requests,
         "health_check_period_s": cluster.health_check_period_s,
         "health_check_timeout_s": cluster.health_check_timeout_s,
-        # The engine aborts its requests at once; no need to wait for them.
-        "graceful_shutdown_timeout_s": 5,
+        # Requests in flight finish first (Serve sends new ones elsewhere meanwhile).
+        "graceful_shutdown_timeout_s": cluster.graceful_shutdown_s,
         "request_router_config": {
             "request_router_class": ROUTER_CLASS,
             "request_router_kwargs": {

@@ -207,7 +207,12 @@ class EngineReplica:
 
     async def abort(self, request_id: str, replica: str) -> None:
         """Abort a request whose client went away (``shared_streams``; the front end's
-        router sends this to ``replica``, the one that took it)."""
+        router sends this to ``replica``, the one that took it). Anywhere else it would
+        abort nothing while the request runs on: an error the front end logs."""
+        if replica != self.replica:
+            raise RuntimeError(
+                f"the abort of {request_id} for replica {replica} reached {self.replica}"
+            )
         await self._engine.abort(request_id)
 
     async def add_adapter(self, ref: AdapterRef) -> str | None:
