@@ -192,3 +192,28 @@ def test_a_front_end_that_attaches_learns_how_the_application_was_deployed() -> 
     book.leave("app", "fe1", dead=[])
     book.leave("app", "fe2", dead=[])
     assert book.deployed_with("app") == {}  # deleted with its last member
+
+
+def test_an_unreachable_replica_is_retried_not_declared_dead() -> None:
+    """Ray's ActorUnavailableError (a replica that cannot be reached for now) sends the
+    request again before any output, as a death does, without declaring the replica dead;
+    after output, the request ends with an error saying which it was."""
+    from types import SimpleNamespace
+
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    from server.cluster.ray_engine import RayEngine, _Retry
+    from server.errors import EngineUnavailable
+
+    pokes: list[str] = []
+    engine = RayEngine.__new__(RayEngine)  # its failure rule only: no cluster behind it
+    engine.name = "m"
+    engine._cluster = SimpleNamespace(poke=lambda: pokes.append("poke"))
+    unreachable = ActorUnavailableError("connection lost", b"a" * 16)
+    assert isinstance(engine._failure(unreachable, None, started=False), _Retry)
+    after = engine._failure(unreachable, None, started=True)
+    assert isinstance(after, EngineUnavailable) and "could not be reached" in str(after)
+    assert pokes == []  # not a death: the replicas are not looked over
+    died = engine._failure(ActorDiedError(), None, started=True)
+    assert isinstance(died, EngineUnavailable) and "stopped during the request" in str(died)
+    assert pokes == ["poke"]

@@ -375,7 +375,8 @@ class RayEngine:
                             f"({ATTEMPTS} tries)."
                         ) from retry
                     log.warning(
-                        "Request %s: its replica of %s died before answering; trying again (%d/%d)",
+                        "Request %s: its replica of %s died or could not be reached before "
+                        "answering; trying again (%d/%d)",
                         request_id,
                         self.name,
                         attempt + 1,
@@ -388,16 +389,22 @@ class RayEngine:
     def _failure(self, exc: BaseException, replica: Replica | None, started: bool) -> Exception:
         """What a call's failure means for the request: ``_Retry`` (its replica died before
         any output), the OpenAI errors, or the replica's own error as raised there."""
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
         from ray.serve.exceptions import BackPressureError
 
         if isinstance(exc, RayActorError):
-            self._cluster.poke()
+            # ActorUnavailableError: the replica could not be reached for now (a network
+            # blip, its node restarting); it may well be alive. Either way the request goes
+            # again before any output; only a death makes the replicas worth a look.
+            unreachable = isinstance(exc, ActorUnavailableError)
+            if not unreachable:
+                self._cluster.poke()
             if not started:
                 return _Retry()
             where = f"replica {replica.id}" if replica else "a replica"
+            what = "could not be reached" if unreachable else "stopped"
             return EngineUnavailable(
-                f"The engine of model `{self.name}` ({where}) stopped during the request."
+                f"The engine of model `{self.name}` ({where}) {what} during the request."
             )
         if isinstance(exc, BackPressureError):
             return Overloaded(f"Every replica of model `{self.name}` is full.")
