@@ -14,6 +14,7 @@ from server.cluster.config import (
     TrainingTask,
     deployment_options,
     training_resources,
+    unplaceable,
 )
 from server.cluster.frontends import Membership, differences
 from server.cluster.ray_engine import ReplicaHealth, app_name
@@ -105,6 +106,15 @@ def test_training_runs_as_a_task_with_a_gpu_when_the_cluster_has_one(tmp_path: P
     assert cluster is not None and cluster.training == TrainingTask(num_cpus=2, num_gpus=0)
     with pytest.raises(ModelsFileError, match="num_gpu"):  # a misspelt field is refused
         load_deployment(write(tmp_path, "cluster: {training: {num_gpu: 1}}\n" + models))
+    # A task no node could take fails at once rather than waiting (its iteration holds the
+    # model's training lock); one that can waits at most `timeout_s` (default 2 h).
+    assert default.timeout_s == 7200
+    cpu_only = {"CPU": 4.0}
+    assert unplaceable(training_resources(default, 0), cpu_only) is None
+    assert unplaceable(training_resources(asked, 0), cpu_only) == (
+        "the training task asks for 8 CPU (the cluster has 4) and 2 GPU (the cluster has 0): "
+        "no node can run it"
+    )
 
 
 def test_ray_client_addresses_are_refused_with_the_reason(tmp_path: Path) -> None:

@@ -37,6 +37,9 @@ class TrainingTask(BaseModel):
     num_cpus: float = Field(default=1, ge=0)
     # None: one GPU when the cluster has any (the trainer then runs on it), else none.
     num_gpus: float | None = Field(default=None, ge=0)
+    # The longest a run may take, waiting for a node included: then it is cancelled and the
+    # iteration fails, releasing its lock (a task no node can take would wait forever).
+    timeout_s: float = Field(default=7200, gt=0, le=7 * 24 * 3600)
 
 
 # Ray Serve's request router for every model (``routing``): power of two choices with a
@@ -145,6 +148,20 @@ def deployment_options(
     else:
         options["num_replicas"] = replicas or 1
     return options
+
+
+def unplaceable(resources: dict[str, float], cluster: dict[str, float]) -> str | None:
+    """Why a task asking for ``resources`` can never start on a cluster whose totals are
+    ``cluster`` (Ray's names: CPU, GPU), or None."""
+    names = {"num_cpus": "CPU", "num_gpus": "GPU"}
+    short = [
+        f"{amount:g} {names[key]} (the cluster has {cluster.get(names[key], 0.0):g})"
+        for key, amount in resources.items()
+        if amount > cluster.get(names[key], 0.0)
+    ]
+    if not short:
+        return None
+    return "the training task asks for " + " and ".join(short) + ": no node can run it"
 
 
 def training_resources(task: TrainingTask, cluster_gpus: float) -> dict[str, float]:

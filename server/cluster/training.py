@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from server.cluster.config import TrainingTask, training_resources
+from server.cluster.config import TrainingTask, training_resources, unplaceable
 
 
 def _train(cmd: list[str], env: dict[str, str], log_path: str) -> dict[str, Any]:
@@ -54,21 +54,36 @@ def _train(cmd: list[str], env: dict[str, str], log_path: str) -> dict[str, Any]
     }
 
 
+async def _result(ref: Any) -> dict[str, Any]:
+    return await ref  # type: ignore[no-any-return]
+
+
 async def run_as_task(
     task: TrainingTask, cmd: list[str], env: dict[str, str], log_path: Path
 ) -> tuple[int, str, dict[str, Any]]:
     """Run the worker command as a Ray task; its exit status, standard output and where it
-    ran (``trained_on``). Cancelling the coroutine cancels the task, which kills the worker."""
+    ran (``trained_on``). Cancelling the coroutine cancels the task, which kills the worker;
+    so does ``task.timeout_s`` passing (a ``TimeoutError``). A task no node of the cluster
+    could ever take fails at once."""
     import ray
 
-    cluster_gpus = (await asyncio.to_thread(ray.cluster_resources)).get("GPU", 0.0)
-    resources = training_resources(task, cluster_gpus)
+    cluster = await asyncio.to_thread(ray.cluster_resources)
+    resources = training_resources(task, cluster.get("GPU", 0.0))
+    problem = unplaceable(resources, cluster)
+    if problem is not None:
+        raise RuntimeError(problem)
     remote = ray.remote(_train).options(
         **resources, name="aligngate-train", max_retries=0, retry_exceptions=False
     )
     ref = remote.remote(cmd, env, str(log_path))
     try:
-        result = await ref
+        result = await asyncio.wait_for(_result(ref), task.timeout_s)
+    except TimeoutError:
+        ray.cancel(ref, force=True)
+        raise TimeoutError(
+            f"the training task did not finish within {task.timeout_s:g} s "
+            "(cluster.training.timeout_s), waiting for a node included; cancelled"
+        ) from None
     except asyncio.CancelledError:
         ray.cancel(ref)  # the task's KeyboardInterrupt kills the worker process
         raise
