@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     # One inference key, as vLLM's VLLM_API_KEY (`aligngate serve --api-key` wins over it).
     api_key: str | None = Field(default=None, repr=False)
     # Backpressure: requests in flight per engine (running + waiting) before 429; a
-    # models-file entry's `max_pending_requests` overrides it.
+    # models-file entry's `max_pending_requests` overrides it. On a cluster: per replica
+    # serving the model (the limit grows and shrinks with them).
     max_pending_requests: int = Field(default=128, ge=1, le=1_000_000)
     # Request bodies larger than this get 413 (before they are read, when declared).
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)

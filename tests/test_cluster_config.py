@@ -227,3 +227,27 @@ def test_an_unreachable_replica_is_retried_not_declared_dead() -> None:
     died = engine._failure(ActorDiedError(), None, started=True)
     assert isinstance(died, EngineUnavailable) and "stopped during the request" in str(died)
     assert pokes == ["poke"]
+
+
+def test_admission_scales_with_the_replicas_serving() -> None:
+    """A front end admits `max_pending_requests` per replica serving the model, as Ray
+    Serve last reported them (one at least), not per front end."""
+    from types import SimpleNamespace
+
+    from server.cluster.ray_engine import RayEngine
+    from server.models.models_file import ModelEntry
+    from server.serving.generation import admission_limit
+    from server.settings import Settings
+
+    running = {"n": 2}
+    cluster = SimpleNamespace(health=lambda app: ReplicaHealth(running=running["n"], wanted=2))
+    engine = RayEngine.__new__(RayEngine)  # what the controller reported: no cluster here
+    engine.app, engine._cluster = "aligngate-m", cluster
+    model = SimpleNamespace(entry=ModelEntry(name="m", path="x", max_pending_requests=16))
+    model.engine = engine
+    assert admission_limit(model, Settings()) == 32  # type: ignore[arg-type]
+    running["n"] = 0  # none serving for now: one replica's worth (the 503 is health's)
+    assert admission_limit(model, Settings()) == 16  # type: ignore[arg-type]
+    model.entry = ModelEntry(name="m", path="x")
+    running["n"] = 3
+    assert admission_limit(model, Settings(max_pending_requests=4)) == 12  # type: ignore[arg-type]

@@ -314,6 +314,12 @@ class RayEngine:
         return self._cluster.health(self.app).status != "down"
 
     @property
+    def serving_replicas(self) -> int:
+        """The replicas serving now, as Ray Serve last reported them (at least one):
+        admission admits ``max_pending_requests`` per replica, so it scales with them."""
+        return max(1, self._cluster.health(self.app).running)
+
+    @property
     def status(self) -> str:
         return self._cluster.health(self.app).status
 

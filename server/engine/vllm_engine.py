@@ -312,6 +312,11 @@ class VllmEngine:
     def healthy(self) -> bool:
         return not self._llm.errored and not self._llm.is_stopped
 
+    @property
+    def serving_replicas(self) -> int:
+        """Engines behind this one (admission admits ``max_pending_requests`` per each)."""
+        return 1
+
     def start_output_handler(self) -> None:
         """Start vLLM's output-handler task now, on the running loop, in an empty context.
         The engine was built in a worker thread (no loop there), so vLLM would start it

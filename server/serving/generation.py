@@ -38,6 +38,7 @@ from server.metrics import GatewayMetrics
 from server.models.registry import ServedModel
 from server.models.render import RenderedPrompt
 from server.protocol import Usage
+from server.settings import Settings
 from server.store import ANONYMOUS_KEY, ChoiceRecord, CompletionRecord, Store
 from server.telemetry.tracing import end_span, start_span, trace_headers
 
@@ -211,6 +212,13 @@ def check_request_rate(request: Request, model: ServedModel) -> None:
         raise
 
 
+def admission_limit(model: ServedModel, settings: Settings) -> int:
+    """Requests in flight on ``model``'s engine before a 429: the entry's (or the setting's)
+    ``max_pending_requests`` per engine replica serving it (on a cluster, as many as run)."""
+    per_replica = model.entry.max_pending_requests or settings.max_pending_requests
+    return per_replica * model.engine.serving_replicas
+
+
 def tracker_for(request: Request, model: ServedModel, endpoint: str, prompt_tokens: int) -> Tracker:
     """Admit the request — the key's request and token limits, then a slot of its engine
     (429 past any of them) — and start its bookkeeping."""
@@ -219,7 +227,7 @@ def tracker_for(request: Request, model: ServedModel, endpoint: str, prompt_toke
     metrics: GatewayMetrics = state.metrics
     key_id = getattr(request.state, "key_id", None) or ANONYMOUS_KEY
     engine = model.parent or model.name
-    limit = model.entry.max_pending_requests or state.settings.max_pending_requests
+    limit = admission_limit(model, state.settings)
     try:
         state.request_limiter.check(key_id)
         try:
