@@ -1,7 +1,9 @@
-"""Tables of the store, and the append-only list of schema migrations.
+"""Tables of the store, and the bodies of its first schema revisions.
 
-Owns: table definitions. A migration is appended, never edited: databases record which
-ones they have applied (``aligngate_migrations``) and apply the rest in order.
+Owns: table definitions. Schema changes are Alembic revisions (``store/migrations``); the
+first seven call the hand-written migrations below (``MIGRATIONS``), which databases made
+before Alembic recorded in ``aligngate_migrations`` (``database.migrate`` stamps them). A
+later change is a revision of its own, never an edit of these.
 """
 
 from __future__ import annotations
@@ -239,7 +241,8 @@ def _m007_request_ids(conn: Connection) -> None:
             conn.execute(text(f"ALTER TABLE {table} ADD COLUMN request_id VARCHAR(128)"))
 
 
-# Append only. Each entry: (name, function applied inside one transaction).
+# Frozen: revisions m001…m007 apply these (one transaction each); names as databases made
+# before Alembic recorded them.
 MIGRATIONS: list[tuple[str, Callable[[Connection], None]]] = [
     ("m001_completions_and_feedback", _m001_initial),
     ("m002_token_ids_and_feedback_sequence", _m002_token_ids_and_sequence),

@@ -1,0 +1,25 @@
+"""m006_feedback_reward: An explicit scalar reward on feedback.
+
+One of the store's first revisions: the hand-written migration of the same name
+(``server.store.schema.MIGRATIONS``), which databases made before Alembic recorded in
+``aligngate_migrations`` (``database.migrate`` stamps them).
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+from server.store.schema import MIGRATIONS
+
+revision = "m006"
+down_revision = "m005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    dict(MIGRATIONS)["m006_feedback_reward"](op.get_bind())
+
+
+def downgrade() -> None:
+    raise NotImplementedError("the store's revisions only go forward")
