@@ -41,7 +41,8 @@ def test_cluster_section_and_replica_settings(tmp_path: Path) -> None:
             """
 cluster: {backend: ray, address: "head:6379", namespace: prod}
 models:
-  - {name: a, path: builtin:smollm2-135m-instruct, replicas: 2, num_cpus: 4, num_gpus: 1}
+  - {name: a, path: builtin:smollm2-135m-instruct, replicas: 2, num_cpus: 4, num_gpus: 1,
+     gpu_memory_utilization: 0.45, max_queued_requests: 32}
   - name: b
     path: builtin:smollm2-135m-instruct
     autoscaling: {min: 1, max: 8, target_ongoing_requests: 32}
@@ -58,12 +59,19 @@ models:
         num_cpus=a.num_cpus,
         num_gpus=a.num_gpus,
         max_ongoing_requests=128,
+        max_queued_requests=a.max_queued_requests,
     )
     assert options["num_replicas"] == 2
     assert options["ray_actor_options"] == {"num_cpus": 4, "num_gpus": 1}
     assert options["max_ongoing_requests"] == 128
     assert options["graceful_shutdown_timeout_s"] == 30  # requests in flight finish first
+    assert options["max_queued_requests"] == 32  # past it: BackPressureError, a 429
     assert "autoscaling_config" not in options
+    # The entry's GPU share goes to each replica's engine (Ray places it: no plan).
+    from server.models.registry import engine_options
+
+    assert engine_options(a, a.path, None, {}, None).extra["gpu_memory_utilization"] == 0.45
+    assert "gpu_memory_utilization" not in engine_options(b, b.path, None, {}, None).extra
     scaled = deployment_options(
         name=b.name,
         cluster=deployment.cluster,
@@ -79,6 +87,7 @@ models:
         "target_ongoing_requests": 32,
     }
     assert "num_replicas" not in scaled
+    assert scaled["max_queued_requests"] == -1  # Serve's default: the admission bounds it
     # One CPU per replica by default (Ray's accounting: two replicas fit two cores).
     assert scaled["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.0}
     # The project's router, with prefix and adapter affinity on by default.
@@ -211,9 +220,10 @@ def test_an_unreachable_replica_is_retried_not_declared_dead() -> None:
     from types import SimpleNamespace
 
     from ray.exceptions import ActorDiedError, ActorUnavailableError
+    from ray.serve.exceptions import BackPressureError
 
     from server.cluster.ray_engine import RayEngine, _Retry
-    from server.errors import EngineUnavailable
+    from server.errors import EngineUnavailable, Overloaded
 
     pokes: list[str] = []
     engine = RayEngine.__new__(RayEngine)  # its failure rule only: no cluster behind it
@@ -227,6 +237,9 @@ def test_an_unreachable_replica_is_retried_not_declared_dead() -> None:
     died = engine._failure(ActorDiedError(), None, started=True)
     assert isinstance(died, EngineUnavailable) and "stopped during the request" in str(died)
     assert pokes == ["poke"]
+    # Past the replicas' queue (max_queued_requests): OpenAI's 429, not Serve's plain 503.
+    full = engine._failure(BackPressureError(33, 32), None, started=False)
+    assert isinstance(full, Overloaded) and full.status_code == 429
 
 
 def test_admission_scales_with_the_replicas_serving() -> None:

@@ -111,6 +111,7 @@ def deployment_options(
     num_cpus: float | None,
     num_gpus: float | None,
     max_ongoing_requests: int,
+    max_queued_requests: int | None = None,
 ) -> dict[str, Any]:
     """Ray Serve ``Deployment.options`` for one model's engine.
 
@@ -127,6 +128,9 @@ def deployment_options(
             "num_gpus": 0.0 if num_gpus is None else num_gpus,
         },
         "max_ongoing_requests": max_ongoing_requests,
+        # Past the replicas' max_ongoing_requests, queue this many (Serve's BackPressureError
+        # beyond: the front end's 429); -1, Serve's default: no limit of its own.
+        "max_queued_requests": -1 if max_queued_requests is None else max_queued_requests,
         "health_check_period_s": cluster.health_check_period_s,
         "health_check_timeout_s": cluster.health_check_timeout_s,
         # Requests in flight finish first (Serve sends new ones elsewhere meanwhile).

@@ -168,6 +168,10 @@ class ModelEntry(BaseModel):
     autoscaling: Autoscaling | None = None
     num_cpus: float | None = Field(default=None, ge=0)
     num_gpus: float | None = Field(default=None, ge=0)
+    # Requests a front end may queue for this model's replicas when every one holds its
+    # `max_pending_requests` (Ray Serve's max_queued_requests); past it, a 429 in OpenAI's
+    # error shape. Default: no such limit (the front end's admission still bounds them).
+    max_queued_requests: int | None = Field(default=None, ge=1, le=1_000_000)
 
     @property
     def lora_settings(self) -> LoraSettings | None:

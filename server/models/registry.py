@@ -95,6 +95,12 @@ def engine_options(
             "trust_remote_code": entry.trust_remote_code,
             **lora_engine_args(entry.lora_settings),
             **(placed.engine_args() if placed else {}),
+            # On a cluster (no plan: Ray places the replica), the entry's share of its GPU.
+            **(
+                {"gpu_memory_utilization": entry.gpu_memory_utilization}
+                if placed is None and entry.gpu_memory_utilization is not None
+                else {}
+            ),
             **entry.engine_args,
         },
         environment=placed.environment() if placed else {},
@@ -484,6 +490,7 @@ class Registry:
                 num_cpus=entry.num_cpus,
                 num_gpus=entry.num_gpus,
                 max_ongoing_requests=entry.max_pending_requests or settings.max_pending_requests,
+                max_queued_requests=entry.max_queued_requests,
             )
             wanted = entry.autoscaling.min if entry.autoscaling else (entry.replicas or 1)
             models.append((entry.name, options, deployment, wanted))
