@@ -22,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from server.engine.tool_parsing import ToolCallReader
+from server.engine.tool_parsing import ToolCallReader, ToolRequest
 from server.errors import InvalidRequest
 from server.models.families import templates_dir
 from server.models.models_file import ModelEntry
@@ -445,14 +445,9 @@ def test_readers_follow_vllms_hermes_parser(tools_renderer: Renderer) -> None:
     call = '{"name": "get_weather", "arguments": {"city": "Oslo"}}'
     text = f"Let me look. <tool_call>\n{call}\n</tool_call>"
 
-    def reader(choice: Any) -> ToolCallReader:
-        return ToolCallReader(
-            tools=[WEATHER],
-            tool_choice=choice,
-            parallel_tool_calls=None,
-            parser_name="hermes",
-            tokenizer=tools_renderer.tokenizer,
-        )
+    def reader(choice: Any, parallel: bool | None = None) -> ToolCallReader:
+        asked = ToolRequest([WEATHER], choice, parallel, "hermes", tools_renderer.tokenizer)
+        return ToolCallReader(asked)
 
     whole = reader("auto").whole(text)
     assert whole.content == "Let me look. "
@@ -478,11 +473,4 @@ def test_readers_follow_vllms_hermes_parser(tools_renderer: Renderer) -> None:
     # parallel_tool_calls false keeps the first call only (vLLM's rule).
     two = f"{text}\n<tool_call>\n{call}\n</tool_call>"
     assert len(reader("auto").whole(two).tool_calls) == 2
-    single = ToolCallReader(
-        tools=[WEATHER],
-        tool_choice="auto",
-        parallel_tool_calls=False,
-        parser_name="hermes",
-        tokenizer=tools_renderer.tokenizer,
-    )
-    assert len(single.whole(two).tool_calls) == 1
+    assert len(reader("auto", parallel=False).whole(two).tool_calls) == 1

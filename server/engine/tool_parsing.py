@@ -125,15 +125,26 @@ def _forced_calls(text: str) -> list[tuple[str, str]] | None:
     return [(i["name"], json.dumps(i["parameters"], ensure_ascii=False)) for i in items]
 
 
-@dataclass
-class ToolCallReader:
-    """One choice's tool calls (a parser keeps state: one reader per choice)."""
+@dataclass(frozen=True)
+class ToolRequest:
+    """A request's tools (OpenAI's dicts), and what reads this model's calls."""
 
     tools: list[dict[str, Any]]
     tool_choice: str | dict[str, Any]
     parallel_tool_calls: bool | None
-    parser_name: str | None
+    parser_name: str | None  # the vLLM tool parser (``auto`` needs one)
     tokenizer: Any
+
+    @property
+    def mode(self) -> Mode:
+        return mode_of(self.tool_choice)
+
+
+@dataclass
+class ToolCallReader:
+    """One choice's tool calls (a parser keeps state: one reader per choice)."""
+
+    request: ToolRequest
     mode: Mode = field(init=False)
     _request: Any = field(init=False, default=None)
     _parser: Any = field(init=False, default=None)
@@ -146,21 +157,26 @@ class ToolCallReader:
     _announced: set[int] = field(init=False, default_factory=set)
 
     def __post_init__(self) -> None:
-        self.mode = mode_of(self.tool_choice)
+        asked = self.request
+        self.mode = asked.mode
         if self.mode == "auto":
-            if self.parser_name is None:
+            if asked.parser_name is None:
                 raise ValueError("tool_choice auto needs a tool parser")
             from vllm.tool_parsers import ToolParserManager
 
-            self._request = _vllm_request(self.tools, self.tool_choice, self.parallel_tool_calls)
-            parser_class = ToolParserManager.get_tool_parser(self.parser_name)
-            self._parser = parser_class(self.tokenizer, tools=self._request.tools)
+            self._request = _vllm_request(asked.tools, asked.tool_choice, asked.parallel_tool_calls)
+            parser_class = ToolParserManager.get_tool_parser(asked.parser_name)
+            self._parser = parser_class(asked.tokenizer, tools=self._request.tools)
             self._request = self._parser.adjust_request(self._request)
 
     @property
+    def parallel_tool_calls(self) -> bool | None:
+        return self.request.parallel_tool_calls
+
+    @property
     def named(self) -> str | None:
-        if isinstance(self.tool_choice, dict):
-            return str(self.tool_choice["function"]["name"])
+        if isinstance(self.request.tool_choice, dict):
+            return str(self.request.tool_choice["function"]["name"])
         return None
 
     def keeps_special_tokens(self) -> bool:

@@ -21,6 +21,7 @@ from server.engine.tool_parsing import (
     ParsedDelta,
     ParsedOutput,
     ToolCallReader,
+    ToolRequest,
     forced_schema,
     mode_of,
 )
@@ -47,25 +48,19 @@ AUTO_NEEDS = (
 class ToolPlan:
     """A request's tools as this model serves them."""
 
-    tools: list[dict[str, Any]]
-    tool_choice: str | dict[str, Any]
-    parallel: bool | None
-    parser_name: str | None
-    tokenizer: Any
+    request: ToolRequest
     forced: dict[str, Any] | None  # the JSON Schema of required / named answers
 
     @property
+    def tools(self) -> list[dict[str, Any]]:
+        return self.request.tools
+
+    @property
     def mode(self) -> str:
-        return mode_of(self.tool_choice)
+        return self.request.mode
 
     def reader(self) -> ToolCallReader:
-        return ToolCallReader(
-            tools=self.tools,
-            tool_choice=self.tool_choice,
-            parallel_tool_calls=self.parallel,
-            parser_name=self.parser_name,
-            tokenizer=self.tokenizer,
-        )
+        return ToolCallReader(self.request)
 
     def keeps_special_tokens(self) -> bool:
         """Whether the parser reads special tokens (its call markers may be ones)."""
@@ -116,14 +111,14 @@ def tool_plan(body: ChatCompletionRequest, model: ServedModel) -> ToolPlan | Non
         forced = forced_schema(tools, choice, body.parallel_tool_calls)
     except ValueError as exc:  # vLLM's refusals of a tool's schema
         raise InvalidRequest(str(exc), param="tools") from exc
-    return ToolPlan(
+    request = ToolRequest(
         tools=tools,
         tool_choice=choice,
-        parallel=body.parallel_tool_calls,
+        parallel_tool_calls=body.parallel_tool_calls,
         parser_name=entry.tool_call_parser,
         tokenizer=renderer.tokenizer,
-        forced=forced,
     )
+    return ToolPlan(request, forced)
 
 
 def assistant_message(parsed: ParsedOutput) -> AssistantMessage:
