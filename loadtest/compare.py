@@ -25,6 +25,7 @@ from loadtest.servers import (
     RunningServer,
     ServerSpec,
     engine_env,
+    free_port,
     gateway,
     raw_vllm,
     write_models_file,
@@ -194,11 +195,16 @@ def replica_cpus(machine_cpus: int, replicas: int) -> int:
 
 
 @contextlib.contextmanager
-def _ray_cluster(config: CompareConfig, spec: ServerSpec, round_: int) -> Iterator[RayHead]:
+def _ray_cluster(
+    config: CompareConfig, spec: ServerSpec, round_: int
+) -> Iterator[tuple[RayHead, str]]:
     """A Ray head for the `aligngate-ray` row (started with the engine environment, which
-    its replicas inherit), and that row's models file naming it."""
+    its replicas inherit), that row's models file naming it, and a throwaway PostgreSQL
+    database for its store (a cluster's gateway refuses SQLite): the head and its URL."""
+    from tests.postgres import create_database, postgres_server
+
     log = config.out_dir / f"ray-head-{round_ + 1}.log"
-    with ray_head(spec.env, log) as head:
+    with ray_head(spec.env, log) as head, postgres_server(free_port()) as admin_url:
         write_models_file(
             config.out_dir / "models-ray.yaml",
             config.served_name,
@@ -208,7 +214,7 @@ def _ray_cluster(config: CompareConfig, spec: ServerSpec, round_: int) -> Iterat
             replicas=config.ray_replicas,
             replica_cpus=replica_cpus(_cpu_count(), config.ray_replicas),
         )
-        yield head
+        yield head, create_database(admin_url)
 
 
 def run_compare(config: CompareConfig) -> dict[str, Any]:
@@ -223,9 +229,14 @@ def run_compare(config: CompareConfig) -> dict[str, Any]:
             log = config.out_dir / f"{spec.label}-{round_ + 1}.log"
             with contextlib.ExitStack() as stack:
                 engine_pids = None
+                running = spec
                 if spec.label == "aligngate-ray":
-                    engine_pids = stack.enter_context(_ray_cluster(config, spec, round_)).pids
-                server = stack.enter_context(RunningServer(spec, log, engine_pids))
+                    head, store_url = stack.enter_context(_ray_cluster(config, spec, round_))
+                    engine_pids = head.pids
+                    running = dataclasses.replace(
+                        spec, env={**spec.env, "ALIGNGATE_DATABASE_URL": store_url}
+                    )
+                server = stack.enter_context(RunningServer(running, log, engine_pids))
                 start_s = server.wait_ready(config.served_name)
                 print(f"  ready in {start_s:.1f} s", flush=True)
                 measured[spec.label].start_s.append(start_s)

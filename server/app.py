@@ -15,7 +15,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI
 
 from server import __version__
-from server.cluster.config import ClusterSettings
+from server.cluster.config import ClusterSettings, shared_store_problem
 from server.errors import install_error_handlers
 from server.evaluation.judge_runs import JudgeSampler
 from server.evaluation.judges import build_judge
@@ -33,7 +33,7 @@ from server.guards.draining import Drain, DrainMiddleware
 from server.guards.limits import RequestLimitMiddleware
 from server.guards.ratelimit import RateLimiter
 from server.metrics import GatewayMetrics, RequestMetricsMiddleware
-from server.models.models_file import JudgeEntry, ModelEntry, Resources
+from server.models.models_file import JudgeEntry, ModelEntry, ModelsFileError, Resources
 from server.models.registry import Registry
 from server.routes import (
     admin,
@@ -78,6 +78,8 @@ def build_app(
 ) -> FastAPI:
     """``judges``: the models file's; those with ``sample > 0`` judge live traffic in the
     background. ``self_url``: this gateway's …/v1 address (what a judge's ``url: self`` is)."""
+    if cluster is not None and (problem := shared_store_problem(settings.store_url())):
+        raise ModelsFileError(problem)
     metrics = GatewayMetrics()
     registry = Registry(adapters_root=settings.adapters_dir.resolve())
     if entries:

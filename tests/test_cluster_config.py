@@ -264,3 +264,23 @@ def test_admission_scales_with_the_replicas_serving() -> None:
     model.entry = ModelEntry(name="m", path="x")
     running["n"] = 3
     assert admission_limit(model, Settings(max_pending_requests=4)) == 12  # type: ignore[arg-type]
+
+
+def test_a_cluster_refuses_sqlite_at_check_and_at_start(
+    tmp_path: Path, test_env: dict[str, str]
+) -> None:
+    """A cluster's front ends share state through the database: SQLite (a file on one
+    machine) is refused by `aligngate check` and before `serve` starts anything."""
+    from server.app import build_app
+    from server.settings import Settings
+    from tests.conftest import run_cli
+
+    entry = "  - {name: m, path: builtin:smollm2-135m-instruct}\n"
+    models = write(tmp_path, "cluster: {address: auto}\nmodels:\n" + entry)
+    sqlite = Settings(database_url=f"sqlite:///{tmp_path / 'store.db'}")
+    deployment = load_deployment(models)
+    with pytest.raises(ModelsFileError, match="needs PostgreSQL for the state its front ends"):
+        build_app(sqlite, deployment.models, cluster=deployment.cluster)
+    env = {**test_env, "ALIGNGATE_DATABASE_URL": sqlite.store_url()}
+    checked = run_cli(["check", "--config", str(models)], env, timeout=120)
+    assert checked.returncode == 2 and "needs PostgreSQL" in checked.stderr, checked.stderr

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from tests.conftest import Gateway, start_own_gateway, stop_gateway
+from tests.postgres import create_database
 from tests.ray_cluster import RayHead, ray_head
 from tests.test_metrics_and_disconnects import metric
 
@@ -61,6 +62,7 @@ def gateway(
     ray_cluster: RayHead,
     default_model_path: Path,
     test_env: dict[str, str],
+    postgres_admin_url: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Gateway]:
     models_yaml = f"""
@@ -80,7 +82,8 @@ models:
     lora: {{max_rank: 8}}
 """
     started = time.monotonic()
-    gw = start_own_gateway(tmp_path_factory.mktemp("ray-gateway"), models_yaml, test_env, {})
+    store = {"ALIGNGATE_DATABASE_URL": create_database(postgres_admin_url)}  # shared state
+    gw = start_own_gateway(tmp_path_factory.mktemp("ray-gateway"), models_yaml, test_env, store)
     TIMINGS["gateway_ready_s"] = time.monotonic() - started
     yield gw
     code = stop_gateway(gw)
@@ -485,6 +488,7 @@ def _streamed_text(gateway: Gateway, messages: list[dict[str, str]]) -> str:
 def test_without_shared_streams_each_request_streams_on_its_own(
     ray_cluster: RayHead,
     test_env: dict[str, str],
+    postgres_admin_url: str,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     # `shared_streams: false`: each request's steps on its own call, cancelled with its
@@ -503,7 +507,8 @@ models:
     replicas: 1
     num_cpus: 0
 """
-    own = start_own_gateway(tmp_path_factory.mktemp("ray-own"), models_yaml, test_env, {})
+    store = {"ALIGNGATE_DATABASE_URL": create_database(postgres_admin_url)}
+    own = start_own_gateway(tmp_path_factory.mktemp("ray-own"), models_yaml, test_env, store)
     try:
         whole = chat(own, FRANCE, max_tokens=16, temperature=0)
         assert whole.status_code == 200, whole.text

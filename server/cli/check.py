@@ -122,6 +122,12 @@ def _cmd_check(args: argparse.Namespace, settings: Settings) -> int:
             if args.gpu_memory_gib is not None
             else detect()
         )
+        if deployment.cluster is not None:
+            from server.cluster.config import shared_store_problem
+
+            problem = shared_store_problem(settings.store_url())
+            if problem is not None:
+                raise ModelsFileError(problem)
         plan = plan_deployment(deployment.models, deployment.resources, settings, platform)
     except (ModelsFileError, PlanningError, PlatformError) as exc:
         log.error("%s", exc)

@@ -102,6 +102,18 @@ class ClusterSettings(BaseModel):
         return self
 
 
+def shared_store_problem(store_url: str) -> str | None:
+    """Why a store cannot hold a cluster's shared state, or None: SQLite is one file on one
+    machine, and a cluster's front ends and jobs (on any node) share one database."""
+    if store_url.startswith("sqlite"):
+        return (
+            "a `cluster:` section needs PostgreSQL for the state its front ends share "
+            "(ALIGNGATE_DATABASE_URL=postgresql+psycopg://USER@HOST:5432/DB); SQLite is a "
+            "file on one machine"
+        )
+    return None
+
+
 def deployment_options(
     *,
     name: str,
